@@ -1,0 +1,1 @@
+"""Built-in hooks: logging, progress, evaluation, signals and the run summary."""

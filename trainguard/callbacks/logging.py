@@ -1,0 +1,121 @@
+"""Metrics logging and the console progress display, as hooks."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from trainguard.callbacks.runlog import RunLog
+from trainguard.engine.events import Hook
+
+
+class MetricsLogger(Hook):
+    """Writes a train line to metrics.jsonl every ``log_every`` steps (and the first and last),
+    and a val line after every evaluation.
+
+    The loss is averaged over the steps since the last line. It is summed on the device,
+    so steps between log lines cost no host sync.
+    """
+
+    def __init__(self, log: RunLog, log_every: int, max_steps: int, tensorboard: bool = False):
+        self.log, self.every, self.max_steps = log, log_every, max_steps
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                from trainguard.errors import ConfigError
+
+                raise ConfigError(f"log.tensorboard needs the tensorboard package ({e})",
+                                  "pip install 'trainguard[tensorboard]', or set log.tensorboard: false") from None
+            self.tb = SummaryWriter(str(log.run_dir / "tb"))
+        self.last: dict = {}
+        self.logged_step = -1
+
+    def on_fit_start(self, trainer) -> None:
+        self._reset(trainer)
+
+    def _reset(self, trainer) -> None:
+        self.loss_sum = torch.zeros((), device=trainer.device)
+        self.n, self.t0, self.samples0 = 0, time.perf_counter(), trainer.state.samples
+
+    def on_step_end(self, trainer) -> None:
+        st = trainer.state
+        if not st.skip_step:
+            self.loss_sum += st.loss
+            self.n += 1
+        if not (st.step == 1 or st.step % self.every == 0 or st.step >= self.max_steps or st.stop):
+            return
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        loss = (self.loss_sum / self.n).item() if self.n else float("nan")
+        sps = (st.samples - self.samples0) / dt
+        self.last = {"loss": loss, "lr": st.lr, "samples_per_s": round(sps, 2),
+                     "grad_norm": float(st.grad_norm) if st.grad_norm is not None else None}
+        trainer.state.final_loss = loss
+        self.logged_step = st.step
+        self.log.metric(st.step, "train", loss=loss, lr=st.lr, samples_per_s=round(sps, 2),
+                        step_time_s=round(dt / max(1, self.n), 5), samples=st.samples, epoch=st.epoch)
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", loss, st.step)
+            self.tb.add_scalar("train/lr", st.lr, st.step)
+            self.tb.add_scalar("train/samples_per_s", sps, st.step)
+        self._reset(trainer)
+
+    def on_eval_end(self, trainer) -> None:
+        st = trainer.state
+        self.log.metric(st.step, "val", **st.eval_metrics)
+        if self.tb is not None:
+            for k, v in st.eval_metrics.items():
+                self.tb.add_scalar(f"val/{k}", v, st.step)
+
+    def on_fit_end(self, trainer) -> None:
+        st = trainer.state
+        self.log.event(st.step, "end", st.error or st.status, status=st.status)
+        if self.tb is not None:
+            self.tb.close()
+
+
+class ConsoleProgress(Hook):
+    """A rich progress bar with loss, lr and samples/s; plain log lines when stderr is not a terminal."""
+
+    def __init__(self, metrics: MetricsLogger, max_steps: int, enabled: bool | str = "auto"):
+        self.metrics, self.max_steps = metrics, max_steps
+        self.console = Console(stderr=True, soft_wrap=True, highlight=False)
+        self.bar = self.console.is_terminal if enabled == "auto" else bool(enabled)
+        self.progress: Progress | None = None
+
+    def on_fit_start(self, trainer) -> None:
+        if not self.bar:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False)
+        self.task = self.progress.add_task("train", total=self.max_steps, completed=trainer.state.step, info="")
+        self.progress.start()
+
+    def _info(self) -> str:
+        m = self.metrics.last
+        return f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['samples_per_s']:.0f} samples/s" if m else ""
+
+    def on_step_end(self, trainer) -> None:
+        st = trainer.state
+        new = self.metrics.logged_step == st.step
+        if self.progress is not None:
+            if new:
+                self.progress.update(self.task, completed=st.step, info=self._info())
+            else:
+                self.progress.update(self.task, completed=st.step)
+        elif new:
+            print(f"step {st.step:>6}/{self.max_steps}  {self._info()}", file=sys.stderr, flush=True)
+
+    def on_eval_end(self, trainer) -> None:
+        text = "  ".join(f"{k} {v:.4f}" for k, v in trainer.state.eval_metrics.items())
+        self.console.print(f"[cyan]eval[/cyan] step {trainer.state.step}: {text}", highlight=False)
+
+    def on_fit_end(self, trainer) -> None:
+        if self.progress is not None:
+            self.progress.stop()

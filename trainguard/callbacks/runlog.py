@@ -1,0 +1,44 @@
+"""The run directory's append-only logs: ``metrics.jsonl`` and ``events.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep them readable instead of invalid
+    return v
+
+
+class RunLog:
+    """Writes one JSON object per line, flushed at once so a killed run loses nothing logged."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.events_path = self.run_dir / "events.jsonl"
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop metric lines logged after ``step`` (they will be logged again)."""
+        if not self.metrics_path.exists():
+            return
+        keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+
+    def _append(self, path: Path, row: dict) -> None:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+
+    def metric(self, step: int, split: str, **fields: Any) -> None:
+        """Append a metrics.jsonl line: ``step``, ``split``, then ``fields``."""
+        self._append(self.metrics_path, {"step": step, "split": split, **fields})
+
+    def event(self, step: int, type: str, reason: str = "", **fields: Any) -> None:
+        """Append an events.jsonl line: ``step``, ``type``, ``reason``, then ``fields`` (e.g. ``sample_ids``)."""
+        self._append(self.events_path, {"step": step, "type": type, "reason": reason, "time": round(time.time(), 3), **fields})

@@ -1,0 +1,46 @@
+"""SIGINT/SIGTERM: the handler only sets a flag; the loop stops at the next step boundary.
+
+The checkpoint is then saved by the Checkpointer at FIT_END (never from inside the handler),
+``summary.json`` says ``interrupted``, and the process exits 128 + the signal number.
+A second Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from trainguard.engine.events import Hook
+
+
+class SignalHandler(Hook):
+    """Turns SIGINT/SIGTERM into ``state.request_stop("interrupted")`` at the next step end."""
+
+    def __init__(self, log=None):
+        self.log = log
+        self.received: int | None = None
+        self._old: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt  # second Ctrl-C: leave now
+        self.received = signum
+
+    def on_fit_start(self, trainer) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals can only be handled on the main thread
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handler)
+
+    def on_step_end(self, trainer) -> None:
+        if self.received is not None and not trainer.state.stop:
+            name = signal.Signals(self.received).name
+            trainer.state.request_stop("interrupted", f"stopped by {name}", 128 + self.received)
+            if self.log:
+                self.log.event(trainer.state.step, "stop", f"{name} received; saving a checkpoint and exiting")
+
+    def on_fit_end(self, trainer) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()

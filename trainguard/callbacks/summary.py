@@ -1,0 +1,46 @@
+"""``summary.json``: written at every end of a run, success or not."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from trainguard.engine.events import Hook
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON under a temporary name, fsync, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class SummaryWriter(Hook):
+    """Writes ``summary.json`` at FIT_END with the contract's fields (and a few more)."""
+
+    def __init__(self, run_dir: Path, info: dict):
+        self.path = Path(run_dir) / "summary.json"
+        self.info = info  # micro_batch_size, grad_accum, precision, device, profile ...
+        self.t0 = time.time()
+        self.summary: dict = {}
+
+    def build(self, trainer) -> dict:
+        st = trainer.state
+        return {
+            "status": st.status, "steps": st.step, "samples": st.samples,
+            "skipped_samples": st.skipped_samples, "skipped_steps": st.skipped_steps,
+            "final_loss": st.final_loss, **self.info,
+            "micro_batch_size": trainer.micro_batch_size, "grad_accum": trainer.grad_accum,
+            "error": st.error, "wall_s": round(time.time() - self.t0, 3),
+            "eval": st.eval_metrics or None, "last_checkpoint": st.last_checkpoint, "exit_code": st.exit_code,
+        }
+
+    def on_fit_end(self, trainer) -> None:
+        self.summary = self.build(trainer)
+        write_json_atomic(self.path, self.summary)

@@ -1,0 +1,1 @@
+"""Crash-safe checkpoints: atomic step directories with checksummed manifests."""

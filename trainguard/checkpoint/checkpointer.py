@@ -1,0 +1,110 @@
+"""The Checkpointer hook: saves on its own cadence and at the end, restores on resume."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from trainguard.checkpoint import rng, store
+from trainguard.config.schema import CheckpointConfig
+from trainguard.engine.events import Event, Hook
+
+
+def params_finite(model: torch.nn.Module) -> bool:
+    """True if every parameter and buffer is finite (one host sync)."""
+    flags = [torch.isfinite(t).all() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def trainer_state(trainer) -> dict:
+    """Everything but the weights that resume needs, as tensors and plain values."""
+    hooks = {type(h).__name__: h.state_dict() for h in trainer.hooks if hasattr(h, "state_dict")}
+    return {
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "rng": rng.capture(),
+        "counters": trainer.state.counters(),
+        "micro_batch_size": trainer.micro_batch_size,
+        "hooks": hooks,
+    }
+
+
+def restore_trainer(trainer, ckpt: Path) -> None:
+    """Load a checkpoint's weights and trainer state into ``trainer`` (weights-only loads)."""
+    trainer.model.load_state_dict(store.load_file(ckpt, "model.pt"))
+    ts = store.load_file(ckpt, "trainer.pt")
+    trainer.optimizer.load_state_dict(ts["optimizer"])
+    trainer.scheduler.load_state_dict(ts["scheduler"])
+    trainer.scaler.load_state_dict(ts["scaler"])
+    for k, v in ts["counters"].items():
+        setattr(trainer.state, k, v)
+    for h in trainer.hooks:
+        if hasattr(h, "load_state_dict") and type(h).__name__ in ts["hooks"]:
+            h.load_state_dict(ts["hooks"][type(h).__name__])
+    trainer.data.seek(trainer.state.epoch, trainer.state.position)
+    rng.restore(ts["rng"])
+
+
+class Checkpointer(Hook):
+    """Saves every ``every_steps`` steps, after a new best evaluation, and at the end of a
+    completed or interrupted run; keeps the newest ``keep_last`` plus the best."""
+
+    def __init__(self, root: Path, cfg: CheckpointConfig, config_yaml: str, log=None):
+        self.root, self.cfg, self.config_yaml, self.log = Path(root), cfg, config_yaml, log
+        self.last_saved = -1
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self._best_pending = False
+
+    def state_dict(self) -> dict:
+        return {"best_value": self.best_value, "best_step": self.best_step}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.best_value, self.best_step = d["best_value"], d["best_step"]
+
+    def on_fit_start(self, trainer) -> None:
+        store.clean_temporaries(self.root)
+        self.last_saved = trainer.state.step if trainer.state.step else -1
+
+    def on_eval_end(self, trainer) -> None:
+        metric = self.cfg.best_metric
+        value = trainer.state.eval_metrics.get(metric) if metric else None
+        if value is not None and (self.best_value is None or value < self.best_value):
+            self.best_value, self.best_step, self._best_pending = value, trainer.state.step, True
+
+    def on_step_end(self, trainer) -> None:
+        step = trainer.state.step
+        due = self.cfg.every_steps and step % self.cfg.every_steps == 0
+        if (due or self._best_pending) and step < trainer.cfg.max_steps:
+            self.save(trainer)
+
+    def on_fit_end(self, trainer) -> None:
+        ended = trainer.at_boundary and trainer.state.status in ("completed", "interrupted")
+        if ended and trainer.state.step != self.last_saved:
+            self.save(trainer)
+
+    def save(self, trainer) -> Path | None:
+        """Commit a checkpoint of the current step, then prune old ones."""
+        st = trainer.state
+        if not params_finite(trainer.model):
+            if self.log:
+                self.log.event(st.step, "checkpoint_refused", "parameters are not finite; the last good checkpoint is kept")
+            return None
+        files = {"model.pt": trainer.model.state_dict(), "trainer.pt": trainer_state(trainer), "config.yaml": self.config_yaml}
+        path = store.write_checkpoint(self.root, st.step, files)
+        self.last_saved, self._best_pending = st.step, False
+        st.last_checkpoint = str(path)
+        if self.log:
+            self.log.event(st.step, "checkpoint", "saved", path=str(path))
+        self._prune()
+        trainer.fire(Event.CHECKPOINT_SAVED)
+        return path
+
+    def _prune(self) -> None:
+        keep_best = store.step_dir_name(self.best_step) if self.best_step is not None else None
+        for old in store.list_checkpoints(self.root)[self.cfg.keep_last:]:
+            if old.name != keep_best:
+                shutil.rmtree(old, ignore_errors=True)

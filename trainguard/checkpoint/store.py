@@ -1,0 +1,141 @@
+"""The on-disk checkpoint format and its crash-safe writes.
+
+``checkpoints/step_NNNNNNN/``::
+
+    model.pt        plain state_dict, torch.load(path, weights_only=True)
+    trainer.pt      optimizer, scheduler, GradScaler, RNG states, data position, counters, hook state
+    config.yaml     the resolved config of the run
+    manifest.json   {"step": N, "files": {name: sha256}}, written last
+
+A checkpoint is written into a hidden temporary directory, every file fsynced, the manifest
+written last, and the directory renamed into place atomically. A directory without a
+manifest that verifies is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+STEP_RE = re.compile(r"^step_(\d{7,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, writer) -> None:
+    with path.open("wb") as f:
+        writer(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_checkpoint(root: Path, step: int, files: dict[str, Any], extra_meta: dict | None = None) -> Path:
+    """Atomically write a checkpoint of ``files`` (name -> object for torch.save, or str/bytes).
+
+    Returns the committed directory. An existing directory for the same step is replaced
+    only after the new one is complete.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp_{step_dir_name(step)}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    sums = {}
+    for name, obj in files.items():
+        p = tmp / name
+        if isinstance(obj, (str, bytes)):
+            data = obj.encode() if isinstance(obj, str) else obj
+            _write_file(p, lambda f, d=data: f.write(d))
+        else:
+            _write_file(p, lambda f, o=obj: torch.save(o, f))
+        sums[name] = _sha256(p)
+    manifest = {"step": step, "files": sums, **(extra_meta or {})}
+    _write_file(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    _fsync_dir(tmp)
+    if final.exists():  # same step saved again (e.g. final save after a periodic one): swap
+        old = root / f".old_{final.name}_{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if the checkpoint's manifest and checksums verify, else the reason it does not."""
+    m = ckpt / MANIFEST
+    if not m.is_file():
+        return "no manifest (the write did not finish)"
+    try:
+        manifest = json.loads(m.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as e:
+        return f"unreadable manifest ({e})"
+    for name, digest in files.items():
+        p = ckpt / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if _sha256(p) != digest:
+            return f"{name} does not match its checksum (truncated or corrupt)"
+    return None
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Committed step directories, newest first (unverified)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_valid(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the (path, reason) of newer ones that did not."""
+    rejected = []
+    for p in list_checkpoints(root):
+        why = verify(p)
+        if why is None:
+            return p, rejected
+        rejected.append((p, why))
+    return None, rejected
+
+
+def load_file(ckpt: Path, name: str) -> Any:
+    """Load one file of a checkpoint with ``weights_only=True``."""
+    return torch.load(ckpt / name, map_location="cpu", weights_only=True)
+
+
+def clean_temporaries(root: Path) -> None:
+    """Remove leftovers of writes that were killed before their rename."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp_step_", ".old_step_")):
+                shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,37 @@
+"""`trainguard profiles [NAME]`: list the bundled hardware profiles, or show one. No torch import."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typing import Annotated
+
+from trainguard.cli._errors import user_errors
+
+
+def profiles_command(
+    name: Annotated[Optional[str], typer.Argument(help="A profile name (or path to a profile YAML) to show in full.")] = None,
+) -> None:
+    """List the bundled hardware profiles, or show one."""
+    from trainguard.hardware.profiles import bundled_profiles, get_profile
+
+    console = Console()
+    with user_errors():
+        if name:
+            p = get_profile(name)
+            t = Table(title=f"profile {p.name}", show_header=False)
+            for key, field in type(p).model_fields.items():
+                t.add_row(key, str(getattr(p, key)), field.description or "")
+            console.print(t)
+            return
+        t = Table(title="hardware profiles (use with `hardware:` or --profile)")
+        for col in ("name", "device", "memory", "cc", "precision", "tf32", "compile", "workers", "headroom", "description"):
+            t.add_column(col)
+        for p in bundled_profiles().values():
+            cc = ".".join(map(str, p.compute_capability)) if p.compute_capability else "-"
+            t.add_row(p.name, p.device, f"{p.memory_gb:g} GB", cc, p.precision, str(p.tf32), str(p.compile),
+                      str(p.num_workers), f"{p.memory_headroom:.0%}", p.description)
+        console.print(t)

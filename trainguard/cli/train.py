@@ -1,0 +1,46 @@
+"""`trainguard train`: a thin wrapper over :func:`trainguard.run.train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing import Annotated
+
+from trainguard.cli._errors import fail, user_errors
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.", show_default=False)]
+ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="Hardware profile: NAME, PATH to a profile YAML, or auto. Overrides `hardware:`.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: --set train.max_steps=50 (repeatable; values parse as YAML).")]
+BudgetOpt = Annotated[Optional[str], typer.Option("--memory-budget", help="Cap device memory, e.g. 512MB or 3.5GiB. (planned: not built yet)")]
+
+
+def train_command(
+    config: ConfigOpt,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default runs/<config stem>).")] = None,
+    resume: Annotated[str, typer.Option("--resume", help="auto: continue from the newest valid checkpoint in the run dir; never; or a checkpoint PATH.")] = "auto",
+    memory_budget: BudgetOpt = None,
+    nproc_per_node: Annotated[Optional[int], typer.Option("--nproc-per-node", help="Processes (GPUs) per node via torchrun. (planned: not built yet)")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Train a model from a YAML config. Re-running the same command resumes the run."""
+    if memory_budget is not None:
+        raise fail("--memory-budget is planned but not built yet", "leave it out for now", 2)
+    if nproc_per_node not in (None, 1):
+        raise fail("--nproc-per-node > 1 (DDP) is planned but not built yet", "train on one device for now", 2)
+    with user_errors(debug):
+        from trainguard.run import train
+
+        summary = train(config, set_ or [], profile=profile, run_dir=run_dir, resume=resume)
+        code = int(summary.get("exit_code") or 0)
+        if summary.get("status") == "interrupted":
+            print(f"interrupted at step {summary['steps']}; checkpoint {summary.get('last_checkpoint')}; "
+                  "re-run the same command to resume", flush=True)
+        else:
+            print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+                  f"run directory {summary['run_dir']}", flush=True)
+    if code:
+        raise typer.Exit(code)

@@ -1,0 +1,1 @@
+"""The engine: the loop, its events, the step, data order, precision and optimizer."""

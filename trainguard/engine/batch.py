@@ -1,0 +1,135 @@
+"""Adapting any batch to the model: which fields it gets, on which device, and where the loss is.
+
+Output rule (what the model, or ``loss(output, target)``, may return):
+a scalar tensor; a dict or object with a ``loss`` entry; or a tuple whose first element is the loss.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from trainguard.errors import RunFailed
+
+TARGET_KEYS = ("labels", "label", "targets", "target", "y")
+
+
+def to_device(x: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Move tensors (in dicts, tuples and lists) to ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=non_blocking)
+    if isinstance(x, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device, non_blocking) for v in x)
+    return x
+
+
+def batch_size_of(x: Any) -> int:
+    """Number of samples in a collated batch."""
+    if isinstance(x, torch.Tensor):
+        return x.shape[0]
+    if isinstance(x, dict):
+        return batch_size_of(next(iter(x.values())))
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], (torch.Tensor, dict, tuple)):
+        return batch_size_of(x[0])
+    return len(x)
+
+
+def slice_batch(x: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of a collated batch."""
+    if isinstance(x, torch.Tensor):
+        return x[start:stop]
+    if isinstance(x, dict):
+        return {k: slice_batch(v, start, stop) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(slice_batch(v, start, stop) for v in x)
+    return x[start:stop]
+
+
+def split_batch(x: Any, micro_batch_size: int) -> list[tuple[Any, int]]:
+    """Split a batch into micro-batches of at most ``micro_batch_size``; returns (micro_batch, n) pairs."""
+    n = batch_size_of(x)
+    return [(slice_batch(x, i, min(i + micro_batch_size, n)), min(micro_batch_size, n - i))
+            for i in range(0, n, micro_batch_size)]
+
+
+def extract_loss(out: Any) -> torch.Tensor:
+    """The loss from a model (or loss function) output, by the output rule above."""
+    if isinstance(out, dict):
+        loss = out.get("loss")
+    elif isinstance(out, (tuple, list)):
+        loss = out[0] if out else None
+    elif isinstance(out, torch.Tensor):
+        loss = out
+    else:
+        loss = getattr(out, "loss", None)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(out).__name__
+        raise RunFailed(f"cannot find a scalar loss in the model output ({what})",
+                        "return a scalar loss (or {'loss': ...}), pass labels to the model, or set `loss: {_target_: ...}`")
+    return loss.reshape(())
+
+
+def extract_logits(out: Any) -> torch.Tensor | None:
+    """Logits from a model output, if it has them (for accuracy)."""
+    if isinstance(out, torch.Tensor) and out.dim() >= 2:
+        return out
+    if isinstance(out, dict):
+        out = out.get("logits")
+        return out if isinstance(out, torch.Tensor) else None
+    logits = getattr(out, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
+class ModelAdapter:
+    """Calls the model on a batch of any supported form and returns ``(output, loss, labels)``.
+
+    Dict batches: fields are renamed by ``data.fields``, and the model receives as keyword
+    arguments only those its ``forward()`` accepts (all of them if it takes ``**kwargs``).
+    Tuple batches ``(inputs, target)`` with a loss function: ``loss(model(inputs), target)``.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable | None, fields: dict[str, str]):
+        self.model, self.loss_fn, self.fields = model, loss_fn, fields
+        params = inspect.signature(model.forward).parameters.values()
+        self.takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        self.accepted = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+        self.required = {p.name for p in params if p.default is inspect.Parameter.empty
+                         and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+        self.dropped: list[str] | None = None  # filled on the first dict batch
+
+    def _split_dict(self, data: dict) -> tuple[dict, Any]:
+        data = {self.fields.get(k, k): v for k, v in data.items()}
+        target = None
+        if self.loss_fn is not None:
+            key = next((k for k in TARGET_KEYS if k in data), None)
+            target = data[key] if key is not None else None
+        kwargs = data if self.takes_any else {k: v for k, v in data.items() if k in self.accepted}
+        if self.dropped is None:
+            self.dropped = sorted(set(data) - set(kwargs))
+            missing = sorted(self.required - set(data))
+            if missing:
+                raise RunFailed(f"model.forward() requires {missing} but the batch has fields {sorted(data)}",
+                                "rename dataset fields to forward() arguments with `data.fields: {field: argument}`")
+        return kwargs, target
+
+    def __call__(self, data: Any) -> tuple[Any, torch.Tensor, Any]:
+        labels = None
+        if isinstance(data, dict):
+            kwargs, target = self._split_dict(data)
+            out = self.model(**kwargs)
+            labels = target if target is not None else next((kwargs[k] for k in TARGET_KEYS if k in kwargs), None)
+            loss_out = self.loss_fn(out, target) if self.loss_fn is not None else out
+        elif isinstance(data, (tuple, list)) and self.loss_fn is not None:
+            inputs, labels = data[0], data[-1]
+            out = self.model(*data[:-1]) if len(data) > 2 else self.model(inputs)
+            loss_out = self.loss_fn(out, labels)
+        elif isinstance(data, (tuple, list)):
+            out = loss_out = self.model(*data)
+        else:
+            out = loss_out = self.model(data)
+        return out, extract_loss(loss_out), labels

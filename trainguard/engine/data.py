@@ -1,0 +1,192 @@
+"""Data order owned by the engine, so that resume is exact.
+
+* Map-style datasets: :class:`EpochBatchSampler` shuffles each epoch from ``(seed, epoch)`` and
+  starts at a batch position, so resume continues without replaying batches.
+* Every item is fetched by ``(epoch, index)`` through :class:`SampleFetcher`, which seeds the
+  python/numpy/torch RNGs from ``(seed, epoch, index)`` around the user's ``__getitem__``:
+  random augmentation is the same with 0 or N workers, and after resume.
+* An item that raises or returns ``None`` becomes a :class:`BadSample` (recorded, not fatal).
+* Iterable datasets: items are numbered by stream position; resume skips that many items.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+
+from trainguard.engine.collate import collate_samples
+from trainguard.errors import RunFailed
+
+
+@dataclass
+class BadSample:
+    """A sample that could not be loaded: its id and why."""
+
+    sample_id: int
+    reason: str
+
+
+@dataclass
+class Batch:
+    """A collated batch and the ids of the samples in it."""
+
+    ids: list[int]
+    data: Any
+    bad: list[BadSample] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + index) % (2**31 - 1)
+
+
+class SampleFetcher(Dataset):
+    """Wraps a map-style dataset: fetches by ``(epoch, index)`` with per-sample seeded RNGs."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        in_main = get_worker_info() is None
+        if in_main:  # keep the training process's RNG streams untouched
+            saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        s = _sample_seed(self.seed, epoch, index)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+        try:
+            item = self.dataset[index]
+            return index, (item if item is not None else BadSample(index, "the dataset returned None"))
+        except Exception as e:  # a broken sample is data, not a crash: recorded and budgeted
+            return index, BadSample(index, f"{type(e).__name__}: {e}")
+        finally:
+            if in_main:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
+class EpochBatchSampler(Sampler):
+    """Yields lists of ``(epoch, index)``: a permutation per epoch from ``(seed, epoch)``, from ``start``."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return max(1, self.n // self.batch_size)
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order, bs = self.order(self.epoch), min(self.batch_size, self.n)
+        for b in range(self.start, len(self)):
+            yield [(self.epoch, i) for i in order[b * bs:(b + 1) * bs]]
+
+
+class _Numbered(IterableDataset):
+    """Numbers the items of an iterable dataset by stream position, skipping the first ``start``."""
+
+    def __init__(self, dataset: IterableDataset):
+        self.dataset, self.start = dataset, 0
+
+    def __iter__(self):
+        for pos, item in enumerate(self.dataset):
+            if pos >= self.start:
+                yield pos, (item if item is not None else BadSample(pos, "the dataset returned None"))
+
+
+def _collate(pairs: list) -> Batch:
+    good = [(i, x) for i, x in pairs if not isinstance(x, BadSample)]
+    bad = [x for _, x in pairs if isinstance(x, BadSample)]
+    data = collate_samples([x for _, x in good]) if good else None
+    return Batch(ids=[i for i, _ in good], data=data, bad=bad)
+
+
+def _seed_worker(worker_id: int) -> None:
+    s = torch.initial_seed() % 2**31
+    random.seed(s)
+    np.random.seed(s)
+
+
+class DataStream:
+    """An endless stream of :class:`Batch` es over epochs, with a resumable position."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, shuffle: bool,
+                 num_workers: int, pin_memory: bool, name: str = "train"):
+        self.iterable = isinstance(dataset, IterableDataset)
+        try:
+            n = None if self.iterable else len(dataset)  # type: ignore[arg-type]
+        except TypeError:
+            raise RunFailed(f"data.{name} has no __len__ and is not an IterableDataset",
+                            "implement __len__ and __getitem__, or subclass torch.utils.data.IterableDataset") from None
+        if n == 0:
+            raise RunFailed(f"data.{name} is empty (0 samples)",
+                            "check the dataset's path and split name (e.g. `train` vs `Train`) and its filters")
+        self.batch_size = batch_size
+        self.epoch, self.position = 0, 0
+        common: dict[str, Any] = dict(collate_fn=_collate, pin_memory=pin_memory)
+        if self.iterable:
+            # stream positions are only exact in one process, so iterable data loads in the main process
+            self._source = _Numbered(dataset)  # type: ignore[arg-type]
+            self.loader = DataLoader(self._source, batch_size=batch_size, num_workers=0, **common)
+        else:
+            self.sampler = EpochBatchSampler(n, batch_size, seed, shuffle)  # type: ignore[arg-type]
+            g = torch.Generator().manual_seed(seed)
+            self.loader = DataLoader(SampleFetcher(dataset, seed), batch_sampler=self.sampler,
+                                     num_workers=num_workers, worker_init_fn=_seed_worker, generator=g,
+                                     persistent_workers=num_workers > 0, **common)
+        self._it: Iterator | None = None
+        self.n = n
+
+    def seek(self, epoch: int, position: int) -> None:
+        """Continue from ``position`` (batches, or items for iterables) of ``epoch``."""
+        self.epoch, self.position, self._it = epoch, position, None
+
+    def _start_epoch(self) -> None:
+        if self.iterable:
+            self._source.start = self.position
+        else:
+            self.sampler.epoch, self.sampler.start = self.epoch, self.position
+        self._it = iter(self.loader)
+
+    def one_pass(self) -> Iterator[Batch]:
+        """One epoch from its start, in order (for evaluation); leaves the stream's position alone."""
+        if self.iterable:
+            self._source.start = 0
+        else:
+            self.sampler.epoch, self.sampler.start = 0, 0
+        self._it = None
+        yield from self.loader
+
+    def __next__(self) -> Batch:
+        for _ in range(2):
+            if self._it is None:
+                self._start_epoch()
+            try:
+                batch = next(self._it)  # type: ignore[arg-type]
+            except StopIteration:
+                self.epoch, self.position, self._it = self.epoch + 1, 0, None
+                continue
+            self.position += (len(batch.ids) + len(batch.bad)) if self.iterable else 1
+            return batch
+        raise RunFailed("the training data yielded no batch in a whole epoch",
+                        "check that the dataset is not empty and that its iterator yields items")
+
+    def __iter__(self):
+        return self

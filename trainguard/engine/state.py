@@ -1,0 +1,41 @@
+"""The mutable state of one run: counters, the data position, and the flags hooks may set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunState:
+    """Everything that changes while training; the counters go into every checkpoint."""
+
+    step: int = 0                      # optimizer steps taken (skipped steps count too)
+    samples: int = 0                   # samples consumed
+    epoch: int = 0                     # data epoch
+    position: int = 0                  # batches (map-style) or items (iterable) consumed in this epoch
+    skipped_steps: int = 0
+    skipped_samples: int = 0
+    # per-step scratch, set by the loop
+    batch_ids: list[int] = field(default_factory=list)
+    loss: Any = None                   # this step's loss (a 0-dim tensor on the device; no host sync)
+    grad_norm: Any = None
+    lr: float = 0.0
+    # flags hooks set to change the run
+    skip_step: bool = False            # skip this step's optimizer update
+    stop: bool = False                 # stop after this step
+    status: str = "running"            # running | completed | failed | interrupted
+    error: str | None = None
+    exit_code: int = 0
+    # results
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    last_checkpoint: str | None = None
+    final_loss: float | None = None
+
+    def request_stop(self, status: str, error: str | None = None, exit_code: int = 1) -> None:
+        """Ask the loop to stop at the next step boundary."""
+        self.stop, self.status, self.error, self.exit_code = True, status, error, exit_code
+
+    def counters(self) -> dict[str, int]:
+        """The counters that a checkpoint stores."""
+        return {k: getattr(self, k) for k in ("step", "samples", "epoch", "position", "skipped_steps", "skipped_samples")}

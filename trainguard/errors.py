@@ -1,0 +1,33 @@
+"""User-facing errors: every failure a user can fix carries a message and a hint.
+
+The CLI prints ``error: <message>`` and ``hint: <hint>`` and exits with ``exit_code``;
+tracebacks only appear with ``--debug`` or ``TRAINGUARD_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+
+class TrainguardError(Exception):
+    """Base class for errors that are reported to the user without a traceback."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
+
+
+class ConfigError(TrainguardError):
+    """Bad usage or bad configuration: nothing was trained (exit 2)."""
+
+    exit_code = 2
+
+
+class RunFailed(TrainguardError):
+    """The run or a check failed: training gave up, preflight failed (exit 1)."""
+
+    exit_code = 1

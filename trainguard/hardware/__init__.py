@@ -1,0 +1,1 @@
+"""Hardware: probing the device and the bundled profiles."""

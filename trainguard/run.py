@@ -1,0 +1,240 @@
+"""Building a run from its config, and the public entry point :func:`train`.
+
+``train()`` resolves the config (one precedence rule), probes the device, builds the parts
+from their own config sections, resumes from the newest valid checkpoint, and calls
+``Trainer.fit()``. The CLI's ``trainguard train`` is a thin wrapper over it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+
+from trainguard.callbacks.evaluate import Evaluator
+from trainguard.callbacks.logging import ConsoleProgress, MetricsLogger
+from trainguard.callbacks.runlog import RunLog
+from trainguard.callbacks.signals import SignalHandler
+from trainguard.callbacks.summary import SummaryWriter
+from trainguard.checkpoint import store
+from trainguard.checkpoint.checkpointer import Checkpointer, restore_trainer
+from trainguard.config.instantiate import instantiate
+from trainguard.config.load import resolve_config
+from trainguard.config.schema import Config
+from trainguard.engine.batch import ModelAdapter
+from trainguard.engine.data import DataStream
+from trainguard.engine.events import Hook
+from trainguard.engine.loop import Trainer
+from trainguard.engine.optim import build_optimizer, build_scheduler
+from trainguard.engine.precision import grad_scaler, resolve_precision
+from trainguard.errors import ConfigError, RunFailed
+from trainguard.hardware.probe import probe
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# Config fields that may differ when resuming: they do not change what a step computes.
+RESUMABLE_CHANGES = ("hardware", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "data.num_workers", "data.pin_memory", "checkpoint.", "log.", "guard.", "hooks", "memory.")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and not (prefix and "_target_" in d):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Training-relevant fields that differ between two resolved configs, as readable lines."""
+    a, b = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(RESUMABLE_CHANGES) or a.get(key) == b.get(key):
+            continue
+        lines.append(f"{key}: {a.get(key)!r} in the checkpoint, {b.get(key)!r} now")
+    return lines
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _device(info) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if info.type == "cuda" else torch.device(info.type)
+
+
+def _resolve_runtime(cfg: Config, prof, info) -> tuple[Config, list[str]]:
+    """Replace every `auto` with the value this run uses; returns notes to show the user."""
+    notes = []
+    precision, note = resolve_precision(cfg.train.precision, info, prof)
+    if note:
+        notes.append(note)
+    if cfg.train.device in ("cuda", "mps") and info.type != cfg.train.device:
+        raise ConfigError(f"train.device is {cfg.train.device} but no {cfg.train.device} device is available",
+                          "set train.device: auto (or cpu)")
+    mbs = cfg.train.batch_size if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size
+    workers = cfg.data.num_workers
+    if workers == "auto":
+        workers = max(0, min(prof.num_workers, info.cpu_count - 1))
+    pin = (info.type == "cuda") if cfg.data.pin_memory == "auto" else (cfg.data.pin_memory and info.type == "cuda")
+    if cfg.train.compile and info.type == "cpu":
+        notes.append("train.compile is ignored on CPU (it needs a C++ toolchain and rarely pays off there)")
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.precision, cfg.train.micro_batch_size = precision, mbs
+    cfg.data.num_workers, cfg.data.pin_memory = workers, pin
+    cfg.hardware = prof.name
+    return cfg, notes
+
+
+def _build_dataset(spec: dict, where: str):
+    ds = instantiate(spec, where)
+    if not isinstance(ds, (torch.utils.data.Dataset, torch.utils.data.IterableDataset)) and not hasattr(ds, "__getitem__"):
+        raise ConfigError(f"{where}._target_ returned {type(ds).__name__}, not a Dataset",
+                          "return a torch.utils.data.Dataset (with __len__/__getitem__) or an IterableDataset")
+    return ds
+
+
+def default_run_dir(config_path: str | Path | None) -> Path:
+    return Path("runs") / (Path(config_path).stem if config_path else "run")
+
+
+def _find_resume(resume: str, ckpt_root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    if resume == "never":
+        return None, []
+    if resume == "auto":
+        return store.latest_valid(ckpt_root)
+    path = Path(resume)
+    if (path / "checkpoints").is_dir():  # a run directory
+        found, rejected = store.latest_valid(path / "checkpoints")
+        if found is None:
+            raise ConfigError(f"--resume {resume}: no valid checkpoint there", "use --resume auto or never")
+        return found, rejected
+    if not path.is_dir():
+        raise ConfigError(f"--resume {resume}: no such checkpoint directory", "give a checkpoints/step_NNNNNNN directory, auto or never")
+    why = store.verify(path)
+    if why:
+        raise ConfigError(f"--resume {resume}: the checkpoint does not verify: {why}", "pick an older checkpoint, or --resume auto")
+    return path, []
+
+
+def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "auto",
+                  extra_hooks: Iterable[Hook] = ()) -> Trainer:
+    """Build every part of the run from its own config section, and resume if there is a checkpoint."""
+    info = probe(cfg.train.device)
+    cfg, notes = _resolve_runtime(cfg, prof, info)
+    console.print(f"[bold]trainguard[/bold]: device {info.name} ({info.type}), profile [bold]{prof.name}[/bold] ({why}), precision {cfg.train.precision}")
+    for n in notes:
+        console.print(f"[yellow]note[/yellow]: {n}")
+    device = _device(info)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+
+    seed_everything(cfg.seed)
+    if cfg.model is None:
+        raise ConfigError("no model: the config has no `model:` section", "add `model: {_target_: pkg.module:build_model}`")
+    if cfg.data.train is None:
+        raise ConfigError("no training data: the config has no `data.train`", "add `data: {train: {_target_: pkg.module:build_dataset}}`")
+    model = instantiate(cfg.model, "model")
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model._target_ returned {type(model).__name__}, not a torch.nn.Module", "return an nn.Module instance")
+    model.to(device)
+    loss_fn = instantiate(cfg.loss, "loss") if cfg.loss else None
+    train_ds = _build_dataset(cfg.data.train, "data.train")
+    val_ds = _build_dataset(cfg.data.val, "data.val") if cfg.data.val else None
+
+    mbs = int(cfg.train.micro_batch_size)  # resolved
+    common = dict(seed=cfg.seed, num_workers=int(cfg.data.num_workers), pin_memory=bool(cfg.data.pin_memory))
+    data = DataStream(train_ds, cfg.train.batch_size, shuffle=cfg.data.shuffle, **common)
+    val = DataStream(val_ds, mbs, shuffle=False, name="val", **common) if val_ds is not None else None
+
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.max_steps)
+    forward_model = torch.compile(model) if cfg.train.compile and device.type != "cpu" else model
+    adapter = ModelAdapter(forward_model, loss_fn, cfg.data.fields)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(run_dir)
+    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    ckpt_root = run_dir / "checkpoints"
+    found, rejected = _find_resume(resume, ckpt_root)
+    for bad, reason in rejected:
+        console.print(f"[yellow]warning[/yellow]: skipping checkpoint {bad}: {reason}; falling back to an older one")
+        log.event(int(bad.name.split("_")[1]), "checkpoint_corrupt", reason, path=str(bad))
+    if found is not None:
+        old = yaml.safe_load((found / "config.yaml").read_text())
+        diff = config_diff(old, cfg.model_dump(mode="json"))
+        if diff:
+            raise ConfigError(f"cannot resume from {found}: training-relevant config differs:\n  " + "\n  ".join(diff),
+                              "restore those values, or start afresh with --resume never (or another --run-dir)")
+    elif resume == "never" and ckpt_root.is_dir() and store.list_checkpoints(ckpt_root):
+        aside = run_dir / f"checkpoints.before-{os.getpid()}"
+        ckpt_root.rename(aside)
+        console.print(f"[yellow]note[/yellow]: --resume never: moved the earlier checkpoints to {aside}")
+    (run_dir / "config.yaml").write_text(config_yaml)
+
+    metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, cfg.log.tensorboard)
+    hooks: list[Hook] = [metrics, ConsoleProgress(metrics, cfg.train.max_steps, cfg.log.progress)]
+    if val is not None and cfg.train.eval_every:
+        hooks.append(Evaluator(val, cfg.train.eval_every, cfg.train.eval_batches))
+    hooks.append(Checkpointer(ckpt_root, cfg.checkpoint, config_yaml, log))
+    hooks += [instantiate(h, f"hooks[{i}]") for i, h in enumerate(cfg.hooks)]
+    hooks += list(extra_hooks)
+    for h in hooks:
+        if not isinstance(h, Hook):
+            raise ConfigError(f"hook {type(h).__name__} is not a trainguard.Hook", "subclass trainguard.Hook")
+    info_fields = {"precision": cfg.train.precision, "device": info.name, "profile": prof.name, "run_dir": str(run_dir)}
+    hooks += [SignalHandler(log), SummaryWriter(run_dir, info_fields)]
+
+    trainer = Trainer(model=model, adapter=adapter, optimizer=optimizer, scheduler=scheduler,
+                      scaler=grad_scaler(device.type, cfg.train.precision), data=data, device=device,
+                      precision=cfg.train.precision, micro_batch_size=mbs, cfg=cfg.train, hooks=hooks)
+    trainer.log = log  # type: ignore[attr-defined]
+    if found is not None:
+        restore_trainer(trainer, found)
+        log.truncate_after(trainer.state.step)
+        log.event(trainer.state.step, "resume", f"resumed from {found}", path=str(found))
+        console.print(f"resumed from {found} at step {trainer.state.step}")
+    else:
+        log.event(0, "start", f"device {info.name}, profile {prof.name}, precision {cfg.train.precision}")
+    return trainer
+
+
+def train(config: str | Path | dict | Config, overrides: list[str] | None = None, *, profile: str | None = None,
+          run_dir: str | Path | None = None, resume: str = "auto", hooks: Iterable[Hook] = ()) -> dict:
+    """Train from a config and return the run summary (the content of ``summary.json``).
+
+    Args:
+        config: a YAML path, a config mapping, or a :class:`Config`.
+        overrides: ``--set`` style ``"section.key=value"`` strings.
+        profile: hardware profile name or path (overrides ``hardware:``).
+        run_dir: where logs and checkpoints go (default ``runs/<config stem>``).
+        resume: ``auto`` (newest valid checkpoint in run_dir), ``never``, or a checkpoint path.
+        hooks: extra :class:`~trainguard.Hook` objects.
+
+    Raises:
+        ConfigError: bad config or usage (nothing trained).
+        RunFailed: training gave up; the summary is written first.
+    """
+    if isinstance(config, Config):
+        config = config.model_dump(mode="json", exclude_defaults=True)
+    path = None if isinstance(config, dict) else Path(config)
+    cfg, prof, why = resolve_config(path, profile=profile, overrides=overrides, raw=config if isinstance(config, dict) else None)
+    rd = Path(run_dir) if run_dir is not None else default_run_dir(path)
+    trainer = build_trainer(cfg, prof, why, run_dir=rd, resume=resume, extra_hooks=hooks)
+    trainer.fit()
+    summary = next(h for h in trainer.hooks if isinstance(h, SummaryWriter)).summary
+    if trainer.state.status == "failed":
+        raise RunFailed(trainer.state.error or "training failed", "see events.jsonl in the run directory")
+    return summary
