@@ -195,7 +195,7 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
         if not isinstance(h, Hook):
             raise ConfigError(f"hook {type(h).__name__} is not a trainguard.Hook", "subclass trainguard.Hook")
     info_fields = {"precision": cfg.train.precision, "device": info.name, "profile": prof.name, "run_dir": str(run_dir)}
-    hooks += [SignalHandler(log), SummaryWriter(run_dir, info_fields)]
+    hooks += [SignalHandler(log), SummaryWriter(run_dir, info_fields, log)]
 
     trainer = Trainer(model=model, adapter=adapter, optimizer=optimizer, scheduler=scheduler,
                       scaler=grad_scaler(device.type, cfg.train.precision), data=data, device=device,

@@ -73,8 +73,6 @@ class MetricsLogger(Hook):
                 self.tb.add_scalar(f"val/{k}", v, st.step)
 
     def on_fit_end(self, trainer) -> None:
-        st = trainer.state
-        self.log.event(st.step, "end", st.error or st.status, status=st.status)
         if self.tb is not None:
             self.tb.close()
 

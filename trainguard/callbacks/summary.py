@@ -24,11 +24,12 @@ def write_json_atomic(path: Path, data: dict) -> None:
 class SummaryWriter(Hook):
     """Writes ``summary.json`` at FIT_END with the contract's fields (and a few more)."""
 
-    def __init__(self, run_dir: Path, info: dict):
+    def __init__(self, run_dir: Path, info: dict, log=None):
         self.path = Path(run_dir) / "summary.json"
         self.info = info  # micro_batch_size, grad_accum, precision, device, profile ...
         self.t0 = time.time()
         self.summary: dict = {}
+        self.log = log
 
     def build(self, trainer) -> dict:
         st = trainer.state
@@ -44,3 +45,6 @@ class SummaryWriter(Hook):
     def on_fit_end(self, trainer) -> None:
         self.summary = self.build(trainer)
         write_json_atomic(self.path, self.summary)
+        if self.log is not None:
+            st = trainer.state
+            self.log.event(st.step, "end", st.error or st.status, status=st.status)

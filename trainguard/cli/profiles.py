@@ -28,8 +28,9 @@ def profiles_command(
             console.print(t)
             return
         t = Table(title="hardware profiles (use with `hardware:` or --profile)")
-        for col in ("name", "device", "memory", "cc", "precision", "tf32", "compile", "workers", "headroom", "description"):
-            t.add_column(col)
+        for col in ("name", "device", "memory", "cc", "precision", "tf32", "compile", "workers", "headroom"):
+            t.add_column(col, no_wrap=True)
+        t.add_column("description", ratio=1)
         for p in bundled_profiles().values():
             cc = ".".join(map(str, p.compute_capability)) if p.compute_capability else "-"
             t.add_row(p.name, p.device, f"{p.memory_gb:g} GB", cc, p.precision, str(p.tf32), str(p.compile),
