@@ -40,3 +40,59 @@ class MLP(nn.Module):
         if label is not None:
             out["loss"] = F.cross_entropy(logits, label)
         return out
+
+
+# ---- hooks used by the engine tests -------------------------------------------------------
+
+from trainguard.engine.events import Event, Hook  # noqa: E402
+
+
+class Sleep(Hook):
+    """Slows each step down so that a test can signal or kill the run mid-way."""
+
+    def __init__(self, seconds: float = 0.05):
+        self.seconds = seconds
+
+    def on_step_end(self, trainer) -> None:
+        import time
+
+        time.sleep(self.seconds)
+
+
+class Recorder(Hook):
+    """Appends every event it receives to a file, one name per line."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _rec(self, event: Event):
+        def handler(trainer):
+            with open(self.path, "a") as f:
+                f.write(f"{event.value} {trainer.state.step}\n")
+        return handler
+
+    def __getattribute__(self, name):
+        if name.startswith("on_"):
+            return object.__getattribute__(self, "_rec")(Event(name[3:]))
+        return object.__getattribute__(self, name)
+
+
+class DropoutMLP(MLP):
+    """The MLP with dropout, so that exact resume also needs the RNG state."""
+
+    def __init__(self, dim: int = 8, classes: int = 4, hidden: int = 32):
+        super().__init__(dim, classes, hidden, dropout=0.2)
+
+
+class FailsAtStep(MLP):
+    """Raises an ordinary bug (not a data problem) on its Nth forward call."""
+
+    def __init__(self, at: int = 3, **kw):
+        super().__init__(**kw)
+        self.at, self.calls = at, 0
+
+    def forward(self, x, label=None):
+        self.calls += 1
+        if self.calls == self.at:
+            raise RuntimeError("a bug in the user's model")
+        return super().forward(x, label)

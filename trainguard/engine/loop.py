@@ -57,7 +57,7 @@ class Trainer:
             self.fire(Event.FIT_START)
             while not st.stop and st.step < self.cfg.max_steps:
                 self.batch = next(self.data)
-                st.batch_ids = self.batch.ids
+                st.batch_ids, st.epoch, st.position = self.batch.ids, self.data.epoch, self.data.position
                 self.fire(Event.STEP_START)
                 self.train_step(self.batch)
                 self.fire(Event.STEP_END)

@@ -1,0 +1,164 @@
+"""Crash safety through the real CLI: kill -9 and rerun, corrupt checkpoints, SIGTERM, config changes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, toy_config
+
+# LR schedule (warmup + cosine), workers, accumulation and dropout: everything exact resume must carry.
+HARD = dict(
+    model={"_target_": "tests.toys:DropoutMLP"},
+    schedule={"name": "cosine", "warmup_steps": 5},
+    data={"num_workers": 2},
+    train={"max_steps": 40, "batch_size": 16, "micro_batch_size": 4, "log_every": 5, "eval_every": 10},
+    checkpoint={"every_steps": 5, "keep_last": 3},
+    log={"progress": False},
+)
+
+
+def write(tmp_path: Path, name: str, hooks=(), **sections) -> Path:
+    cfg = toy_config(**{**HARD, **sections})
+    cfg["hooks"] = list(hooks)
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p
+
+
+def start(config: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainguard", "train", "--config", str(config), "--run-dir", str(run_dir), *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run(config: Path, run_dir: Path, *extra: str) -> tuple[int, str]:
+    p = start(config, run_dir, *extra)
+    out, _ = p.communicate(timeout=300)
+    return p.returncode, out
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path.name}: {proc.stdout.read()}"
+        assert time.time() - t0 < timeout, f"timed out waiting for {path}"
+        time.sleep(0.01)
+
+
+def final_weights(run_dir: Path) -> dict:
+    last = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    return torch.load(last / "model.pt", weights_only=True)
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of the HARD config (no sleeping hook: hooks do not change the math)."""
+    tmp = tmp_path_factory.mktemp("ref")
+    code, out = run(write(tmp, "hard"), tmp / "run")
+    assert code == 0, out
+    return final_weights(tmp / "run")
+
+
+def test_kill9_after_third_checkpoint_then_rerun_is_bitwise_exact(tmp_path, reference):
+    cfg = write(tmp_path, "hard", hooks=[{"_target_": "tests.toys:Sleep", "seconds": 0.05}])
+    run_dir = tmp_path / "run"
+    proc = start(cfg, run_dir)
+    wait_for(run_dir / "checkpoints" / "step_0000015", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    code, out = run(cfg, run_dir)  # the same command again
+    assert code == 0, out
+    assert "resumed from" in out
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    resumes = [e for e in events if e["type"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["step"] >= 15
+    assert_bitwise_equal(final_weights(run_dir), reference)
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["split"] == "train"]
+    assert steps == sorted(set(steps)), "metrics after the resumed checkpoint are not duplicated"
+
+
+def test_truncated_newest_checkpoint_falls_back_and_stays_exact(tmp_path, reference):
+    cfg = write(tmp_path, "hard", hooks=[{"_target_": "tests.toys:Sleep", "seconds": 0.05}])
+    run_dir = tmp_path / "run"
+    proc = start(cfg, run_dir)
+    wait_for(run_dir / "checkpoints" / "step_0000015", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    model_pt = newest / "model.pt"
+    model_pt.write_bytes(model_pt.read_bytes()[: model_pt.stat().st_size // 2])
+    code, out = run(cfg, run_dir)
+    assert code == 0, out
+    assert "warning" in out and newest.name in out and "checksum" in out
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert any(e["type"] == "checkpoint_corrupt" for e in events)
+    resume = [e for e in events if e["type"] == "resume"][0]
+    assert resume["step"] < int(newest.name.split("_")[1])
+    assert_bitwise_equal(final_weights(run_dir), reference)
+
+
+def test_sigterm_saves_and_exits_143_then_resumes(tmp_path):
+    cfg = write(tmp_path, "long", hooks=[{"_target_": "tests.toys:Sleep", "seconds": 0.02}],
+                train={"max_steps": 200, "batch_size": 16, "log_every": 10}, checkpoint={"every_steps": 50, "keep_last": 2})
+    run_dir = tmp_path / "run"
+    proc = start(cfg, run_dir)
+    wait_for(run_dir / "metrics.jsonl", proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 0 < summary["steps"] < 200
+    step = summary["steps"]
+    assert (run_dir / "checkpoints" / f"step_{step:07d}" / "manifest.json").is_file()
+    assert f"interrupted at step {step}" in out
+    code, out = run(cfg, run_dir)
+    assert code == 0, out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 200
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["type"] == "resume"] == [step]
+
+
+def test_changed_lr_on_resume_is_refused(cli, tmp_path):
+    cfg = write(tmp_path, "small", train={"max_steps": 10, "batch_size": 16}, data={"num_workers": 0})
+    code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "run")
+    assert code == 0, out
+    code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "run", "--set", "optim.lr=0.5")
+    assert code == 2 and "optim.lr" in out and "hint:" in out and "Traceback" not in out
+    # allowed changes: more steps, other logging and checkpoint cadence
+    code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "run", "--set", "train.max_steps=14",
+                    "--set", "train.log_every=2", "--set", "checkpoint.every_steps=3")
+    assert code == 0, out
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 14
+
+
+def test_resume_never_starts_afresh_and_keeps_old_checkpoints(cli, tmp_path):
+    cfg = write(tmp_path, "small", train={"max_steps": 6, "batch_size": 16}, data={"num_workers": 0})
+    assert cli("train", "--config", cfg, "--run-dir", tmp_path / "run")[0] == 0
+    code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "run", "--resume", "never")
+    assert code == 0, out
+    assert list(tmp_path.joinpath("run").glob("checkpoints.before-*/step_0000006"))
+
+
+def test_failure_writes_summary(cli, tmp_path):
+    cfg = write(tmp_path, "bug", model={"_target_": "tests.toys:FailsAtStep", "at": 3}, data={"num_workers": 0})
+    code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "run")
+    assert code == 1 and "error:" in out and "a bug in the user's model" in out and "Traceback" not in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "a bug in the user's model" in summary["error"]
