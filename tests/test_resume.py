@@ -162,3 +162,23 @@ def test_failure_writes_summary(cli, tmp_path):
     assert code == 1 and "error:" in out and "a bug in the user's model" in out and "Traceback" not in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and "a bug in the user's model" in summary["error"]
+
+
+def test_best_checkpoint_is_kept_beside_the_last_n(cli, tmp_path):
+    cfg = write(tmp_path, "best", train={"max_steps": 30, "batch_size": 16, "eval_every": 5}, data={"num_workers": 0},
+                checkpoint={"every_steps": 5, "keep_last": 1, "best_metric": "loss"}, optim={"lr": 0.5})
+    code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "run")
+    assert code == 0, out
+    val = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [m for m in val if m["split"] == "val"]
+    best_step = min(val, key=lambda m: m["loss"])["step"]
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert f"step_{best_step:07d}" in kept and "step_0000030" in kept and len(kept) <= 2
+
+
+def test_setup_failure_still_writes_summary(cli, tmp_path):
+    cfg = write(tmp_path, "nodata", data={"train": {"_target_": "tests.toys:Blobs", "n": 0}, "num_workers": 0})
+    code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "run")
+    assert code == 1 and "empty" in out and "hint:" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "empty" in summary["error"]
