@@ -35,6 +35,8 @@ from trainguard.engine.loop import Trainer
 from trainguard.engine.optim import build_optimizer, build_scheduler
 from trainguard.engine.precision import grad_scaler, resolve_precision
 from trainguard.errors import ConfigError, RunFailed
+from trainguard.guards.guard import Guard
+from trainguard.guards.preflight import preflight, require
 from trainguard.hardware.probe import probe
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -188,7 +190,9 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
     hooks: list[Hook] = [metrics, ConsoleProgress(metrics, cfg.train.max_steps, cfg.log.progress)]
     if val is not None and cfg.train.eval_every:
         hooks.append(Evaluator(val, cfg.train.eval_every, cfg.train.eval_batches))
-    hooks.append(Checkpointer(ckpt_root, cfg.checkpoint, config_yaml, log))
+    checkpointer = Checkpointer(ckpt_root, cfg.checkpoint, config_yaml, log)
+    hooks.insert(2, Guard(cfg.guard, cfg.train.max_steps * cfg.train.batch_size, log, checkpointer))
+    hooks.append(checkpointer)
     hooks += [instantiate(h, f"hooks[{i}]") for i, h in enumerate(cfg.hooks)]
     hooks += list(extra_hooks)
     for h in hooks:
@@ -208,6 +212,12 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
         console.print(f"resumed from {found} at step {trainer.state.step}")
     else:
         log.event(0, "start", f"device {info.name}, profile {prof.name}, precision {cfg.train.precision}")
+    checks = preflight(trainer)
+    for c in checks:
+        if c.status == "warn":
+            console.print(f"[yellow]preflight[/yellow]: {c.message}" + (f" (hint: {c.hint})" if c.hint else ""))
+            log.event(trainer.state.step, "preflight", c.message)
+    require(checks)
     return trainer
 
 

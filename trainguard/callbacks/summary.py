@@ -40,6 +40,7 @@ class SummaryWriter(Hook):
             "micro_batch_size": trainer.micro_batch_size, "grad_accum": trainer.grad_accum,
             "error": st.error, "wall_s": round(time.time() - self.t0, 3),
             "eval": st.eval_metrics or None, "last_checkpoint": st.last_checkpoint, "exit_code": st.exit_code,
+            **st.report,
         }
 
     def on_fit_end(self, trainer) -> None:

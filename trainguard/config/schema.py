@@ -103,12 +103,24 @@ class TrainConfig(Section):
 
 
 class GuardConfig(Section):
-    """What the guards do when a step or a sample goes bad."""
+    """What the guards do when a sample or a step goes bad (see docs/guards.md)."""
 
-    on_nonfinite: Literal["skip", "rollback", "stop"] = Field("skip", description="A step whose loss or gradient norm is NaN/inf: `skip` it, `rollback` to the last good checkpoint, or `stop`.")
-    max_skip_fraction: float = Field(0.05, ge=0, le=1, description="Largest fraction of the planned samples that may be skipped before the run stops (failed).")
-    max_consecutive_bad_steps: int = Field(10, gt=0, description="Stop (or roll back) after this many bad steps in a row.")
-    on_oom: Literal["split", "stop"] = Field("split", description="On out-of-memory: `split` the micro-batch and retry the step, or `stop`.")
+    on_nonfinite: Literal["skip", "rollback", "stop"] = Field("skip", description="A step whose loss or gradient norm is NaN/inf: `skip` its update, `rollback` to the last good checkpoint when bad steps repeat, or `stop`.")
+    max_skip_fraction: float = Field(0.05, ge=0, le=1, description="Largest fraction of the planned samples (max_steps x batch_size) that may be skipped; past it the run stops (failed).")
+    max_consecutive_bad_steps: int = Field(10, gt=0, description="Stop after this many bad (skipped) steps in a row.")
+    rollback_after: int = Field(3, gt=0, description="With `rollback`: roll back after this many bad steps in a row (or at once if parameters are non-finite).")
+    max_rollbacks: int = Field(3, ge=0, description="With `rollback`: stop (failed) after this many rollbacks.")
+    rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="With `rollback`: multiply the learning rate by this after each rollback.")
+    spike_factor: float = Field(0.0, ge=0, description="Treat a finite loss above this multiple of the running median as a bad step; 0 = off.")
+    spike_window: int = Field(50, ge=5, description="Number of recent finite losses in the running median for spike detection.")
+    on_oom: Literal["split", "stop"] = Field("split", description="On out-of-memory: `split` the micro-batch and retry the step, or `stop`. (planned: OOM recovery is not built yet; an OOM stops the run)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.on_nonfinite == "rollback" and self.rollback_after > self.max_consecutive_bad_steps:
+            raise ValueError(f"rollback_after ({self.rollback_after}) must be <= max_consecutive_bad_steps "
+                             f"({self.max_consecutive_bad_steps}), or the run stops before it can roll back")
+        return self
 
 
 class CheckpointConfig(Section):

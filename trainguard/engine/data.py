@@ -138,7 +138,7 @@ class DataStream:
         if n == 0:
             raise RunFailed(f"data.{name} is empty (0 samples)",
                             "check the dataset's path and split name (e.g. `train` vs `Train`) and its filters")
-        self.batch_size = batch_size
+        self.dataset, self.seed, self.batch_size = dataset, seed, batch_size
         self.epoch, self.position = 0, 0
         common: dict[str, Any] = dict(collate_fn=_collate, pin_memory=pin_memory)
         if self.iterable:
@@ -164,6 +164,19 @@ class DataStream:
         else:
             self.sampler.epoch, self.sampler.start = self.epoch, self.position
         self._it = iter(self.loader)
+
+    def peek(self, n: int) -> Batch:
+        """The first ``n`` samples of epoch 0, fetched in this process (for preflight); the stream is untouched."""
+        if self.iterable:
+            pairs = []
+            for pos, item in enumerate(self.dataset):
+                pairs.append((pos, item if item is not None else BadSample(pos, "the dataset returned None")))
+                if len(pairs) >= n:
+                    break
+        else:
+            fetch = SampleFetcher(self.dataset, self.seed)
+            pairs = [fetch[(0, i)] for i in self.sampler.order(0)[:n]]
+        return _collate(pairs)
 
     def one_pass(self) -> Iterator[Batch]:
         """One epoch from its start, in order (for evaluation); leaves the stream's position alone."""

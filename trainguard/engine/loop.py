@@ -106,6 +106,8 @@ class Trainer:
         """
         n = len(batch)
         total = torch.zeros((), device=self.device)
+        if n == 0:  # every sample failed to load: nothing to learn from (the Guard records it)
+            return total + float("nan")
         for micro, k in split_batch(batch.data, self.micro_batch_size):
             micro = to_device(micro, self.device, non_blocking=True)
             with autocast(self.device.type, self.precision):

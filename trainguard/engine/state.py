@@ -31,6 +31,7 @@ class RunState:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     last_checkpoint: str | None = None
     final_loss: float | None = None
+    report: dict[str, Any] = field(default_factory=dict)   # sections hooks add to summary.json
 
     def request_stop(self, status: str, error: str | None = None, exit_code: int = 1) -> None:
         """Ask the loop to stop at the next step boundary."""

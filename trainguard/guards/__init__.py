@@ -1,0 +1,1 @@
+"""Guards: bad samples, non-finite steps, budgets, rollback, localisation and preflight."""

@@ -1,0 +1,181 @@
+"""The Guard hook: bad samples, non-finite steps, loss spikes, budgets and rollback.
+
+Healthy steps cost one host sync (the fused finite check of loss and gradient norm, through
+:func:`~trainguard.guards.consensus.agree`); everything else runs only when something is wrong.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter, deque
+
+import torch
+
+from trainguard.checkpoint import store
+from trainguard.config.schema import GuardConfig
+from trainguard.engine.events import Hook
+from trainguard.guards.consensus import agree
+from trainguard.guards.localize import Finding, find_nonfinite
+
+
+def _short(ids: list[int], n: int = 20) -> list[int]:
+    return ids[:n]
+
+
+class Guard(Hook):
+    """Decides, per step, whether to skip, roll back or stop; keeps the budgets."""
+
+    def __init__(self, cfg: GuardConfig, planned_samples: int, log, checkpointer=None):
+        self.cfg, self.planned, self.log, self.checkpointer = cfg, planned_samples, log, checkpointer
+        self.consecutive = 0
+        self.rollbacks = 0
+        self.lr_scale = 1.0
+        self.overflow_steps = 0
+        self.window: deque[float] = deque(maxlen=cfg.spike_window)
+        self.reasons: Counter[str] = Counter()      # reason -> samples skipped
+        self.reason_steps: Counter[str] = Counter()  # reason -> steps involved
+        self.last_finding: Finding | None = None
+        self._rollback_pending: str | None = None
+
+    # ---- checkpointed state ------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"consecutive": self.consecutive, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
+                "overflow_steps": self.overflow_steps, "window": list(self.window),
+                "reasons": dict(self.reasons), "reason_steps": dict(self.reason_steps)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.consecutive, self.rollbacks, self.lr_scale = d["consecutive"], d["rollbacks"], d["lr_scale"]
+        self.overflow_steps = d["overflow_steps"]
+        self.window = deque(d["window"], maxlen=self.cfg.spike_window)
+        self.reasons, self.reason_steps = Counter(d["reasons"]), Counter(d["reason_steps"])
+
+    # ---- events --------------------------------------------------------------------------
+    def on_fit_start(self, trainer) -> None:
+        self.orig_lrs = [b / self.lr_scale for b in trainer.scheduler.base_lrs]
+        if self.cfg.on_nonfinite == "rollback" and self.checkpointer is not None \
+                and store.latest_valid(self.checkpointer.root)[0] is None:
+            self.checkpointer.save(trainer)  # something to roll back to before step 1
+
+    def on_step_start(self, trainer) -> None:
+        bad = trainer.batch.bad
+        if not bad:
+            return
+        by_reason: dict[str, list[int]] = {}
+        for b in bad:
+            by_reason.setdefault(b.reason, []).append(b.sample_id)
+        for reason, ids in by_reason.items():
+            self.log.event(trainer.state.step + 1, "skip", f"sample failed to load: {reason}", sample_ids=ids)
+            self.reasons[f"sample failed to load: {reason.split(':')[0]}"] += len(ids)
+            self.reason_steps[f"sample failed to load: {reason.split(':')[0]}"] += 1
+        trainer.state.skipped_samples += len(bad)
+
+    def on_before_optimizer_step(self, trainer) -> None:
+        st, batch = trainer.state, trainer.batch
+        if len(batch) == 0:
+            return self._bad_step(trainer, "every sample of the batch failed to load", None)
+        bad, loss, _ = agree(torch.stack([(~torch.isfinite(st.loss) | ~torch.isfinite(st.grad_norm)).float(),
+                                          st.loss.float(), st.grad_norm.float()]))
+        if bad and trainer.scaler.is_enabled() and torch.isfinite(torch.tensor(loss)):
+            # fp16 overflow in the backward: the GradScaler skips the step and lowers its scale
+            self.overflow_steps += 1
+            st.skip_step = True
+            scale = trainer.scaler.get_scale()
+            self.log.event(st.step + 1, "overflow", f"fp16 gradient overflow; loss scale now {scale / 2:g}")
+            if scale >= 1e-3:
+                return
+            return self._bad_step(trainer, "the fp16 loss scale collapsed (gradients overflow at any scale)", None)
+        if bad:
+            finding = find_nonfinite(trainer.model, trainer.adapter, batch, trainer.micro_batch_size, trainer.device, trainer.precision)
+            return self._bad_step(trainer, "non-finite loss or gradient", finding)
+        if self.cfg.spike_factor and len(self.window) >= min(10, self.window.maxlen or 10):
+            median = statistics.median(self.window)
+            if loss > self.cfg.spike_factor * median:
+                return self._bad_step(trainer, f"loss spike ({loss:.4g} > {self.cfg.spike_factor:g} x median {median:.4g})", None)
+        self.window.append(loss)
+        self.consecutive = 0
+
+    def on_step_end(self, trainer) -> None:
+        if self._rollback_pending is not None:
+            self._rollback(trainer, self._rollback_pending)
+        st = trainer.state
+        limit = self.cfg.max_skip_fraction * self.planned
+        if st.skipped_samples > limit and not st.stop:
+            self._stop(trainer, f"skip budget exceeded: {st.skipped_samples} samples skipped, more than "
+                                f"guard.max_skip_fraction={self.cfg.max_skip_fraction:g} of the {self.planned} planned "
+                                f"({self._reason_text()})")
+
+    def on_fit_end(self, trainer) -> None:
+        st = trainer.state
+        if self.reasons or self.overflow_steps or self.rollbacks:
+            from rich.console import Console
+            from rich.table import Table
+
+            t = Table(title=f"guards: {st.skipped_samples} samples and {st.skipped_steps} steps skipped, "
+                            f"{self.rollbacks} rollbacks, {self.overflow_steps} fp16 overflow steps")
+            for col in ("why", "samples", "steps"):
+                t.add_column(col)
+            for reason, n in self.reasons.most_common():
+                t.add_row(reason, str(n), str(self.reason_steps[reason]))
+            t.caption = f"details (sample ids, modules): {self.log.events_path}"
+            Console(stderr=True, soft_wrap=True).print(t)
+        trainer.state.report["guard"] = {
+            "skip_reasons": dict(self.reasons), "overflow_steps": self.overflow_steps,
+            "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
+            "first_nonfinite": self.last_finding.describe() if self.last_finding else None,
+        }
+
+    # ---- decisions -----------------------------------------------------------------------
+    def _reason_text(self) -> str:
+        return "; ".join(f"{n} x {r}" for r, n in self.reasons.most_common(3))
+
+    def _stop(self, trainer, error: str) -> None:
+        trainer.state.request_stop("failed", error + "; details in events.jsonl", exit_code=1)
+        self.log.event(trainer.state.step, "stop", error)
+
+    def _bad_step(self, trainer, reason: str, finding: Finding | None) -> None:
+        st, batch = trainer.state, trainer.batch
+        st.skip_step = True
+        st.skipped_steps += 1
+        st.skipped_samples += len(batch)
+        self.consecutive += 1
+        self.reasons[reason] += len(batch)
+        self.reason_steps[reason] += 1
+        if finding is not None:
+            self.last_finding = finding
+        where = f"; {finding.describe()}" if finding else ""
+        ids = finding.sample_ids if finding and finding.sample_ids else batch.ids
+        self.log.event(st.step + 1, "skip", reason + where, sample_ids=ids, batch_ids=_short(batch.ids, 1000),
+                       module=finding.where if finding else None)
+        step = st.step + 1
+        if self.cfg.on_nonfinite == "stop":
+            return self._stop(trainer, f"step {step}: {reason}{where} (guard.on_nonfinite=stop)")
+        if self.cfg.on_nonfinite == "rollback" and (self.consecutive >= self.cfg.rollback_after
+                                                   or (finding is not None and finding.kind == "parameter")):
+            self._rollback_pending = f"{reason}{where}"
+            return
+        if self.consecutive >= self.cfg.max_consecutive_bad_steps:
+            self._stop(trainer, f"{self.consecutive} bad steps in a row (guard.max_consecutive_bad_steps="
+                                f"{self.cfg.max_consecutive_bad_steps}), last at step {step}: {reason}{where}")
+
+    def _rollback(self, trainer, why: str) -> None:
+        from trainguard.checkpoint.checkpointer import restore_weights_and_optimizer
+
+        self._rollback_pending = None
+        st = trainer.state
+        if self.rollbacks >= self.cfg.max_rollbacks:
+            return self._stop(trainer, f"still diverging after {self.rollbacks} rollbacks (guard.max_rollbacks): {why}")
+        ckpt = store.latest_valid(self.checkpointer.root)[0] if self.checkpointer else None
+        if ckpt is None:
+            return self._stop(trainer, f"cannot roll back: no valid checkpoint: {why}")
+        from_step = st.step
+        to_step = restore_weights_and_optimizer(trainer, ckpt)
+        self.rollbacks += 1
+        self.lr_scale *= self.cfg.rollback_lr_factor
+        sched = trainer.scheduler
+        sched.base_lrs = [lr * self.lr_scale for lr in self.orig_lrs]
+        for group, lr in zip(trainer.optimizer.param_groups, sched.get_lr()):
+            group["lr"] = lr
+        sched._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]  # what get_last_lr() reports
+        st.step, self.consecutive = to_step, 0
+        self.log.event(st.step, "rollback", why, from_step=from_step, to_step=to_step, checkpoint=str(ckpt),
+                       lr_scale=self.lr_scale, skipped_window=f"the data of steps {to_step + 1}..{from_step} is not replayed")

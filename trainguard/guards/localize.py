@@ -1,0 +1,186 @@
+"""Naming the module behind a failure.
+
+* :func:`find_nonfinite`: after a non-finite step, re-run the batch's forward with a hook on
+  every module (only then: healthy steps pay nothing) and report the first module whose
+  output is non-finite; failing that, the first non-finite parameter or gradient.
+* :func:`module_trace`: while a forward raises, the innermost running module and its input
+  shapes, so a shape mismatch names ``encoder.proj`` and both shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from trainguard.engine.batch import split_batch, to_device
+from trainguard.engine.precision import autocast
+
+
+@dataclass
+class Finding:
+    """Where a non-finite value first appeared."""
+
+    kind: str                       # "input" | "output" | "loss" | "parameter" | "gradient"
+    where: str                      # qualified module (or field/parameter) name
+    sample_ids: list[int] = field(default_factory=list)
+
+    def describe(self) -> str:
+        what = {"input": "input field", "output": "output of module", "loss": "the loss",
+                "parameter": "parameter", "gradient": "gradient of"}[self.kind]
+        ids = f" (samples {self.sample_ids[:10]}{'...' if len(self.sample_ids) > 10 else ''})" if self.sample_ids else ""
+        return f"first non-finite value: {what} `{self.where}`{ids}" if self.kind != "loss" else f"first non-finite value: the loss{ids}"
+
+
+def _tensors(x: Any) -> Iterator[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _tensors(v)
+    else:
+        loss, logits = getattr(x, "loss", None), getattr(x, "logits", None)
+        yield from _tensors([t for t in (loss, logits) if t is not None])
+
+
+def _bad_rows(t: torch.Tensor, n: int) -> list[int] | None:
+    """Row indices (dim 0 = samples) holding a non-finite value, if dim 0 is the batch."""
+    if t.dim() == 0 or t.shape[0] != n:
+        return None
+    return torch.nonzero(~torch.isfinite(t.float()).reshape(n, -1).all(dim=1)).flatten().tolist()
+
+
+def module_name(name: str) -> str:
+    return name or "(the model itself)"
+
+
+@contextlib.contextmanager
+def _preserved(model: nn.Module):
+    """Run diagnostics without touching RNG streams or buffers (e.g. BatchNorm statistics)."""
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, v in model.named_buffers():
+                    v.copy_(buffers[k])
+
+
+def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, device: torch.device, precision: str) -> Finding | None:
+    """Locate the first non-finite value of a bad step. Call before the gradients are dropped."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return Finding("parameter", name)
+    with _preserved(model), torch.no_grad():
+        offset = 0
+        for micro, k in split_batch(batch.data, micro_batch_size):
+            ids = batch.ids[offset:offset + k]
+            offset += k
+            micro = to_device(micro, device)
+            for fname, t in (micro.items() if isinstance(micro, dict) else enumerate(_tensors(micro))):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                    rows = _bad_rows(t, k)
+                    return Finding("input", str(fname), [ids[r] for r in rows] if rows else ids)
+            found: list[Finding] = []
+
+            def hook(mod, args, out, name):
+                if found:
+                    return
+                for t in _tensors(out):
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        rows = _bad_rows(t, k)
+                        found.append(Finding("output", module_name(name), [ids[r] for r in rows] if rows else ids))
+                        return
+
+            modules = list(model.named_modules())
+            if isinstance(adapter.loss_fn, nn.Module):
+                modules.append(("loss", adapter.loss_fn))
+            handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in modules]
+            try:
+                with autocast(device.type, precision):
+                    _, loss, _ = adapter(micro)
+            finally:
+                for h in handles:
+                    h.remove()
+            if found:
+                return found[0]
+            if not torch.isfinite(loss):
+                return Finding("loss", "loss", ids)
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return Finding("gradient", name)
+    return None
+
+
+_EXPECT = {
+    nn.Linear: lambda m: f"(*, {m.in_features})",
+    nn.Bilinear: lambda m: f"(*, {m.in1_features}) and (*, {m.in2_features})",
+    nn.Conv1d: lambda m: f"(N, {m.in_channels}, L)",
+    nn.Conv2d: lambda m: f"(N, {m.in_channels}, H, W)",
+    nn.Conv3d: lambda m: f"(N, {m.in_channels}, D, H, W)",
+    nn.LayerNorm: lambda m: f"(*, {', '.join(map(str, m.normalized_shape))})",
+    nn.BatchNorm1d: lambda m: f"(N, {m.num_features}) or (N, {m.num_features}, L)",
+    nn.BatchNorm2d: lambda m: f"(N, {m.num_features}, H, W)",
+    nn.Embedding: lambda m: f"integer indices in [0, {m.num_embeddings})",
+    nn.MultiheadAttention: lambda m: f"(*, {m.embed_dim})",
+}
+
+
+def expected_input(m: nn.Module) -> str | None:
+    """What a standard layer expects as input, in words."""
+    for cls, fn in _EXPECT.items():
+        if isinstance(m, cls):
+            return fn(m)
+    return None
+
+
+def _shapes(args: Any) -> str:
+    shapes = [tuple(t.shape) for t in _tensors(args)]
+    if not shapes:
+        return "no tensors"
+    return ", ".join(str(s) for s in shapes)
+
+
+class module_trace:
+    """Context manager tracking the stack of running modules; ``innermost`` after an exception."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.stack: list[tuple[str, nn.Module, str]] = []
+        self.failed: tuple[str, nn.Module, str] | None = None
+
+    def __enter__(self):
+        def pre(mod, args, kwargs, name):
+            self.stack.append((name, mod, _shapes((args, kwargs))))
+
+        def post(mod, args, kwargs, out, name):
+            if self.stack:
+                self.stack.pop()
+
+        self.handles = []
+        for n, m in self.model.named_modules():
+            self.handles.append(m.register_forward_pre_hook(lambda mod, a, kw, n=n: pre(mod, a, kw, n), with_kwargs=True))
+            self.handles.append(m.register_forward_hook(lambda mod, a, kw, o, n=n: post(mod, a, kw, o, n), with_kwargs=True))
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None and self.stack:
+            self.failed = self.stack[-1]
+        for h in self.handles:
+            h.remove()
+        return False
+
+    def explain(self) -> str | None:
+        """`in `encoder.proj` (Linear): expected input (*, 37), got (4, 35)`, or None."""
+        if self.failed is None:
+            return None
+        name, mod, got = self.failed
+        exp = expected_input(mod)
+        return f"in `{module_name(name)}` ({type(mod).__name__}): " + (f"expected input {exp}, got {got}" if exp else f"input shapes {got}")
