@@ -96,3 +96,149 @@ class FailsAtStep(MLP):
         if self.calls == self.at:
             raise RuntimeError("a bug in the user's model")
         return super().forward(x, label)
+
+
+# ---- faults for the guard tests (each injected for real into a real run) ---------------------
+
+
+class TokenRows(Dataset):
+    """Field report 000: rows of Python lists of ints plus an `idx` and a `sentence` the model does not take.
+
+    `input_ids` and `attention_mask` are lists of ints (numpy ints for half the rows, as some
+    tokenizers give), `labels` an int. The label is whether token 7 appears in the row.
+    """
+
+    def __init__(self, n: int = 256, length: int = 12, vocab: int = 32, seed: int = 0):
+        import numpy as np
+
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, length), generator=g)
+        self.np = np
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.ids[i].tolist()
+        if i % 2:
+            row = [self.np.int64(t) for t in row]
+        return {"idx": i, "sentence": f"row {i}", "input_ids": row, "attention_mask": [1] * len(row), "labels": int(7 in row)}
+
+
+class BagOfTokens(nn.Module):
+    """forward(input_ids, attention_mask, labels) with explicit arguments: `idx` would be a TypeError."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)   # needs torch.long indices
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        h = (self.embed(input_ids) * attention_mask.unsqueeze(-1)).sum(1) / attention_mask.sum(1, keepdim=True)
+        logits = self.head(h)
+        return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+
+class Utterances(Dataset):
+    """Field report 001: CTC with a few infeasible samples (target longer than the input): their loss is inf."""
+
+    def __init__(self, n: int = 256, frames: int = 12, feat: int = 8, classes: int = 6, target_len: int = 4,
+                 infeasible: tuple = (5, 77, 150), seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.targets = torch.randint(1, classes, (n, target_len), generator=g)
+        self.features = torch.randn(n, frames, feat, generator=g) * 0.1
+        for t in range(target_len):  # make the targets learnable from the features
+            self.features[:, 3 * t: 3 * t + 3, :classes] += F.one_hot(self.targets[:, t], feat)[:, None, :classes] * 2.0
+        self.frames, self.infeasible = frames, set(infeasible)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> dict:
+        in_len = 2 if i in self.infeasible else self.frames   # 2 frames cannot emit 4 labels: CTC loss = inf
+        return {"features": self.features[i], "targets": self.targets[i], "input_lengths": in_len,
+                "target_lengths": self.targets.shape[1]}
+
+
+class CTCModel(nn.Module):
+    def __init__(self, feat: int = 8, classes: int = 6, hidden: int = 32):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(feat, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, features, targets, input_lengths, target_lengths):
+        log_probs = self.encoder(features).log_softmax(-1).transpose(0, 1)   # (T, N, C)
+        return F.ctc_loss(log_probs, targets, input_lengths, target_lengths, reduction="mean")
+
+
+class Flaky(Blobs):
+    """Blobs where some samples raise and some return None (a corrupt file, a filter that returns None)."""
+
+    def __init__(self, broken_every: int = 0, broken_fraction: float = 0.0, **kw):
+        super().__init__(**kw)
+        n = len(self.labels)
+        if broken_fraction:
+            g = torch.Generator().manual_seed(123)
+            self.broken = set(torch.randperm(n, generator=g)[: int(n * broken_fraction)].tolist())
+        else:
+            self.broken = set(range(3, n, broken_every)) if broken_every else set()
+
+    def __getitem__(self, i: int):
+        if i in self.broken:
+            if i % 2:
+                return None
+            raise ValueError(f"cannot decode sample {i}: truncated file")
+        return super().__getitem__(i)
+
+
+class Ones(Dataset):
+    def __init__(self, n: int = 64):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": [1.0]}
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.w
+
+
+class Fp16Activation(nn.Module):
+    """Passes activations through fp16, as an fp16 layer would: past 65504 they overflow and it emits NaN."""
+
+    def forward(self, x):
+        h = x.half().float()
+        return h + (h - h)   # inf - inf = NaN
+
+
+class Diverging(nn.Module):
+    """0.5 * (w x)^2 trained with SGD at lr 2.5 diverges (w *= -1.5 per step) until `encoder.1` emits NaN.
+
+    At a lower LR (after a rollback halves it) the same model converges: rollback can fix the cause.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(Scale(), Fp16Activation())
+
+    def forward(self, x):
+        return 0.5 * (self.encoder(x) ** 2).mean()
+
+
+class WrongWidth(nn.Module):
+    """Field report 001: the model was built for 10 features, the data has 8."""
+
+    def __init__(self, in_features: int = 10):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(in_features, 16), nn.ReLU())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x, label):
+        return F.cross_entropy(self.head(self.encoder(x)), label)

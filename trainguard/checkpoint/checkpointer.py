@@ -85,7 +85,7 @@ class Checkpointer(Hook):
     def on_step_end(self, trainer) -> None:
         step = trainer.state.step
         due = self.cfg.every_steps and step % self.cfg.every_steps == 0
-        if (due or self._best_pending) and step < trainer.cfg.max_steps:
+        if (due or self._best_pending) and step < trainer.cfg.max_steps and step != self.last_saved:
             self.save(trainer)
 
     def on_fit_end(self, trainer) -> None:

@@ -117,10 +117,17 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def latest_valid(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest checkpoint that verifies, and the (path, reason) of newer ones that did not."""
+def step_of(ckpt: Path) -> int:
+    return int(STEP_RE.match(ckpt.name).group(1))  # type: ignore[union-attr]
+
+
+def latest_valid(root: Path, before: int | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies (of a step < ``before``, if given), and the
+    (path, reason) of newer ones that did not."""
     rejected = []
     for p in list_checkpoints(root):
+        if before is not None and step_of(p) >= before:
+            continue
         why = verify(p)
         if why is None:
             return p, rejected

@@ -50,6 +50,17 @@ def slice_batch(x: Any, start: int, stop: int) -> Any:
     return x[start:stop]
 
 
+def select_rows(x: Any, rows: list[int]) -> Any:
+    """The samples at ``rows`` of a collated batch."""
+    if isinstance(x, torch.Tensor):
+        return x[torch.tensor(rows, dtype=torch.long, device=x.device)]
+    if isinstance(x, dict):
+        return {k: select_rows(v, rows) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(select_rows(v, rows) for v in x)
+    return [x[i] for i in rows]
+
+
 def split_batch(x: Any, micro_batch_size: int) -> list[tuple[Any, int]]:
     """Split a batch into micro-batches of at most ``micro_batch_size``; returns (micro_batch, n) pairs."""
     n = batch_size_of(x)

@@ -42,6 +42,14 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def without(self, sample_ids: set[int]) -> "Batch":
+        """This batch less the given samples."""
+        from trainguard.engine.batch import select_rows
+
+        rows = [r for r, i in enumerate(self.ids) if i not in sample_ids]
+        data = select_rows(self.data, rows) if rows else None
+        return Batch(ids=[self.ids[r] for r in rows], data=data, bad=self.bad)
+
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + index) % (2**31 - 1)

@@ -85,10 +85,7 @@ class Trainer:
         self.model.train()
         st.loss = self.forward_backward(batch)
         self.fire(Event.AFTER_BACKWARD)
-        self.scaler.unscale_(opt)
-        # total norm as a device tensor: clipping (or just measuring it) costs no host sync
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        st.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.unscale_and_clip()
         self.fire(Event.BEFORE_OPTIMIZER_STEP)
         if not st.skip_step:
             self.scaler.step(opt)
@@ -97,6 +94,25 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         st.step += 1
         st.samples += len(batch) + len(batch.bad)
+
+    def unscale_and_clip(self) -> None:
+        """Unscale fp16 gradients and clip; the total norm stays a device tensor (no host sync)."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        self.state.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def retry_step(self, batch: Batch) -> None:
+        """Redo this step's gradients on another batch (fewer samples, or smaller micro-batches).
+
+        Called by hooks at BEFORE_OPTIMIZER_STEP. Not with an fp16 GradScaler, which allows
+        one unscale per step.
+        """
+        assert not self.scaler.is_enabled(), "retry_step needs the scaler disabled (fp32/bf16)"
+        self.optimizer.zero_grad(set_to_none=True)
+        self.batch = batch
+        self.state.batch_ids = batch.ids
+        self.state.loss = self.forward_backward(batch)
+        self.unscale_and_clip()
 
     def forward_backward(self, batch: Batch) -> torch.Tensor:
         """Forward and backward over the micro-batches; returns the sample-weighted mean loss.

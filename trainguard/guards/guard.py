@@ -86,6 +86,8 @@ class Guard(Hook):
             return self._bad_step(trainer, "the fp16 loss scale collapsed (gradients overflow at any scale)", None)
         if bad:
             finding = find_nonfinite(trainer.model, trainer.adapter, batch, trainer.micro_batch_size, trainer.device, trainer.precision)
+            if finding is not None and self._drop_culprits(trainer, finding):
+                return
             return self._bad_step(trainer, "non-finite loss or gradient", finding)
         if self.cfg.spike_factor and len(self.window) >= min(10, self.window.maxlen or 10):
             median = statistics.median(self.window)
@@ -125,6 +127,32 @@ class Guard(Hook):
         }
 
     # ---- decisions -----------------------------------------------------------------------
+    def _drop_culprits(self, trainer, finding: Finding) -> bool:
+        """If only some samples make the step non-finite, redo the step without them.
+
+        Returns True when the step is healthy without them (they are recorded as skipped).
+        Not under an fp16 GradScaler (one unscale per step), nor when a parameter is bad.
+        """
+        st, batch = trainer.state, trainer.batch
+        culprits = set(finding.sample_ids)
+        if not culprits or len(culprits) >= len(batch) or finding.kind == "parameter" or trainer.scaler.is_enabled():
+            return False
+        trainer.retry_step(batch.without(culprits))
+        bad, loss, _ = agree(torch.stack([(~torch.isfinite(st.loss) | ~torch.isfinite(st.grad_norm)).float(),
+                                          st.loss.float(), st.grad_norm.float()]))
+        if bad:
+            return False
+        reason = "non-finite loss"
+        self.reasons[reason] += len(culprits)
+        self.reason_steps[reason] += 1
+        st.skipped_samples += len(culprits)
+        self.last_finding = finding
+        self.log.event(st.step + 1, "skip", f"{reason}: {finding.describe()}; the step went on without these samples",
+                       sample_ids=sorted(culprits), module=finding.where)
+        self.window.append(loss)
+        self.consecutive = 0
+        return True
+
     def _reason_text(self) -> str:
         return "; ".join(f"{n} x {r}" for r, n in self.reasons.most_common(3))
 
@@ -164,7 +192,8 @@ class Guard(Hook):
         st = trainer.state
         if self.rollbacks >= self.cfg.max_rollbacks:
             return self._stop(trainer, f"still diverging after {self.rollbacks} rollbacks (guard.max_rollbacks): {why}")
-        ckpt = store.latest_valid(self.checkpointer.root)[0] if self.checkpointer else None
+        streak_start = st.step - self.consecutive + 1  # a checkpoint from inside the bad streak is not good
+        ckpt = store.latest_valid(self.checkpointer.root, before=streak_start)[0] if self.checkpointer else None
         if ckpt is None:
             return self._stop(trainer, f"cannot roll back: no valid checkpoint: {why}")
         from_step = st.step
@@ -173,9 +202,10 @@ class Guard(Hook):
         self.lr_scale *= self.cfg.rollback_lr_factor
         sched = trainer.scheduler
         sched.base_lrs = [lr * self.lr_scale for lr in self.orig_lrs]
-        for group, lr in zip(trainer.optimizer.param_groups, sched.get_lr()):
-            group["lr"] = lr
+        for group, base, fn in zip(trainer.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)
         sched._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]  # what get_last_lr() reports
         st.step, self.consecutive = to_step, 0
+        self.checkpointer.last_saved = to_step  # that checkpoint is on disk already
         self.log.event(st.step, "rollback", why, from_step=from_step, to_step=to_step, checkpoint=str(ckpt),
                        lr_scale=self.lr_scale, skipped_window=f"the data of steps {to_step + 1}..{from_step} is not replayed")

@@ -109,14 +109,35 @@ def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, devi
             finally:
                 for h in handles:
                     h.remove()
-            if found:
+            if found and (len(found[0].sample_ids) < k or k == 1):
                 return found[0]
-            if not torch.isfinite(loss):
-                return Finding("loss", "loss", ids)
+            if found or not torch.isfinite(loss):
+                # the bad values are not per-row (a reduced loss, a mixing layer): try each sample alone
+                culprits = _per_sample(adapter, micro, ids, device, precision)
+                finding = found[0] if found else Finding("loss", "loss", ids)
+                if culprits:
+                    finding.sample_ids = culprits
+                return finding
     for name, p in model.named_parameters():
         if p.grad is not None and not torch.isfinite(p.grad).all():
             return Finding("gradient", name)
     return None
+
+
+def _per_sample(adapter, micro, ids: list[int], device, precision, limit: int = 256) -> list[int]:
+    """The samples whose own loss is non-finite (each run alone; only on a bad step)."""
+    from trainguard.engine.batch import slice_batch
+
+    bad = []
+    for i in range(min(len(ids), limit)):
+        try:
+            with autocast(device.type, precision):
+                _, loss, _ = adapter(slice_batch(micro, i, i + 1))
+        except Exception:  # noqa: BLE001 - some models cannot run one sample (e.g. BatchNorm): no verdict
+            return []
+        if not torch.isfinite(loss):
+            bad.append(ids[i])
+    return bad if len(bad) < len(ids) else []
 
 
 _EXPECT = {

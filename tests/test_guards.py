@@ -1,0 +1,172 @@
+"""One test per failure class of the field reports, each injected for real into a run of the real CLI."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import toy_config
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train(cli, tmp_path, name="run", **sections):
+    cfg = toy_config(**sections)
+    cfg.setdefault("log", {"progress": False})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run = tmp_path / name
+    code, out = cli("train", "--config", path, "--run-dir", run)
+    summary = json.loads((run / "summary.json").read_text())
+    events = read_jsonl(run / "events.jsonl") if (run / "events.jsonl").exists() else []
+    metrics = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+    return code, out, summary, events, metrics
+
+
+def final_params_finite(summary):
+    from pathlib import Path
+
+    state = torch.load(Path(summary["last_checkpoint"]) / "model.pt", weights_only=True)
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_extra_fields_and_int_lists_reach_an_explicit_forward(cli, tmp_path):
+    """Report 000: `idx` reached a forward() that did not take it; lists were not cast to long."""
+    code, out, summary, events, metrics = train(
+        cli, tmp_path, model={"_target_": "tests.toys:BagOfTokens"},
+        data={"train": {"_target_": "tests.toys:TokenRows"}, "val": None},
+        train={"max_steps": 60, "batch_size": 16, "log_every": 10})
+    assert code == 0, out
+    assert "left out: idx, sentence" in out  # reported once, at start
+    assert sum("left out" in line for line in out.splitlines()) == 1
+    train_losses = [m["loss"] for m in metrics if m["split"] == "train"]
+    assert train_losses[-1] < 0.8 * train_losses[0]
+
+
+def test_ctc_infeasible_samples_are_skipped_and_named(cli, tmp_path):
+    """Report 001: CTC loss is inf for a few samples; those are skipped and named, the run completes."""
+    code, out, summary, events, _ = train(
+        cli, tmp_path, model={"_target_": "tests.toys:CTCModel"},
+        data={"train": {"_target_": "tests.toys:Utterances"}, "val": None},
+        train={"max_steps": 40, "batch_size": 16, "log_every": 10})
+    assert code == 0, out
+    assert summary["status"] == "completed"
+    skips = [e for e in events if e["type"] == "skip"]
+    named = {i for e in skips for i in e["sample_ids"]}
+    assert skips and named <= {5, 77, 150} and len(named) >= 2
+    assert summary["skipped_samples"] == sum(len(e["sample_ids"]) for e in skips)
+    assert summary["skipped_steps"] == 0  # the steps went on without the bad samples
+    assert final_params_finite(summary)
+    assert "guards:" in out  # the end-of-run report
+
+
+def test_samples_that_raise_or_return_none_are_skipped(cli, tmp_path):
+    """Report 004: one bad sample must not kill the run."""
+    code, out, summary, events, _ = train(
+        cli, tmp_path, data={"train": {"_target_": "tests.toys:Flaky", "broken_every": 101}, "val": None},
+        train={"max_steps": 40, "batch_size": 16})
+    assert code == 0, out
+    skips = [e for e in events if e["type"] == "skip"]
+    reasons = " ".join(e["reason"] for e in skips)
+    assert "ValueError: cannot decode sample" in reasons and "returned None" in reasons
+    named = {i for e in skips for i in e["sample_ids"]}
+    assert named and named <= set(range(3, 512, 101))
+    assert summary["skipped_samples"] == sum(len(e["sample_ids"]) for e in skips) > 0
+    assert final_params_finite(summary)
+
+
+def test_thirty_percent_broken_stops_at_the_budget(cli, tmp_path):
+    code, out, summary, events, _ = train(
+        cli, tmp_path, data={"train": {"_target_": "tests.toys:Flaky", "broken_fraction": 0.3}, "val": None},
+        train={"max_steps": 100, "batch_size": 16})
+    assert code == 1, out
+    assert "error:" in out and "skip budget exceeded" in out and "max_skip_fraction" in out and "Traceback" not in out
+    assert summary["status"] == "failed" and summary["steps"] < 100
+    assert summary["skipped_samples"] > 0.05 * 100 * 16
+    assert events[-2]["type"] == "stop"
+
+
+DIVERGE = dict(model={"_target_": "tests.toys:Diverging"},
+               data={"train": {"_target_": "tests.toys:Ones"}, "val": None},
+               optim={"name": "sgd", "lr": 2.5, "momentum": 0.0},
+               schedule={"name": "constant", "warmup_steps": 0},
+               train={"max_steps": 40, "batch_size": 8, "grad_clip": 0.0, "log_every": 5},
+               checkpoint={"every_steps": 5, "keep_last": 3})
+BUDGET = {"max_skip_fraction": 0.5}  # these tests are about the non-finite policy, not the skip budget
+
+
+def test_nan_module_stop(cli, tmp_path):
+    code, out, summary, events, _ = train(cli, tmp_path, guard={"on_nonfinite": "stop", **BUDGET}, **DIVERGE)
+    assert code == 1 and "encoder.1" in out and "Traceback" not in out
+    assert summary["status"] == "failed" and "encoder.1" in summary["error"] and summary["steps"] == 29
+
+
+def test_nan_module_skip_fails_when_every_step_is_bad(cli, tmp_path):
+    code, out, summary, events, _ = train(cli, tmp_path, guard={"on_nonfinite": "skip", **BUDGET}, **DIVERGE)
+    assert code == 1 and "bad steps in a row" in out and "encoder.1" in out
+    assert summary["status"] == "failed" and "encoder.1" in summary["error"]
+    assert summary["skipped_steps"] == 10
+    assert final_params_finite({"last_checkpoint": sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]})
+
+
+def test_nan_module_rollback_recovers(cli, tmp_path):
+    code, out, summary, events, metrics = train(cli, tmp_path, guard={"on_nonfinite": "rollback", **BUDGET}, **DIVERGE)
+    assert code == 0, out
+    assert summary["status"] == "completed" and summary["steps"] == 40
+    rollbacks = [e for e in events if e["type"] == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["to_step"] == 25 and rollbacks[0]["lr_scale"] == 0.5
+    assert "encoder.1" in rollbacks[0]["reason"]
+    assert summary["guard"]["rollbacks"] == 1
+    assert final_params_finite(summary)
+    assert metrics[-1]["loss"] < 1.0  # converged after the LR was halved
+
+
+def test_rollback_gives_up_after_max_rollbacks(cli, tmp_path):
+    cfg = {**DIVERGE, "optim": {"name": "sgd", "lr": 6.0, "momentum": 0.0}}  # diverges even at lr/8
+    code, out, summary, events, _ = train(cli, tmp_path, guard={"on_nonfinite": "rollback", "max_rollbacks": 2, **BUDGET}, **cfg)
+    assert code == 1 and "still diverging after 2 rollbacks" in out and "encoder.1" in out
+    assert len([e for e in events if e["type"] == "rollback"]) == 2
+
+
+def test_shape_mismatch_fails_in_preflight(cli, tmp_path):
+    """Report 001: `mat1 and mat2 shapes cannot be multiplied`, found before the first step."""
+    code, out, summary, events, _ = train(cli, tmp_path, model={"_target_": "tests.toys:WrongWidth"})
+    assert code == 1 and "Traceback" not in out
+    assert "preflight" in out and "`encoder.0` (Linear)" in out and "expected input (*, 10)" in out and "(16, 8)" in out
+    assert "hint:" in out
+    assert summary["status"] == "failed" and summary["steps"] == 0
+
+
+def test_missing_forward_argument_fails_in_preflight(cli, tmp_path):
+    code, out, summary, _, _ = train(cli, tmp_path, model={"_target_": "tests.toys:BagOfTokens"})
+    assert code == 1 and "requires ['attention_mask', 'input_ids']" in out and "data.fields" in out
+
+
+def test_empty_dataset_is_a_clear_error(cli, tmp_path):
+    """Report 003: a wrong split name gave an empty dataset."""
+    code, out, summary, _, _ = train(cli, tmp_path, data={"train": {"_target_": "tests.toys:Blobs", "n": 0}})
+    assert code == 1 and "data.train is empty (0 samples)" in out and "split name" in out
+
+
+def test_unstackable_field_names_field_and_shapes():
+    from trainguard.engine.collate import collate_samples
+    from trainguard.errors import RunFailed
+
+    with pytest.raises(RunFailed, match=r"field `image`.*\(3, 224, 224\), \(3, 448, 448\)"):
+        collate_samples([{"image": torch.zeros(3, 224, 224)}, {"image": torch.zeros(3, 448, 448)}])
+    with pytest.raises(RunFailed, match=r"field `tokens`.*lengths"):
+        collate_samples([{"tokens": [1, 2, 3]}, {"tokens": [1, 2]}])
+
+
+def test_collate_dtype_rules():
+    import numpy as np
+
+    from trainguard.engine.collate import collate_samples
+
+    b = collate_samples([{"i": 1, "n": np.int32(2), "f": 0.5, "l": [1, 2], "s": "a", "t": torch.zeros(2, dtype=torch.float64)},
+                         {"i": 2, "n": np.int64(3), "f": 1.5, "l": [3, 4], "s": "b", "t": torch.ones(2, dtype=torch.float64)}])
+    assert b["i"].dtype == torch.long and b["n"].dtype == torch.long and b["l"].dtype == torch.long
+    assert b["f"].dtype == torch.float32 and b["t"].dtype == torch.float32 and b["s"] == ["a", "b"]
