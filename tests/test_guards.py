@@ -170,3 +170,14 @@ def test_collate_dtype_rules():
                          {"i": 2, "n": np.int64(3), "f": 1.5, "l": [3, 4], "s": "b", "t": torch.ones(2, dtype=torch.float64)}])
     assert b["i"].dtype == torch.long and b["n"].dtype == torch.long and b["l"].dtype == torch.long
     assert b["f"].dtype == torch.float32 and b["t"].dtype == torch.float32 and b["s"] == ["a", "b"]
+
+
+def test_fp16_overflow_is_the_scalers_business(cli, tmp_path):
+    """fp16 autocast with a GradScaler (on CPU here, torch.amp): overflow steps are counted apart, not as bad data."""
+    code, out, summary, events, _ = train(cli, tmp_path, model={"_target_": "tests.toys:LoudMLP"},
+                                          train={"max_steps": 30, "batch_size": 16, "precision": "fp16"})
+    assert code == 0, out
+    overflows = [e for e in events if e["type"] == "overflow"]
+    assert overflows and summary["guard"]["overflow_steps"] == len(overflows)
+    assert summary["skipped_steps"] == 0 and summary["skipped_samples"] == 0
+    assert summary["precision"] == "fp16" and final_params_finite(summary)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
 
@@ -28,7 +27,7 @@ def resolve_precision(requested: str, info, profile) -> tuple[str, str | None]:
         raise ConfigError(f"precision bf16 is not supported on {info.name}",
                           "use --set train.precision=fp16 (with loss scaling) or fp32")
     if requested == "fp16" and info.type == "cpu":
-        warnings.warn("fp16 autocast on CPU is slow; fp32 or bf16 is usually better", stacklevel=2)
+        return requested, "fp16 autocast on CPU is slow; fp32 or bf16 is usually better there"
     return requested, None
 
 
