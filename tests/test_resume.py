@@ -52,6 +52,18 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
+def kill9_after_step_15(tmp_path: Path) -> tuple[Path, Path]:
+    """Start the HARD run (slowed down), kill -9 it once its 3rd checkpoint (step 15) is committed."""
+    cfg = write(tmp_path, "hard", hooks=[{"_target_": "tests.toys:Sleep", "seconds": 0.05}])
+    run_dir = tmp_path / "run"
+    proc = start(cfg, run_dir)
+    wait_for(run_dir / "checkpoints" / "step_0000015", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    return cfg, run_dir
+
+
 def final_weights(run_dir: Path) -> dict:
     last = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     return torch.load(last / "model.pt", weights_only=True)
@@ -73,13 +85,7 @@ def reference(tmp_path_factory):
 
 
 def test_kill9_after_third_checkpoint_then_rerun_is_bitwise_exact(tmp_path, reference):
-    cfg = write(tmp_path, "hard", hooks=[{"_target_": "tests.toys:Sleep", "seconds": 0.05}])
-    run_dir = tmp_path / "run"
-    proc = start(cfg, run_dir)
-    wait_for(run_dir / "checkpoints" / "step_0000015", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    cfg, run_dir = kill9_after_step_15(tmp_path)
     code, out = run(cfg, run_dir)  # the same command again
     assert code == 0, out
     assert "resumed from" in out
@@ -93,12 +99,7 @@ def test_kill9_after_third_checkpoint_then_rerun_is_bitwise_exact(tmp_path, refe
 
 
 def test_truncated_newest_checkpoint_falls_back_and_stays_exact(tmp_path, reference):
-    cfg = write(tmp_path, "hard", hooks=[{"_target_": "tests.toys:Sleep", "seconds": 0.05}])
-    run_dir = tmp_path / "run"
-    proc = start(cfg, run_dir)
-    wait_for(run_dir / "checkpoints" / "step_0000015", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    cfg, run_dir = kill9_after_step_15(tmp_path)
     newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     model_pt = newest / "model.pt"
     model_pt.write_bytes(model_pt.read_bytes()[: model_pt.stat().st_size // 2])
@@ -182,3 +183,22 @@ def test_setup_failure_still_writes_summary(cli, tmp_path):
     assert code == 1 and "empty" in out and "hint:" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and "empty" in summary["error"]
+
+
+def test_iterable_dataset_trains_and_resumes_exactly(cli, tmp_path):
+    """Stream positions: a resumed run skips what was consumed and ends where an uninterrupted one does."""
+    common = dict(data={"train": {"_target_": "tests.toys:BlobStream"}, "val": None, "num_workers": 0},
+                  model={"_target_": "tests.toys:MLP"}, checkpoint={"every_steps": 5, "keep_last": 5})
+    full = write(tmp_path, "full", train={"max_steps": 30, "batch_size": 16}, **common)
+    code, out = cli("train", "--config", full, "--run-dir", tmp_path / "full")
+    assert code == 0, out
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["skipped_samples"] > 0  # the None items, by stream position
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_0000015", part / "checkpoints" / "step_0000015")
+    code, out = cli("train", "--config", full, "--run-dir", part)
+    assert code == 0 and "resumed from" in out
+    assert_bitwise_equal(final_weights(part), final_weights(tmp_path / "full"))

@@ -252,3 +252,14 @@ class LoudMLP(MLP):
         out = super().forward(x, label)
         out["loss"] = out["loss"] * 1000
         return out
+
+
+class BlobStream(torch.utils.data.IterableDataset):
+    """Blobs as an iterable dataset (a stream), with every 50th item None."""
+
+    def __init__(self, n: int = 256):
+        self.blobs = Blobs(n=n)
+
+    def __iter__(self):
+        for i in range(len(self.blobs)):
+            yield None if i % 50 == 49 else self.blobs[i]

@@ -204,7 +204,6 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
     trainer = Trainer(model=model, adapter=adapter, optimizer=optimizer, scheduler=scheduler,
                       scaler=grad_scaler(device.type, cfg.train.precision), data=data, device=device,
                       precision=cfg.train.precision, micro_batch_size=mbs, cfg=cfg.train, hooks=hooks)
-    trainer.log = log  # type: ignore[attr-defined]
     if found is not None:
         restore_trainer(trainer, found)
         log.truncate_after(trainer.state.step)

@@ -32,20 +32,19 @@ def trainer_state(trainer) -> dict:
     }
 
 
-def restore_weights_and_optimizer(trainer, ckpt: Path) -> int:
-    """Load weights, optimizer, scheduler and GradScaler from ``ckpt``; returns its step."""
+def restore_weights_and_optimizer(trainer, ckpt: Path) -> dict:
+    """Load weights, optimizer, scheduler and GradScaler from ``ckpt``; returns its trainer state."""
     trainer.model.load_state_dict(store.load_file(ckpt, "model.pt"))
     ts = store.load_file(ckpt, "trainer.pt")
     trainer.optimizer.load_state_dict(ts["optimizer"])
     trainer.scheduler.load_state_dict(ts["scheduler"])
     trainer.scaler.load_state_dict(ts["scaler"])
-    return int(ts["counters"]["step"])
+    return ts
 
 
 def restore_trainer(trainer, ckpt: Path) -> None:
     """Resume: everything in the checkpoint, including counters, data position, hook state and RNG."""
-    restore_weights_and_optimizer(trainer, ckpt)
-    ts = store.load_file(ckpt, "trainer.pt")
+    ts = restore_weights_and_optimizer(trainer, ckpt)
     for k, v in ts["counters"].items():
         setattr(trainer.state, k, v)
     for h in trainer.hooks:

@@ -197,7 +197,7 @@ class Guard(Hook):
         if ckpt is None:
             return self._stop(trainer, f"cannot roll back: no valid checkpoint: {why}")
         from_step = st.step
-        to_step = restore_weights_and_optimizer(trainer, ckpt)
+        to_step = int(restore_weights_and_optimizer(trainer, ckpt)["counters"]["step"])
         self.rollbacks += 1
         self.lr_scale *= self.cfg.rollback_lr_factor
         sched = trainer.scheduler

@@ -54,7 +54,7 @@ def preflight(trainer) -> list[Check]:
         checks.append(Check("forward", "fail", e.message, e.hint))
         return checks
     except torch.OutOfMemoryError:
-        checks.append(Check("forward", "fail", f"out of memory in the first forward/backward with micro-batch {n}",
+        checks.append(Check("forward", "fail", f"the first forward/backward with micro-batch {n} raised torch.OutOfMemoryError",
                             "lower train.micro_batch_size (accumulation keeps the effective batch)"))
         return checks
     except Exception as e:  # the model's own error: name the module and the shapes
