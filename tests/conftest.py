@@ -18,7 +18,7 @@ def toy_config(**sections) -> dict:
         "seed": 0,
         "model": {"_target_": "tests.toys:MLP"},
         "data": {"train": {"_target_": "tests.toys:Blobs", "n": 256},
-                 "val": {"_target_": "tests.toys:Blobs", "n": 64, "seed": 1}},
+                 "val": {"_target_": "tests.toys:Blobs", "n": 64, "sample_seed": 1}},
         "optim": {"lr": 0.01},
         "schedule": {"warmup_steps": 2},
         "train": {"max_steps": 40, "batch_size": 16, "log_every": 5},
@@ -53,3 +53,15 @@ def cli():
         result = CliRunner().invoke(app, [str(a) for a in args])
         return result.exit_code, result.output
     return _run
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests (marked `gpu`) are skipped where no CUDA device is present."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -86,7 +86,14 @@ def test_thirty_percent_broken_stops_at_the_budget(cli, tmp_path):
     assert "error:" in out and "skip budget exceeded" in out and "max_skip_fraction" in out and "Traceback" not in out
     assert summary["status"] == "failed" and summary["steps"] < 100
     assert summary["skipped_samples"] > 0.05 * 100 * 16
-    assert events[-2]["type"] == "stop"
+    assert [e["type"] for e in events[-3:]] == ["stop", "checkpoint", "end"]  # the work up to the stop is kept
+    # a user who accepts the broken data raises the budget and re-runs: it continues from the stop
+    code, out = cli("train", "--config", tmp_path / "run.yaml", "--run-dir", tmp_path / "run",
+                    "--set", "guard.max_skip_fraction=0.5")
+    assert code == 0, out
+    resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert resumed["status"] == "completed" and resumed["steps"] == 100
+    assert [e["step"] for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["type"] == "resume"] == [summary["steps"]]
 
 
 DIVERGE = dict(model={"_target_": "tests.toys:Diverging"},
@@ -181,3 +188,26 @@ def test_fp16_overflow_is_the_scalers_business(cli, tmp_path):
     assert overflows and summary["guard"]["overflow_steps"] == len(overflows)
     assert summary["skipped_steps"] == 0 and summary["skipped_samples"] == 0
     assert summary["precision"] == "fp16" and final_params_finite(summary)
+
+
+def test_tuple_items_with_a_loss_target(cli, tmp_path):
+    """`(inputs, target)` items with `loss: {_target_}` are called as loss(model(inputs), target)."""
+    code, out, summary, _, metrics = train(
+        cli, tmp_path, model={"_target_": "torch.nn:Linear", "in_features": 8, "out_features": 4},
+        loss={"_target_": "torch.nn:CrossEntropyLoss"},
+        data={"train": {"_target_": "tests.toys:BlobPairs"}, "val": {"_target_": "tests.toys:BlobPairs", "n": 64, "sample_seed": 1}},
+        train={"max_steps": 40, "batch_size": 16, "eval_every": 20})
+    assert code == 0, out
+    val = [m for m in metrics if m["split"] == "val"]
+    assert val[-1]["accuracy"] > 0.5 and val[-1]["loss"] < val[0]["loss"] * 1.5
+
+
+def test_loss_spikes_are_skipped_when_enabled(cli, tmp_path):
+    code, out, summary, events, _ = train(
+        cli, tmp_path, data={"train": {"_target_": "tests.toys:SpikyBlobs"}, "val": None},
+        guard={"spike_factor": 5.0, "spike_window": 20, "max_skip_fraction": 0.2},
+        train={"max_steps": 80, "batch_size": 16})
+    assert code == 0, out
+    spikes = [e for e in events if e["type"] == "skip" and "loss spike" in e["reason"]]
+    assert spikes and all(set(e["sample_ids"]) & {40, 140, 240} for e in spikes)
+    assert summary["skipped_steps"] == len(spikes)

@@ -14,9 +14,11 @@ class Blobs(Dataset):
     Items are dicts with `x` (a list of floats), `label` (an int) and `idx` (which no model takes).
     """
 
-    def __init__(self, n: int = 512, dim: int = 8, classes: int = 4, seed: int = 0, noise: float = 0.5):
+    def __init__(self, n: int = 512, dim: int = 8, classes: int = 4, seed: int = 0, noise: float = 0.5, sample_seed: int | None = None):
         g = torch.Generator().manual_seed(seed)
-        centers = torch.randn(classes, dim, generator=g) * 2
+        centers = torch.randn(classes, dim, generator=g) * 2   # the task: the same for train and val
+        if sample_seed is not None:
+            g = torch.Generator().manual_seed(1000 + sample_seed)  # other samples of the same task
         self.labels = torch.randint(0, classes, (n,), generator=g)
         self.x = centers[self.labels] + noise * torch.randn(n, dim, generator=g)
 
@@ -263,3 +265,25 @@ class BlobStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         for i in range(len(self.blobs)):
             yield None if i % 50 == 49 else self.blobs[i]
+
+
+class BlobPairs(Blobs):
+    """Blobs as `(inputs, target)` tuples: a tensor and an int."""
+
+    def __getitem__(self, i: int):
+        return self.x[i], int(self.labels[i])
+
+
+class SpikyBlobs(Blobs):
+    """Blobs where a few samples are mirrored and scaled by 50: finite, confidently wrong, so their loss
+    spikes far above the rest."""
+
+    def __init__(self, spiky: tuple = (40, 140, 240), **kw):
+        super().__init__(**kw)
+        self.spiky = set(spiky)
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        if i in self.spiky:
+            item["x"] = [v * -50 for v in item["x"]]
+        return item

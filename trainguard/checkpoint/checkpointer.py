@@ -55,8 +55,9 @@ def restore_trainer(trainer, ckpt: Path) -> None:
 
 
 class Checkpointer(Hook):
-    """Saves every ``every_steps`` steps, after a new best evaluation, and at the end of a
-    completed or interrupted run; keeps the newest ``keep_last`` plus the best."""
+    """Saves every ``every_steps`` steps, after a new best evaluation, and when the loop ends at a
+    step boundary (completed, interrupted, or stopped by a guard); keeps the newest ``keep_last``
+    plus the best."""
 
     def __init__(self, root: Path, cfg: CheckpointConfig, config_yaml: str, log=None):
         self.root, self.cfg, self.config_yaml, self.log = Path(root), cfg, config_yaml, log
@@ -88,7 +89,9 @@ class Checkpointer(Hook):
             self.save(trainer)
 
     def on_fit_end(self, trainer) -> None:
-        ended = trainer.at_boundary and trainer.state.status in ("completed", "interrupted")
+        # a guard stop (failed) also ends at a step boundary: keep that work too (save() refuses
+        # non-finite parameters), so raising a budget and re-running continues from here
+        ended = trainer.at_boundary and trainer.state.status in ("completed", "interrupted", "failed")
         if ended and trainer.state.step != self.last_saved:
             self.save(trainer)
 

@@ -6,6 +6,7 @@ Healthy steps cost one host sync (the fused finite check of loss and gradient no
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter, deque
 
@@ -75,7 +76,7 @@ class Guard(Hook):
             return self._bad_step(trainer, "every sample of the batch failed to load", None)
         bad, loss, _ = agree(torch.stack([(~torch.isfinite(st.loss) | ~torch.isfinite(st.grad_norm)).float(),
                                           st.loss.float(), st.grad_norm.float()]))
-        if bad and trainer.scaler.is_enabled() and torch.isfinite(torch.tensor(loss)):
+        if bad and trainer.scaler.is_enabled() and math.isfinite(loss):
             # fp16 overflow in the backward: the GradScaler skips the step and lowers its scale
             self.overflow_steps += 1
             st.skip_step = True

@@ -1,0 +1,54 @@
+"""GPU-only checks (marked `gpu`, skipped without CUDA): the AMP paths and exact resume on a real device."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import toy_config
+
+pytestmark = pytest.mark.gpu
+
+
+def _run(cli, tmp_path, name, **sections):
+    cfg = toy_config(hardware="auto", **sections)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    code, out = cli("train", "--config", path, "--run-dir", tmp_path / name)
+    return code, out, json.loads((tmp_path / name / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_amp_precisions_train_on_cuda(cli, tmp_path, precision):
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    code, out, summary = _run(cli, tmp_path, precision, train={"max_steps": 40, "batch_size": 16, "precision": precision})
+    assert code == 0, out
+    assert summary["precision"] == precision and summary["device"] != "cpu" and summary["profile"] != "cpu"
+    assert summary["skipped_steps"] == 0
+
+
+def test_auto_profile_matches_this_gpu(tmp_path):
+    from trainguard.hardware.probe import probe
+    from trainguard.hardware.profiles import match_profile
+
+    info = probe()
+    prof, why = match_profile(info)
+    assert info.type == "cuda" and prof.device == "cuda" and why
+
+
+def test_resume_is_bitwise_exact_on_cuda(cli, tmp_path):
+    import shutil
+
+    sections = dict(train={"max_steps": 20, "batch_size": 16, "precision": "bf16" if torch.cuda.is_bf16_supported() else "fp16"},
+                    checkpoint={"every_steps": 5, "keep_last": 5})
+    code, out, _ = _run(cli, tmp_path, "full", **sections)
+    assert code == 0, out
+    (tmp_path / "part" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_0000010", tmp_path / "part" / "checkpoints" / "step_0000010")
+    code, out, _ = _run(cli, tmp_path, "part", **sections)
+    assert code == 0 and "resumed from" in out
+    a = torch.load(tmp_path / "full" / "checkpoints" / "step_0000020" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoints" / "step_0000020" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
