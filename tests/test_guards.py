@@ -211,3 +211,12 @@ def test_loss_spikes_are_skipped_when_enabled(cli, tmp_path):
     spikes = [e for e in events if e["type"] == "skip" and "loss spike" in e["reason"]]
     assert spikes and all(set(e["sample_ids"]) & {40, 140, 240} for e in spikes)
     assert summary["skipped_steps"] == len(spikes)
+
+
+def test_unstackable_sample_in_a_worker_is_a_clean_error(cli, tmp_path):
+    code, out, summary, _, _ = train(cli, tmp_path, data={"train": {"_target_": "tests.toys:OddShapes"}, "val": None,
+                                                          "num_workers": 2, "shuffle": False},
+                                     train={"max_steps": 40, "batch_size": 16})
+    assert code == 1 and "Traceback" not in out and "worker" not in out
+    assert "field `x` cannot be stacked" in out and "(16,), (8,)" in out and "hint:" in out
+    assert summary["status"] == "failed" and summary["steps"] == 6

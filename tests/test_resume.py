@@ -202,3 +202,29 @@ def test_iterable_dataset_trains_and_resumes_exactly(cli, tmp_path):
     code, out = cli("train", "--config", full, "--run-dir", part)
     assert code == 0 and "resumed from" in out
     assert_bitwise_equal(final_weights(part), final_weights(tmp_path / "full"))
+
+
+def test_ctrl_c_saves_and_a_second_ctrl_c_exits_at_once(tmp_path):
+    cfg = write(tmp_path, "slow", hooks=[{"_target_": "tests.toys:Sleep", "seconds": 0.3}], data={"num_workers": 0},
+                train={"max_steps": 200, "batch_size": 16}, checkpoint={"every_steps": 100, "keep_last": 2})
+    proc = start(cfg, tmp_path / "one")
+    wait_for(tmp_path / "one" / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and (tmp_path / "one" / "checkpoints" / f"step_{summary['steps']:07d}").is_dir()
+
+    cfg = write(tmp_path, "slower", hooks=[{"_target_": "tests.toys:Sleep", "seconds": 5}], data={"num_workers": 0},
+                train={"max_steps": 200, "batch_size": 16}, checkpoint={"every_steps": 100, "keep_last": 2})
+    proc = start(cfg, tmp_path / "two")
+    wait_for(tmp_path / "two" / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # during the same 5 s step
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    # had it waited for the step boundary, it would have saved a checkpoint and said "stopped by SIGINT"
+    assert summary["status"] == "interrupted" and "second Ctrl-C" in summary["error"]
+    assert not list((tmp_path / "two").glob("checkpoints/step_*"))

@@ -287,3 +287,12 @@ class SpikyBlobs(Blobs):
         if i in self.spiky:
             item["x"] = [v * -50 for v in item["x"]]
         return item
+
+
+class OddShapes(Blobs):
+    """Report 004: one sample of another size (448 vs 224) in the middle of the data."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        item["x"] = torch.tensor(item["x"]) if i != 100 else torch.zeros(16)
+        return item

@@ -251,7 +251,12 @@ def train(config: str | Path | dict | Config, overrides: list[str] | None = None
             "device": None, "profile": prof.name, "error": getattr(e, "message", None) or f"{type(e).__name__}: {e}",
             "wall_s": 0.0, "exit_code": getattr(e, "exit_code", 1)})
         raise
-    trainer.fit()
+    try:
+        trainer.fit()
+    except torch.OutOfMemoryError:
+        raise RunFailed(f"out of device memory at step {trainer.state.step + 1} with micro-batch {trainer.micro_batch_size}",
+                        "lower train.micro_batch_size (accumulation keeps the effective batch); "
+                        "re-running resumes from the last checkpoint") from None
     summary = next(h for h in trainer.hooks if isinstance(h, SummaryWriter)).summary
     if trainer.state.status == "failed":
         raise RunFailed(trainer.state.error or "training failed", "see events.jsonl in the run directory")

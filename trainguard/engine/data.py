@@ -38,6 +38,7 @@ class Batch:
     ids: list[int]
     data: Any
     bad: list[BadSample] = field(default_factory=list)
+    error: tuple[str, str | None] | None = None   # a collate error, raised in the training process
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -122,7 +123,10 @@ class _Numbered(IterableDataset):
 def _collate(pairs: list) -> Batch:
     good = [(i, x) for i, x in pairs if not isinstance(x, BadSample)]
     bad = [x for _, x in pairs if isinstance(x, BadSample)]
-    data = collate_samples([x for _, x in good]) if good else None
+    try:
+        data = collate_samples([x for _, x in good]) if good else None
+    except RunFailed as e:  # carried to the main process whole (a worker would re-raise it with its traceback)
+        return Batch(ids=[i for i, _ in good], data=None, bad=bad, error=(e.message, e.hint))
     return Batch(ids=[i for i, _ in good], data=data, bad=bad)
 
 
@@ -193,7 +197,10 @@ class DataStream:
         else:
             self.sampler.epoch, self.sampler.start = 0, 0
         self._it = None
-        yield from self.loader
+        for batch in self.loader:
+            if batch.error is not None:
+                raise RunFailed(*batch.error)
+            yield batch
 
     def __next__(self) -> Batch:
         for _ in range(2):
@@ -204,6 +211,8 @@ class DataStream:
             except StopIteration:
                 self.epoch, self.position, self._it = self.epoch + 1, 0, None
                 continue
+            if batch.error is not None:
+                raise RunFailed(*batch.error)
             self.position += (len(batch.ids) + len(batch.bad)) if self.iterable else 1
             return batch
         raise RunFailed("the training data yielded no batch in a whole epoch",

@@ -34,6 +34,8 @@ def preflight(trainer) -> list[Check]:
     n = trainer.micro_batch_size
     try:
         batch = trainer.data.peek(n)
+        if batch.error is not None:
+            raise RunFailed(*batch.error)
     except TrainguardError as e:
         return [Check("data", "fail", e.message, e.hint)]
     if batch.bad and not batch.ids:
