@@ -154,7 +154,10 @@ def test_resume_never_starts_afresh_and_keeps_old_checkpoints(cli, tmp_path):
     assert cli("train", "--config", cfg, "--run-dir", tmp_path / "run")[0] == 0
     code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "run", "--resume", "never")
     assert code == 0, out
-    assert list(tmp_path.joinpath("run").glob("checkpoints.before-*/step_0000006"))
+    assert list(tmp_path.joinpath("run").glob("previous-*/checkpoints/step_0000006"))
+    assert len(list(tmp_path.joinpath("run").glob("previous-*/metrics.jsonl"))) == 1
+    events = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert events[0]["type"] == "start"  # a fresh log, not the earlier run's
 
 
 def test_failure_writes_summary(cli, tmp_path):
@@ -228,3 +231,14 @@ def test_ctrl_c_saves_and_a_second_ctrl_c_exits_at_once(tmp_path):
     # had it waited for the step boundary, it would have saved a checkpoint and said "stopped by SIGINT"
     assert summary["status"] == "interrupted" and "second Ctrl-C" in summary["error"]
     assert not list((tmp_path / "two").glob("checkpoints/step_*"))
+
+
+def test_rerunning_a_completed_run_is_a_no_op(cli, tmp_path):
+    cfg = write(tmp_path, "small", train={"max_steps": 6, "batch_size": 16}, data={"num_workers": 0})
+    assert cli("train", "--config", cfg, "--run-dir", tmp_path / "run")[0] == 0
+    first = json.loads((tmp_path / "run" / "summary.json").read_text())
+    code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "run")
+    assert code == 0 and "done: 6 steps" in out, out
+    again = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert again["status"] == "completed" and again["final_loss"] == first["final_loss"]
+    assert (tmp_path / "run" / "checkpoints" / "step_0000006").is_dir()

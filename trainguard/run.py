@@ -107,6 +107,21 @@ def _build_dataset(spec: dict, where: str):
     return ds
 
 
+PREVIOUS_RUN_FILES = ("checkpoints", "metrics.jsonl", "events.jsonl", "summary.json", "config.yaml", "tb")
+
+
+def _set_aside(run_dir: Path) -> Path:
+    """Move an earlier run's files into ``run_dir/previous-<time>/`` (nothing is deleted)."""
+    import time
+
+    aside = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    aside.mkdir()
+    for name in PREVIOUS_RUN_FILES:
+        if (run_dir / name).exists():
+            (run_dir / name).rename(aside / name)
+    return aside
+
+
 def default_run_dir(config_path: str | Path | None) -> Path:
     return Path("runs") / (Path(config_path).stem if config_path else "run")
 
@@ -171,19 +186,18 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     ckpt_root = run_dir / "checkpoints"
     found, rejected = _find_resume(resume, ckpt_root)
-    for bad, reason in rejected:
-        console.print(f"[yellow]warning[/yellow]: skipping checkpoint {bad}: {reason}; falling back to an older one")
-        log.event(int(bad.name.split("_")[1]), "checkpoint_corrupt", reason, path=str(bad))
     if found is not None:
         old = yaml.safe_load((found / "config.yaml").read_text())
         diff = config_diff(old, cfg.model_dump(mode="json"))
         if diff:
             raise ConfigError(f"cannot resume from {found}: training-relevant config differs:\n  " + "\n  ".join(diff),
                               "restore those values, or start afresh with --resume never (or another --run-dir)")
-    elif resume == "never" and ckpt_root.is_dir() and store.list_checkpoints(ckpt_root):
-        aside = run_dir / f"checkpoints.before-{os.getpid()}"
-        ckpt_root.rename(aside)
-        console.print(f"[yellow]note[/yellow]: --resume never: moved the earlier checkpoints to {aside}")
+    elif any((run_dir / n).exists() for n in PREVIOUS_RUN_FILES):
+        aside = _set_aside(run_dir)  # starting afresh: the earlier files are kept, not mixed in
+        console.print(f"[yellow]note[/yellow]: starting afresh; moved the earlier run's files to {aside}")
+    for bad, reason in rejected:
+        console.print(f"[yellow]warning[/yellow]: skipping checkpoint {bad}: {reason}; falling back to an older one")
+        log.event(store.step_of(bad), "checkpoint_corrupt", reason, path=str(bad))
     (run_dir / "config.yaml").write_text(config_yaml)
 
     metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, cfg.log.tensorboard)

@@ -28,6 +28,7 @@ def trainer_state(trainer) -> dict:
         "rng": rng.capture(),
         "counters": trainer.state.counters(),
         "micro_batch_size": trainer.micro_batch_size,
+        "final_loss": trainer.state.final_loss,
         "hooks": hooks,
     }
 
@@ -47,6 +48,7 @@ def restore_trainer(trainer, ckpt: Path) -> None:
     ts = restore_weights_and_optimizer(trainer, ckpt)
     for k, v in ts["counters"].items():
         setattr(trainer.state, k, v)
+    trainer.state.final_loss = ts.get("final_loss")
     for h in trainer.hooks:
         if hasattr(h, "load_state_dict") and type(h).__name__ in ts["hooks"]:
             h.load_state_dict(ts["hooks"][type(h).__name__])

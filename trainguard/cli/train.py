@@ -40,7 +40,7 @@ def train_command(
             print(f"interrupted at step {summary['steps']}; checkpoint {summary.get('last_checkpoint')}; "
                   "re-run the same command to resume", flush=True)
         else:
-            print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-                  f"run directory {summary['run_dir']}", flush=True)
+            loss = f"{summary['final_loss']:.4f}" if summary.get("final_loss") is not None else "n/a"
+            print(f"done: {summary['steps']} steps, final loss {loss}, run directory {summary['run_dir']}", flush=True)
     if code:
         raise typer.Exit(code)
