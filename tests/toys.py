@@ -296,3 +296,17 @@ class OddShapes(Blobs):
         item = super().__getitem__(i)
         item["x"] = torch.tensor(item["x"]) if i != 100 else torch.zeros(16)
         return item
+
+
+class NoisyBlobs(Blobs):
+    """Blobs with random augmentation (torch, numpy and python RNGs) in __getitem__."""
+
+    def __getitem__(self, i: int) -> dict:
+        import random
+
+        import numpy as np
+
+        item = super().__getitem__(i)
+        noise = torch.randn(len(item["x"])) * 0.1 + float(np.random.rand()) * 0.01 + random.random() * 0.01
+        item["x"] = (torch.tensor(item["x"]) + noise).tolist()
+        return item

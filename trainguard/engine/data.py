@@ -57,7 +57,12 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class SampleFetcher(Dataset):
-    """Wraps a map-style dataset: fetches by ``(epoch, index)`` with per-sample seeded RNGs."""
+    """Wraps a map-style dataset: fetches by ``(epoch, index)`` with per-sample seeded RNGs.
+
+    The DataLoader calls ``__getitems__`` with a whole batch, so the training process's RNG
+    states are saved and restored once per batch (numpy's alone costs ~130 us), and each
+    sample only pays for three cheap seedings (~10 us).
+    """
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -65,25 +70,30 @@ class SampleFetcher(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        in_main = get_worker_info() is None
-        if in_main:  # keep the training process's RNG streams untouched
-            saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    def _fetch(self, epoch: int, index: int):
         s = _sample_seed(self.seed, epoch, index)
         random.seed(s)
         np.random.seed(s)
-        torch.manual_seed(s)
+        torch.default_generator.manual_seed(s)  # not torch.manual_seed: that also seeds every accelerator (~250 us)
         try:
             item = self.dataset[index]
             return index, (item if item is not None else BadSample(index, "the dataset returned None"))
         except Exception as e:  # a broken sample is data, not a crash: recorded and budgeted
             return index, BadSample(index, f"{type(e).__name__}: {e}")
-        finally:
-            if in_main:
-                random.setstate(saved[0])
-                np.random.set_state(saved[1])
-                torch.set_rng_state(saved[2])
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        if get_worker_info() is not None:  # a worker's RNG streams are its own
+            return [self._fetch(*k) for k in keys]
+        saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+        try:
+            return [self._fetch(*k) for k in keys]
+        finally:  # keep the training process's RNG streams (dropout, ...) untouched
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.default_generator.set_state(saved[2])
+
+    def __getitem__(self, key: tuple[int, int]):
+        return self.__getitems__([key])[0]
 
 
 class EpochBatchSampler(Sampler):
