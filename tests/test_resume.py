@@ -1,7 +1,6 @@
 """Crash safety through the real CLI: kill -9 and rerun, corrupt checkpoints, SIGTERM, config changes."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

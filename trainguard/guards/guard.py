@@ -10,12 +10,11 @@ import math
 import statistics
 from collections import Counter, deque
 
-import torch
 
 from trainguard.checkpoint import store
 from trainguard.config.schema import GuardConfig
 from trainguard.engine.events import Hook
-from trainguard.guards.consensus import agree
+from trainguard.guards.consensus import step_signals
 from trainguard.guards.localize import Finding, find_nonfinite
 
 
@@ -74,8 +73,7 @@ class Guard(Hook):
         st, batch = trainer.state, trainer.batch
         if len(batch) == 0:
             return self._bad_step(trainer, "every sample of the batch failed to load", None)
-        bad, loss, _ = agree(torch.stack([(~torch.isfinite(st.loss) | ~torch.isfinite(st.grad_norm)).float(),
-                                          st.loss.float(), st.grad_norm.float()]))
+        bad, loss = step_signals(st.loss, st.grad_norm)
         if bad and trainer.scaler.is_enabled() and math.isfinite(loss):
             # fp16 overflow in the backward: the GradScaler skips the step and lowers its scale
             self.overflow_steps += 1
@@ -139,8 +137,7 @@ class Guard(Hook):
         if not culprits or len(culprits) >= len(batch) or finding.kind == "parameter" or trainer.scaler.is_enabled():
             return False
         trainer.retry_step(batch.without(culprits))
-        bad, loss, _ = agree(torch.stack([(~torch.isfinite(st.loss) | ~torch.isfinite(st.grad_norm)).float(),
-                                          st.loss.float(), st.grad_norm.float()]))
+        bad, loss = step_signals(st.loss, st.grad_norm)
         if bad:
             return False
         reason = "non-finite loss"
