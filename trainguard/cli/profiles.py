@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from typing import Annotated
@@ -22,17 +23,21 @@ def profiles_command(
     with user_errors():
         if name:
             p = get_profile(name)
-            t = Table(title=f"profile {p.name}", show_header=False)
+            t = Table(title=f"profile {p.name}", show_header=False, box=box.SIMPLE)
             for key, field in type(p).model_fields.items():
-                t.add_row(key, str(getattr(p, key)), field.description or "")
+                t.add_row(key, str(getattr(p, key)), *([field.description or ""] if console.width >= 120 else []))
             console.print(t)
             return
-        t = Table(title="hardware profiles (use with `hardware:` or --profile)")
+        wide = console.width >= 120
+        t = Table(title="hardware profiles (use with `hardware:` or --profile)", box=box.SIMPLE_HEAD,
+                  padding=(0, 1, 0, 0), pad_edge=False)
         for col in ("name", "device", "memory", "cc", "precision", "tf32", "compile", "workers", "headroom"):
             t.add_column(col, no_wrap=True)
-        t.add_column("description", ratio=1)
+        if wide:
+            t.add_column("description", ratio=1)
         for p in bundled_profiles().values():
             cc = ".".join(map(str, p.compute_capability)) if p.compute_capability else "-"
-            t.add_row(p.name, p.device, f"{p.memory_gb:g} GB", cc, p.precision, str(p.tf32), str(p.compile),
-                      str(p.num_workers), f"{p.memory_headroom:.0%}", p.description)
+            row = [p.name, p.device, f"{p.memory_gb:g} GB", cc, p.precision, "yes" if p.tf32 else "no",
+                   "yes" if p.compile else "no", str(p.num_workers), f"{p.memory_headroom:.0%}"]
+            t.add_row(*row, *([p.description] if wide else []))
         console.print(t)
