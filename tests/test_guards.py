@@ -128,7 +128,7 @@ def test_nan_module_rollback_recovers(cli, tmp_path):
     assert "encoder.1" in rollbacks[0]["reason"]
     assert summary["guard"]["rollbacks"] == 1
     assert final_params_finite(summary)
-    assert metrics[-1]["loss"] < 1.0  # converged after the LR was halved
+    assert metrics[-1]["loss"] < 1.0 and metrics[-1]["lr"] == 1.25  # converged after the LR was halved
 
 
 def test_rollback_gives_up_after_max_rollbacks(cli, tmp_path):

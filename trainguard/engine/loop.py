@@ -81,7 +81,7 @@ class Trainer:
         """One optimizer step over ``batch``, accumulated over micro-batches."""
         st, opt = self.state, self.optimizer
         st.skip_step = False
-        st.lr = self.scheduler.get_last_lr()[0]
+        st.lr = opt.param_groups[0]["lr"]
         self.model.train()
         st.loss = self.forward_backward(batch)
         self.fire(Event.AFTER_BACKWARD)

@@ -10,16 +10,11 @@ import math
 import statistics
 from collections import Counter, deque
 
-
 from trainguard.checkpoint import store
 from trainguard.config.schema import GuardConfig
 from trainguard.engine.events import Hook
 from trainguard.guards.consensus import step_signals
 from trainguard.guards.localize import Finding, find_nonfinite
-
-
-def _short(ids: list[int], n: int = 20) -> list[int]:
-    return ids[:n]
 
 
 class Guard(Hook):
@@ -65,8 +60,9 @@ class Guard(Hook):
             by_reason.setdefault(b.reason, []).append(b.sample_id)
         for reason, ids in by_reason.items():
             self.log.event(trainer.state.step + 1, "skip", f"sample failed to load: {reason}", sample_ids=ids)
-            self.reasons[f"sample failed to load: {reason.split(':')[0]}"] += len(ids)
-            self.reason_steps[f"sample failed to load: {reason.split(':')[0]}"] += 1
+            kind = f"sample failed to load: {reason.split(':')[0]}"  # e.g. the exception type, for the report
+            self.reasons[kind] += len(ids)
+            self.reason_steps[kind] += 1
         trainer.state.skipped_samples += len(bad)
 
     def on_before_optimizer_step(self, trainer) -> None:
@@ -79,7 +75,7 @@ class Guard(Hook):
             self.overflow_steps += 1
             st.skip_step = True
             scale = trainer.scaler.get_scale()
-            self.log.event(st.step + 1, "overflow", f"fp16 gradient overflow; loss scale now {scale / 2:g}")
+            self.log.event(st.step + 1, "overflow", f"fp16 gradient overflow at loss scale {scale:g}; the GradScaler lowers it")
             if scale >= 1e-3:
                 return
             return self._bad_step(trainer, "the fp16 loss scale collapsed (gradients overflow at any scale)", None)
@@ -170,7 +166,7 @@ class Guard(Hook):
             self.last_finding = finding
         where = f"; {finding.describe()}" if finding else ""
         ids = finding.sample_ids if finding and finding.sample_ids else batch.ids
-        self.log.event(st.step + 1, "skip", reason + where, sample_ids=ids, batch_ids=_short(batch.ids, 1000),
+        self.log.event(st.step + 1, "skip", reason + where, sample_ids=ids, batch_ids=batch.ids[:1000],
                        module=finding.where if finding else None)
         step = st.step + 1
         if self.cfg.on_nonfinite == "stop":
@@ -201,8 +197,7 @@ class Guard(Hook):
         sched = trainer.scheduler
         sched.base_lrs = [lr * self.lr_scale for lr in self.orig_lrs]
         for group, base, fn in zip(trainer.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * fn(sched.last_epoch)
-        sched._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]  # what get_last_lr() reports
+            group["lr"] = base * fn(sched.last_epoch)  # the loop reads the LR from the param groups
         st.step, self.consecutive = to_step, 0
         self.checkpointer.last_saved = to_step  # that checkpoint is on disk already
         self.log.event(st.step, "rollback", why, from_step=from_step, to_step=to_step, checkpoint=str(ckpt),
