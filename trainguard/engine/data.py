@@ -174,7 +174,6 @@ class DataStream:
                                      num_workers=num_workers, worker_init_fn=_seed_worker, generator=g,
                                      persistent_workers=num_workers > 0, **common)
         self._it: Iterator | None = None
-        self.n = n
 
     def seek(self, epoch: int, position: int) -> None:
         """Continue from ``position`` (batches, or items for iterables) of ``epoch``."""
@@ -196,12 +195,11 @@ class DataStream:
                 if len(pairs) >= n:
                     break
         else:
-            fetch = SampleFetcher(self.dataset, self.seed)
-            pairs = [fetch[(0, i)] for i in self.sampler.order(0)[:n]]
+            pairs = SampleFetcher(self.dataset, self.seed).__getitems__([(0, i) for i in self.sampler.order(0)[:n]])
         return _collate(pairs)
 
     def one_pass(self) -> Iterator[Batch]:
-        """One epoch from its start, in order (for evaluation); leaves the stream's position alone."""
+        """One epoch from its start, in order (for an evaluation stream)."""
         if self.iterable:
             self._source.start = 0
         else:
