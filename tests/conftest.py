@@ -11,6 +11,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+def read_jsonl(path) -> list[dict]:
+    """The rows of a metrics.jsonl / events.jsonl file."""
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def toy_config(**sections) -> dict:
     """A tiny, fast run config (an MLP on blobs); sections given here are merged over it."""
     cfg = {

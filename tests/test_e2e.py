@@ -4,12 +4,11 @@ import json
 
 import torch
 
+from tests.conftest import read_jsonl
+
 SUMMARY_FIELDS = {"status", "steps", "samples", "skipped_samples", "skipped_steps", "final_loss", "micro_batch_size",
                   "grad_accum", "precision", "device", "profile", "error", "wall_s"}
 
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_tiny_run_through_cli(cli, write_config, tmp_path):

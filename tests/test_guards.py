@@ -6,11 +6,8 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import toy_config
+from tests.conftest import read_jsonl, toy_config
 
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def train(cli, tmp_path, name="run", **sections):

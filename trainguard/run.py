@@ -21,7 +21,7 @@ from trainguard.callbacks.evaluate import Evaluator
 from trainguard.callbacks.logging import ConsoleProgress, MetricsLogger
 from trainguard.callbacks.runlog import RunLog
 from trainguard.callbacks.signals import SignalHandler
-from trainguard.callbacks.summary import SummaryWriter, write_json_atomic
+from trainguard.callbacks.summary import SummaryWriter, make_summary, write_json_atomic
 from trainguard.checkpoint import store
 from trainguard.checkpoint.checkpointer import Checkpointer, restore_trainer
 from trainguard.config.instantiate import instantiate
@@ -258,11 +258,9 @@ def train(config: str | Path | dict | Config, overrides: list[str] | None = None
         trainer = build_trainer(cfg, prof, why, run_dir=rd, resume=resume, extra_hooks=hooks)
     except Exception as e:  # summary.json is written at every end, a failed setup included
         rd.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(rd / "summary.json", {
-            "status": "failed", "steps": 0, "samples": 0, "skipped_samples": 0, "skipped_steps": 0,
-            "final_loss": None, "micro_batch_size": None, "grad_accum": None, "precision": None,
-            "device": None, "profile": prof.name, "error": getattr(e, "message", None) or f"{type(e).__name__}: {e}",
-            "wall_s": 0.0, "exit_code": getattr(e, "exit_code", 1)})
+        write_json_atomic(rd / "summary.json", make_summary(
+            profile=prof.name, error=getattr(e, "message", None) or f"{type(e).__name__}: {e}",
+            exit_code=getattr(e, "exit_code", 1)))
         raise
     try:
         trainer.fit()

@@ -10,6 +10,17 @@ from pathlib import Path
 from trainguard.engine.events import Hook
 
 
+# The contract's summary.json fields, with their values for a run that never took a step.
+CONTRACT_FIELDS = {"status": "failed", "steps": 0, "samples": 0, "skipped_samples": 0, "skipped_steps": 0,
+                   "final_loss": None, "micro_batch_size": None, "grad_accum": None, "precision": None,
+                   "device": None, "profile": None, "error": None, "wall_s": 0.0}
+
+
+def make_summary(**fields) -> dict:
+    """A summary.json mapping: every contract field, then ``fields`` over it."""
+    return {**CONTRACT_FIELDS, **fields}
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON under a temporary name, fsync, then rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -33,15 +44,15 @@ class SummaryWriter(Hook):
 
     def build(self, trainer) -> dict:
         st = trainer.state
-        return {
-            "status": st.status, "steps": st.step, "samples": st.samples,
-            "skipped_samples": st.skipped_samples, "skipped_steps": st.skipped_steps,
-            "final_loss": st.final_loss, **self.info,
-            "micro_batch_size": trainer.micro_batch_size, "grad_accum": trainer.grad_accum,
-            "error": st.error, "wall_s": round(time.time() - self.t0, 3),
-            "eval": st.eval_metrics or None, "last_checkpoint": st.last_checkpoint, "exit_code": st.exit_code,
+        return make_summary(
+            status=st.status, steps=st.step, samples=st.samples,
+            skipped_samples=st.skipped_samples, skipped_steps=st.skipped_steps,
+            final_loss=st.final_loss, **self.info,
+            micro_batch_size=trainer.micro_batch_size, grad_accum=trainer.grad_accum,
+            error=st.error, wall_s=round(time.time() - self.t0, 3),
+            eval=st.eval_metrics or None, last_checkpoint=st.last_checkpoint, exit_code=st.exit_code,
             **st.report,
-        }
+        )
 
     def on_fit_end(self, trainer) -> None:
         self.summary = self.build(trainer)

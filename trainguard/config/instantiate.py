@@ -71,15 +71,18 @@ def instantiate(spec: Any, where: str = "config", **extra: Any) -> Any:
     fn = locate(str(spec["_target_"]), f"{where}._target_")
     kwargs = {k: instantiate(v, f"{where}.{k}") for k, v in spec.items() if k != "_target_"}
     kwargs.update(extra)
-    try:
-        inspect.signature(fn).bind(**kwargs)
-    except TypeError as e:
+    sig = _signature(fn)
+    if sig is not None:  # builtins without a signature: the call itself speaks
         try:
-            sig = str(inspect.signature(fn))
-        except (TypeError, ValueError):
-            sig = "(...)"
-        raise ConfigError(f"{where}: cannot call `{spec['_target_']}` with {sorted(kwargs)}: {e}",
-                          f"its signature is {getattr(fn, '__name__', 'target')}{sig}; fix the keys under `{where}`") from None
-    except ValueError:
-        pass  # builtins without a signature: let the call itself speak
+            sig.bind(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{where}: cannot call `{spec['_target_']}` with {sorted(kwargs)}: {e}",
+                              f"its signature is {getattr(fn, '__name__', 'target')}{sig}; fix the keys under `{where}`") from None
     return fn(**kwargs)
+
+
+def _signature(fn: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None

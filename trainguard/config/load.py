@@ -110,7 +110,7 @@ def format_validation_error(err: ValidationError, source: str) -> ConfigError:
     """One ConfigError naming the file, the key path and the fix for the first problem."""
     lines, hint = [], None
     for e in err.errors():
-        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x in ("function-after",)))
+        loc = tuple(e["loc"])
         path = ".".join(str(x) for x in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             owner = _model_at(loc)

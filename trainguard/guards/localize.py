@@ -61,7 +61,7 @@ def module_name(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _preserved(model: nn.Module):
+def preserved_state(model: nn.Module):
     """Run diagnostics without touching RNG streams or buffers (e.g. BatchNorm statistics)."""
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []):
@@ -78,7 +78,7 @@ def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, devi
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             return Finding("parameter", name)
-    with _preserved(model), torch.no_grad():
+    with preserved_state(model), torch.no_grad():
         offset = 0
         for micro, k in split_batch(batch.data, micro_batch_size):
             ids = batch.ids[offset:offset + k]

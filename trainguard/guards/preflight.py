@@ -15,7 +15,7 @@ import torch
 from trainguard.engine.batch import to_device
 from trainguard.engine.precision import autocast
 from trainguard.errors import RunFailed, TrainguardError
-from trainguard.guards.localize import _preserved, module_trace
+from trainguard.guards.localize import preserved_state, module_trace
 
 
 @dataclass
@@ -47,7 +47,7 @@ def preflight(trainer) -> list[Check]:
     model = trainer.model
     trace = module_trace(model)
     try:
-        with _preserved(model), trace:
+        with preserved_state(model), trace:
             micro = to_device(batch.data, trainer.device)
             with autocast(trainer.device.type, trainer.precision):
                 _, loss, _ = trainer.adapter(micro)
