@@ -31,18 +31,24 @@ from trainguard.engine.batch import ModelAdapter
 from trainguard.engine.data import DataStream
 from trainguard.engine.events import Hook
 from trainguard.engine.loop import Trainer
-from trainguard.engine.optim import build_optimizer, build_scheduler
+from trainguard.engine.optim import build_optimizer, build_scheduler, materialize_state
 from trainguard.engine.precision import grad_scaler, resolve_precision
 from trainguard.errors import ConfigError, RunFailed
 from trainguard.guards.guard import Guard
+from trainguard.guards.oom import OomRecovery
 from trainguard.guards.preflight import preflight, require
 from trainguard.hardware.probe import probe
+from trainguard.memory.meter import open_memory, prefer_expandable_segments
+from trainguard.memory.sizes import fmt_bytes, parse_size
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 # Config fields that may differ when resuming: they do not change what a step computes.
+# micro_batch_size: accumulation gives the same gradient (up to float rounding), so a run may
+# resume on a smaller card with smaller micro-batches.
 RESUMABLE_CHANGES = ("hardware", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                     "data.num_workers", "data.pin_memory", "checkpoint.", "log.", "guard.", "hooks", "memory.")
+                     "train.micro_batch_size", "data.num_workers", "data.pin_memory", "checkpoint.", "log.",
+                     "guard.", "hooks", "memory.")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -144,19 +150,10 @@ def _find_resume(resume: str, ckpt_root: Path) -> tuple[Path | None, list[tuple[
     return path, []
 
 
-def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "auto",
-                  extra_hooks: Iterable[Hook] = ()) -> Trainer:
-    """Build every part of the run from its own config section, and resume if there is a checkpoint."""
-    info = probe(cfg.train.device)
-    cfg, notes = _resolve_runtime(cfg, prof, info)
-    console.print(f"[bold]trainguard[/bold]: device {info.name} ({info.type}), profile [bold]{prof.name}[/bold] ({why}), precision {cfg.train.precision}")
-    for n in notes:
-        console.print(f"[yellow]note[/yellow]: {n}")
-    device = _device(info)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-
+def build_core(cfg: Config, device: torch.device, memory=None) -> Trainer:
+    """Model, loss, training data, optimizer and schedule, each from its own config section, wired
+    into a :class:`Trainer` without hooks (what ``trainguard autoconfig`` measures, too).
+    ``cfg.train.micro_batch_size`` must be resolved (an int)."""
     seed_everything(cfg.seed)
     if cfg.model is None:
         raise ConfigError("no model: the config has no `model:` section", "add `model: {_target_: pkg.module:build_model}`")
@@ -168,25 +165,91 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
     model.to(device)
     loss_fn = instantiate(cfg.loss, "loss") if cfg.loss else None
     train_ds = _build_dataset(cfg.data.train, "data.train")
-    val_ds = _build_dataset(cfg.data.val, "data.val") if cfg.data.val else None
-
-    mbs = int(cfg.train.micro_batch_size)  # resolved
-    common = dict(seed=cfg.seed, num_workers=int(cfg.data.num_workers), pin_memory=bool(cfg.data.pin_memory))
-    data = DataStream(train_ds, cfg.train.batch_size, shuffle=cfg.data.shuffle, **common)
-    val = DataStream(val_ds, mbs, shuffle=False, name="val", **common) if val_ds is not None else None
-
+    data = DataStream(train_ds, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
+                      num_workers=int(cfg.data.num_workers), pin_memory=bool(cfg.data.pin_memory))
     optimizer = build_optimizer(model, cfg.optim)
+    try:
+        materialize_state(optimizer)  # the first step's allocation, now: an OOM here is a clear setup error
+    except torch.OutOfMemoryError:
+        need = memory.in_use() if memory is not None else None
+        raise RunFailed(f"the model and its optimizer state alone do not fit in device memory"
+                        + (f" ({fmt_bytes(memory.limit)} available)" if memory is not None else ""),
+                        "a smaller model, an optimizer with less state (optim.name: sgd), or more memory") from None
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.max_steps)
     forward_model = torch.compile(model) if cfg.train.compile and device.type != "cpu" else model
-    adapter = ModelAdapter(forward_model, loss_fn, cfg.data.fields)
+    return Trainer(model=model, adapter=ModelAdapter(forward_model, loss_fn, cfg.data.fields), optimizer=optimizer,
+                   scheduler=scheduler, scaler=grad_scaler(device.type, cfg.train.precision), data=data, device=device,
+                   precision=cfg.train.precision, micro_batch_size=int(cfg.train.micro_batch_size), cfg=cfg.train,
+                   memory=memory)
+
+
+def _tune_micro_batch(trainer: Trainer, cfg: Config, info) -> int:
+    """``micro_batch_size: auto`` on a device with a limit: the cached or searched largest that fits."""
+    from trainguard.memory.autoconfig import cached_tune
+
+    with console.status("[bold]autoconfig[/bold]: searching the largest micro-batch that fits ..."):
+        tuning, cached = cached_tune(trainer, cfg, info.name)
+    how = "from the cache (same model, config and device)" if cached else f"measured in {tuning.trials} trial steps"
+    console.print(f"[bold]autoconfig[/bold]: micro-batch {tuning.micro_batch_size} x {tuning.grad_accum} accumulation "
+                  f"= batch {tuning.batch_size}, peak {fmt_bytes(tuning.predicted_peak_bytes)} of "
+                  f"{fmt_bytes(tuning.usable_bytes)} usable ({how})")
+    for n in tuning.notes:
+        console.print(f"[yellow]note[/yellow]: {n}")
+    return tuning.micro_batch_size
+
+
+def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "auto",
+                  extra_hooks: Iterable[Hook] = (), memory_budget: int | None = None) -> Trainer:
+    """Build every part of the run from its own config section, and resume if there is a checkpoint.
+
+    With a device memory limit (CUDA, or ``memory_budget`` bytes, simulated on a CPU) the returned
+    trainer's ``memory`` is started; the caller stops it (:func:`train` does).
+    """
+    prefer_expandable_segments()
+    info = probe(cfg.train.device)
+    auto_micro = cfg.train.micro_batch_size == "auto"
+    cfg, notes = _resolve_runtime(cfg, prof, info)
+    console.print(f"[bold]trainguard[/bold]: device {info.name} ({info.type}), profile [bold]{prof.name}[/bold] ({why}), precision {cfg.train.precision}"
+                  + (f", memory budget {fmt_bytes(memory_budget)}" if memory_budget else ""))
+    for n in notes:
+        console.print(f"[yellow]note[/yellow]: {n}")
+    device = _device(info)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    found, rejected = _find_resume(resume, run_dir / "checkpoints")
+    old = yaml.safe_load((found / "config.yaml").read_text()) if found is not None else None
+    if old is not None and auto_micro:  # resume as it ran, without searching again
+        cfg.train.micro_batch_size = old["train"]["micro_batch_size"]
+
+    memory = open_memory(device, memory_budget)
+    if memory is not None:
+        memory.start()
+    try:
+        trainer = build_core(cfg, device, memory)
+        if auto_micro and old is None and memory is not None:
+            cfg.train.micro_batch_size = trainer.micro_batch_size = _tune_micro_batch(trainer, cfg, info)
+        _attach_run(trainer, cfg, prof, info, run_dir, found, old, rejected, extra_hooks)
+    except BaseException:
+        if memory is not None:
+            memory.stop()
+        raise
+    return trainer
+
+
+def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found: Path | None, old: dict | None,
+                rejected: list, extra_hooks: Iterable[Hook]) -> None:
+    """The run directory, the hooks, the resume and the preflight around a built core."""
+    mbs = int(cfg.train.micro_batch_size)
+    val_ds = _build_dataset(cfg.data.val, "data.val") if cfg.data.val else None
+    val = (DataStream(val_ds, mbs, shuffle=False, name="val", seed=cfg.seed, num_workers=int(cfg.data.num_workers),
+                      pin_memory=bool(cfg.data.pin_memory)) if val_ds is not None else None)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(run_dir)
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     ckpt_root = run_dir / "checkpoints"
-    found, rejected = _find_resume(resume, ckpt_root)
     if found is not None:
-        old = yaml.safe_load((found / "config.yaml").read_text())
         diff = config_diff(old, cfg.model_dump(mode="json"))
         if diff:
             raise ConfigError(f"cannot resume from {found}: training-relevant config differs:\n  " + "\n  ".join(diff),
@@ -199,12 +262,13 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
         log.event(store.step_of(bad), "checkpoint_corrupt", reason, path=str(bad))
     (run_dir / "config.yaml").write_text(config_yaml)
 
-    metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, cfg.log.tensorboard)
+    metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, cfg.log.tensorboard, memory=trainer.memory)
     hooks: list[Hook] = [metrics, ConsoleProgress(metrics, cfg.train.max_steps, cfg.log.progress)]
     if val is not None and cfg.train.eval_every:
         hooks.append(Evaluator(val, cfg.train.eval_every, cfg.train.eval_batches))
     checkpointer = Checkpointer(ckpt_root, cfg.checkpoint, config_yaml, log)
     hooks.insert(2, Guard(cfg.guard, cfg.train.max_steps * cfg.train.batch_size, log, checkpointer))
+    hooks.insert(3, OomRecovery(cfg.guard.on_oom, cfg.train.batch_size, log, mbs))
     hooks.append(checkpointer)
     hooks += [instantiate(h, f"hooks[{i}]") for i, h in enumerate(cfg.hooks)]
     hooks += list(extra_hooks)
@@ -213,28 +277,30 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
             raise ConfigError(f"hook {type(h).__name__} is not a trainguard.Hook", "subclass trainguard.Hook")
     info_fields = {"precision": cfg.train.precision, "device": info.name, "profile": prof.name, "run_dir": str(run_dir)}
     hooks += [SignalHandler(log), SummaryWriter(run_dir, info_fields, log)]
+    trainer.hooks = hooks
 
-    trainer = Trainer(model=model, adapter=adapter, optimizer=optimizer, scheduler=scheduler,
-                      scaler=grad_scaler(device.type, cfg.train.precision), data=data, device=device,
-                      precision=cfg.train.precision, micro_batch_size=mbs, cfg=cfg.train, hooks=hooks)
     if found is not None:
-        restore_trainer(trainer, found)
+        ts = restore_trainer(trainer, found)
+        if old["train"]["micro_batch_size"] == mbs:  # continue with the micro-batch it had (after OOM splits)
+            trainer.micro_batch_size = int(ts.get("micro_batch_size") or mbs)
         log.truncate_after(trainer.state.step)
-        log.event(trainer.state.step, "resume", f"resumed from {found}", path=str(found))
-        console.print(f"resumed from {found} at step {trainer.state.step}")
+        log.event(trainer.state.step, "resume", f"resumed from {found}", path=str(found), micro_batch_size=trainer.micro_batch_size)
+        console.print(f"resumed from {found} at step {trainer.state.step}"
+                      + (f" (micro-batch {trainer.micro_batch_size})" if trainer.micro_batch_size != mbs else ""))
     else:
-        log.event(0, "start", f"device {info.name}, profile {prof.name}, precision {cfg.train.precision}")
+        log.event(0, "start", f"device {info.name}, profile {prof.name}, precision {cfg.train.precision}",
+                  micro_batch_size=mbs)
     checks = preflight(trainer)
     for c in checks:
         if c.status == "warn":
             console.print(f"[yellow]preflight[/yellow]: {c.message}" + (f" (hint: {c.hint})" if c.hint else ""))
             log.event(trainer.state.step, "preflight", c.message)
     require(checks)
-    return trainer
 
 
 def train(config: str | Path | dict | Config, overrides: list[str] | None = None, *, profile: str | None = None,
-          run_dir: str | Path | None = None, resume: str = "auto", hooks: Iterable[Hook] = ()) -> dict:
+          run_dir: str | Path | None = None, resume: str = "auto", hooks: Iterable[Hook] = (),
+          memory_budget: str | int | None = None) -> dict:
     """Train from a config and return the run summary (the content of ``summary.json``).
 
     Args:
@@ -244,18 +310,20 @@ def train(config: str | Path | dict | Config, overrides: list[str] | None = None
         run_dir: where logs and checkpoints go (default ``runs/<config stem>``).
         resume: ``auto`` (newest valid checkpoint in run_dir), ``never``, or a checkpoint path.
         hooks: extra :class:`~trainguard.Hook` objects.
+        memory_budget: cap the device memory (``"3.5GiB"`` or bytes); simulated on a CPU.
 
     Raises:
         ConfigError: bad config or usage (nothing trained).
         RunFailed: training gave up; the summary is written first.
     """
+    budget = parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
     if isinstance(config, Config):
         config = config.model_dump(mode="json", exclude_defaults=True)
     path = None if isinstance(config, dict) else Path(config)
     cfg, prof, why = resolve_config(path, profile=profile, overrides=overrides, raw=config if isinstance(config, dict) else None)
     rd = Path(run_dir) if run_dir is not None else default_run_dir(path)
     try:
-        trainer = build_trainer(cfg, prof, why, run_dir=rd, resume=resume, extra_hooks=hooks)
+        trainer = build_trainer(cfg, prof, why, run_dir=rd, resume=resume, extra_hooks=hooks, memory_budget=budget)
     except Exception as e:  # summary.json is written at every end, a failed setup included
         rd.mkdir(parents=True, exist_ok=True)
         write_json_atomic(rd / "summary.json", make_summary(
@@ -264,11 +332,14 @@ def train(config: str | Path | dict | Config, overrides: list[str] | None = None
         raise
     try:
         trainer.fit()
-    except torch.OutOfMemoryError:
-        raise RunFailed(f"out of device memory at step {trainer.state.step + 1} with micro-batch {trainer.micro_batch_size}",
-                        "lower train.micro_batch_size (accumulation keeps the effective batch); "
+    except torch.OutOfMemoryError:  # outside the forward/backward (optimizer step, evaluation)
+        raise RunFailed(f"out of device memory at step {trainer.state.step + 1} with micro-batch {trainer.micro_batch_size}, "
+                        "outside the forward/backward", "lower train.micro_batch_size (accumulation keeps the effective batch); "
                         "re-running resumes from the last checkpoint") from None
+    finally:
+        if trainer.memory is not None:
+            trainer.memory.stop()
     summary = next(h for h in trainer.hooks if isinstance(h, SummaryWriter)).summary
     if trainer.state.status == "failed":
-        raise RunFailed(trainer.state.error or "training failed", "see events.jsonl in the run directory")
+        raise RunFailed(trainer.state.error or "training failed", trainer.state.hint or "see events.jsonl in the run directory")
     return summary

@@ -21,8 +21,9 @@ class MetricsLogger(Hook):
     so steps between log lines cost no host sync.
     """
 
-    def __init__(self, log: RunLog, log_every: int, max_steps: int, tensorboard: bool = False):
+    def __init__(self, log: RunLog, log_every: int, max_steps: int, tensorboard: bool = False, memory=None):
         self.log, self.every, self.max_steps = log, log_every, max_steps
+        self.memory = memory  # a DeviceMemory: each line gets the peak since the last one
         self.tb = None
         if tensorboard:
             try:
@@ -57,8 +58,10 @@ class MetricsLogger(Hook):
                      "grad_norm": float(st.grad_norm) if st.grad_norm is not None else None}
         trainer.state.final_loss = loss
         self.logged_step = st.step
+        mem = {} if self.memory is None else {"peak_memory_bytes": self.memory.take_peak(), "micro_batch_size": trainer.micro_batch_size}
+        self.last.update(mem)
         self.log.metric(st.step, "train", loss=loss, lr=st.lr, samples_per_s=round(sps, 2),
-                        step_time_s=round(dt / max(1, self.n), 5), samples=st.samples, epoch=st.epoch)
+                        step_time_s=round(dt / max(1, self.n), 5), samples=st.samples, epoch=st.epoch, **mem)
         if self.tb is not None:
             self.tb.add_scalar("train/loss", loss, st.step)
             self.tb.add_scalar("train/lr", st.lr, st.step)
@@ -73,6 +76,10 @@ class MetricsLogger(Hook):
                 self.tb.add_scalar(f"val/{k}", v, st.step)
 
     def on_fit_end(self, trainer) -> None:
+        if self.memory is not None:
+            self.memory.take_peak()
+            trainer.state.report["peak_memory_bytes"] = self.memory.run_peak
+            trainer.state.report["memory_limit_bytes"] = self.memory.limit
         if self.tb is not None:
             self.tb.close()
 

@@ -43,8 +43,9 @@ def restore_weights_and_optimizer(trainer, ckpt: Path) -> dict:
     return ts
 
 
-def restore_trainer(trainer, ckpt: Path) -> None:
-    """Resume: everything in the checkpoint, including counters, data position, hook state and RNG."""
+def restore_trainer(trainer, ckpt: Path) -> dict:
+    """Resume: everything in the checkpoint, including counters, data position, hook state and RNG.
+    Returns the checkpoint's trainer state."""
     ts = restore_weights_and_optimizer(trainer, ckpt)
     for k, v in ts["counters"].items():
         setattr(trainer.state, k, v)
@@ -54,6 +55,7 @@ def restore_trainer(trainer, ckpt: Path) -> None:
             h.load_state_dict(ts["hooks"][type(h).__name__])
     trainer.data.seek(trainer.state.epoch, trainer.state.position)
     rng.restore(ts["rng"])
+    return ts
 
 
 class Checkpointer(Hook):

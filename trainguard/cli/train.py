@@ -13,7 +13,7 @@ from trainguard.cli._errors import fail, user_errors
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.", show_default=False)]
 ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="Hardware profile: NAME, PATH to a profile YAML, or auto. Overrides `hardware:`.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: --set train.max_steps=50 (repeatable; values parse as YAML).")]
-BudgetOpt = Annotated[Optional[str], typer.Option("--memory-budget", help="Cap device memory, e.g. 512MB or 3.5GiB. (planned: not built yet)")]
+BudgetOpt = Annotated[Optional[str], typer.Option("--memory-budget", help="Cap device memory, e.g. 512MB or 3.5GiB: enforced on CUDA, simulated on a CPU (an OOM is raised where a GPU of that size would).")]
 
 
 def train_command(
@@ -27,20 +27,21 @@ def train_command(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Train a model from a YAML config. Re-running the same command resumes the run."""
-    if memory_budget is not None:
-        raise fail("--memory-budget is planned but not built yet", "leave it out for now", 2)
     if nproc_per_node not in (None, 1):
         raise fail("--nproc-per-node > 1 (DDP) is planned but not built yet", "train on one device for now", 2)
     with user_errors(debug):
+        from trainguard.memory.sizes import fmt_bytes, parse_size
         from trainguard.run import train
 
-        summary = train(config, set_ or [], profile=profile, run_dir=run_dir, resume=resume)
+        budget = parse_size(memory_budget) if memory_budget is not None else None
+        summary = train(config, set_ or [], profile=profile, run_dir=run_dir, resume=resume, memory_budget=budget)
         code = int(summary.get("exit_code") or 0)
         if summary.get("status") == "interrupted":
             print(f"interrupted at step {summary['steps']}; checkpoint {summary.get('last_checkpoint')}; "
                   "re-run the same command to resume", flush=True)
         else:
             loss = f"{summary['final_loss']:.4f}" if summary.get("final_loss") is not None else "n/a"
-            print(f"done: {summary['steps']} steps, final loss {loss}, run directory {summary['run_dir']}", flush=True)
+            peak = f", peak memory {fmt_bytes(summary['peak_memory_bytes'])}" if summary.get("peak_memory_bytes") else ""
+            print(f"done: {summary['steps']} steps, final loss {loss}{peak}, run directory {summary['run_dir']}", flush=True)
     if code:
         raise typer.Exit(code)

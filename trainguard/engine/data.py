@@ -52,6 +52,35 @@ class Batch:
         return Batch(ids=[self.ids[r] for r in rows], data=data, bad=self.bad)
 
 
+def item_size(item: Any) -> int:
+    """Elements in a sample: tensor/array elements and list lengths, summed over its fields."""
+    if isinstance(item, torch.Tensor):
+        return item.numel()
+    if isinstance(item, np.ndarray):
+        return int(item.size)
+    if isinstance(item, dict):
+        return sum(item_size(v) for v in item.values())
+    if isinstance(item, (list, tuple)):
+        return sum(item_size(v) for v in item) if item and isinstance(item[0], (list, tuple, dict, torch.Tensor, np.ndarray)) else len(item)
+    return 1
+
+
+@dataclass
+class Scan:
+    """A cheap look at some samples: their sizes, and the largest one (the worst case for memory)."""
+
+    ids: list[int]
+    sizes: list[int]
+    worst_id: int
+    worst_item: Any
+    bad: list[BadSample] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lo, hi = min(self.sizes), max(self.sizes)
+        what = f"all {lo} elements" if lo == hi else f"{lo}..{hi} elements, median {sorted(self.sizes)[len(self.sizes) // 2]}"
+        return f"{len(self.sizes)} samples scanned: {what}; the largest is sample {self.worst_id}"
+
+
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + index) % (2**31 - 1)
 
@@ -197,6 +226,35 @@ class DataStream:
         else:
             pairs = SampleFetcher(self.dataset, self.seed).__getitems__([(0, i) for i in self.sampler.order(0)[:n]])
         return _collate(pairs)
+
+    def scan(self, limit: int = 256) -> Scan:
+        """Up to ``limit`` samples spread over the dataset (the first ones of a stream), fetched in
+        this process with the RNG streams untouched; the stream's position is not moved."""
+        if self.iterable:
+            saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+            try:
+                pairs = []
+                for pos, item in enumerate(self.dataset):
+                    pairs.append((pos, item if item is not None else BadSample(pos, "the dataset returned None")))
+                    if len(pairs) >= limit:
+                        break
+            finally:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.default_generator.set_state(saved[2])
+        else:
+            n = self.sampler.n
+            idx = sorted({round(i * (n - 1) / max(1, limit - 1)) for i in range(min(n, limit))})
+            pairs = SampleFetcher(self.dataset, self.seed).__getitems__([(0, i) for i in idx])
+        good = [(i, x) for i, x in pairs if not isinstance(x, BadSample)]
+        bad = [x for _, x in pairs if isinstance(x, BadSample)]
+        if not good:
+            first = bad[0] if bad else None
+            raise RunFailed(f"none of the {len(pairs)} samples scanned could be loaded" + (f", e.g. sample {first.sample_id}: {first.reason}" if first else ""),
+                            "fix the dataset's __getitem__ (run it on one index by hand to see the error)")
+        sizes = [item_size(x) for _, x in good]
+        w = max(range(len(good)), key=lambda j: sizes[j])
+        return Scan(ids=[i for i, _ in good], sizes=sizes, worst_id=good[w][0], worst_item=good[w][1], bad=bad)
 
     def one_pass(self) -> Iterator[Batch]:
         """One epoch from its start, in order (for an evaluation stream)."""

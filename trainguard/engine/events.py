@@ -9,6 +9,9 @@ The loop, with the events marked (``fit()`` and ``train_step()`` in ``engine/loo
         for micro_batch in split(batch):     # gradient accumulation
             loss = forward(micro_batch)
             backward(loss * share)
+        while out of memory:                 # the attempt is undone (gradients, RNG)
+            fire(OUT_OF_MEMORY)              # OomRecovery: halve micro_batch_size, or stop
+            redo the forward/backward above  # nobody recovered: the run ends before this step
         fire(AFTER_BACKWARD)                 # grads summed over micro-batches, still scaled
         unscale; clip
         fire(BEFORE_OPTIMIZER_STEP)          # guards decide: state.skip_step, state.stop
@@ -20,7 +23,8 @@ The loop, with the events marked (``fit()`` and ``train_step()`` in ``engine/loo
     fire(FIT_END)                            # at every end: completed, failed, interrupted
 
 Hooks change the run only through explicit fields on :class:`~trainguard.engine.state.RunState`
-(``skip_step``, ``stop``/``status``), never by raising through the loop.
+(``skip_step``, ``stop``/``status``, ``oom``) and ``trainer.micro_batch_size``, never by raising
+through the loop.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Event(str, Enum):
 
     FIT_START = "fit_start"
     STEP_START = "step_start"
+    OUT_OF_MEMORY = "out_of_memory"
     AFTER_BACKWARD = "after_backward"
     BEFORE_OPTIMIZER_STEP = "before_optimizer_step"
     STEP_END = "step_end"
@@ -53,6 +58,11 @@ class Hook:
 
     def on_step_start(self, trainer) -> None:
         """A batch has been drawn; ``trainer.state.batch_ids`` names its samples."""
+
+    def on_out_of_memory(self, trainer) -> None:
+        """The forward/backward ran out of device memory; ``trainer.state.oom`` says where. Its
+        gradients and RNG draws are undone. Lower ``trainer.micro_batch_size`` and set
+        ``state.oom = None`` to redo it; otherwise the run ends before this step."""
 
     def on_after_backward(self, trainer) -> None:
         """Gradients of all micro-batches are accumulated (still loss-scaled under fp16)."""

@@ -18,7 +18,7 @@ from trainguard.engine.batch import ModelAdapter, extract_logits, split_batch, t
 from trainguard.engine.data import Batch, DataStream
 from trainguard.engine.events import Event, Hook, hook_method
 from trainguard.engine.precision import autocast
-from trainguard.engine.state import RunState
+from trainguard.engine.state import OutOfMemory, RunState
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Trainer:
     micro_batch_size: int
     cfg: TrainConfig
     hooks: list[Hook] = field(default_factory=list)
+    memory: Any = None  # a trainguard.memory.meter.DeviceMemory when memory is measured (CUDA, or a budget)
     state: RunState = field(default_factory=RunState)
     batch: Batch | None = None
     at_boundary: bool = False  # True once fit() left the loop between steps (safe to checkpoint)
@@ -57,9 +58,11 @@ class Trainer:
             self.fire(Event.FIT_START)
             while not st.stop and st.step < self.cfg.max_steps:
                 self.batch = next(self.data)
-                st.batch_ids, st.epoch, st.position = self.batch.ids, self.data.epoch, self.data.position
+                st.batch_ids = self.batch.ids
                 self.fire(Event.STEP_START)
-                self.train_step(self.batch)
+                if not self.train_step(self.batch):
+                    break  # the step could not be computed: the run ends before it (state as after the last step)
+                st.epoch, st.position = self.data.epoch, self.data.position
                 self.fire(Event.STEP_END)
             self.at_boundary = True
             if st.status == "running":
@@ -77,13 +80,18 @@ class Trainer:
             self.fire(Event.FIT_END)
         return st
 
-    def train_step(self, batch: Batch) -> None:
-        """One optimizer step over ``batch``, accumulated over micro-batches."""
+    def train_step(self, batch: Batch) -> bool:
+        """One optimizer step over ``batch``, accumulated over micro-batches.
+
+        Returns False when its gradients could not be computed (out of memory, and no hook
+        recovered): nothing of the step was applied.
+        """
         st, opt = self.state, self.optimizer
         st.skip_step = False
         st.lr = opt.param_groups[0]["lr"]
         self.model.train()
-        st.loss = self.forward_backward(batch)
+        if not self.gradients(batch):
+            return False
         self.fire(Event.AFTER_BACKWARD)
         self.unscale_and_clip()
         self.fire(Event.BEFORE_OPTIMIZER_STEP)
@@ -94,6 +102,23 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         st.step += 1
         st.samples += len(batch) + len(batch.bad)
+        return True
+
+    def gradients(self, batch: Batch) -> bool:
+        """``forward_backward`` into ``state.loss``, redone while an OUT_OF_MEMORY hook recovers.
+
+        Returns False if the run must end before this step (``state.stop`` is then set).
+        """
+        st = self.state
+        st.loss = self.forward_backward(batch)
+        while st.oom is not None:
+            self.fire(Event.OUT_OF_MEMORY)
+            if st.oom is not None:  # no hook lowered the micro-batch
+                if not st.stop:
+                    st.request_stop("failed", st.oom.describe(), hint="lower train.micro_batch_size, or set guard.on_oom: split")
+                return False
+            st.loss = self.forward_backward(batch)
+        return True
 
     def unscale_and_clip(self) -> None:
         """Unscale fp16 gradients and clip; the total norm stays a device tensor (no host sync)."""
@@ -101,25 +126,45 @@ class Trainer:
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         self.state.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
-    def retry_step(self, batch: Batch) -> None:
+    def retry_step(self, batch: Batch) -> bool:
         """Redo this step's gradients on another batch (fewer samples, or smaller micro-batches).
 
         Called by hooks at BEFORE_OPTIMIZER_STEP. Not with an fp16 GradScaler, which allows
-        one unscale per step.
+        one unscale per step. Returns False if the run must end before this step.
         """
         assert not self.scaler.is_enabled(), "retry_step needs the scaler disabled (fp32/bf16)"
         self.optimizer.zero_grad(set_to_none=True)
         self.batch = batch
         self.state.batch_ids = batch.ids
-        self.state.loss = self.forward_backward(batch)
+        if not self.gradients(batch):
+            return False
         self.unscale_and_clip()
+        return True
 
-    def forward_backward(self, batch: Batch) -> torch.Tensor:
+    def forward_backward(self, batch: Batch) -> torch.Tensor | None:
         """Forward and backward over the micro-batches; returns the sample-weighted mean loss.
 
         Each micro-batch's loss is scaled by its share of the samples present, so the summed
-        gradient equals that of one big batch whatever the micro-batch size.
+        gradient equals that of one big batch whatever the micro-batch size. Out of device
+        memory, the attempt is undone (partial gradients dropped, RNG streams restored, the
+        exception and the activations its traceback holds released) and ``state.oom`` says so.
         """
+        rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if self.device.type == "cuda" else None)
+        try:
+            return self._accumulate(batch)
+        except torch.OutOfMemoryError as e:
+            oom = OutOfMemory(self.state.step + 1, self.micro_batch_size, (str(e).splitlines() or [""])[0][:300])
+        # outside the except block: the exception and its frames are gone, so memory is free again
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1])
+        if self.memory is not None:
+            oom.in_use, oom.limit = self.memory.release()
+        self.state.oom = oom
+        return None
+
+    def _accumulate(self, batch: Batch) -> torch.Tensor:
         n = len(batch)
         total = torch.zeros((), device=self.device)
         if n == 0:  # every sample failed to load: nothing to learn from (the Guard records it)
@@ -151,16 +196,17 @@ class Trainer:
                     break
                 if batch.data is None:
                     continue
-                micro = to_device(batch.data, self.device, non_blocking=True)
-                with autocast(self.device.type, self.precision):
-                    out, loss, labels = self.adapter(micro)
-                loss_sum += loss.double() * len(batch)
-                n_samples += len(batch)
-                logits = extract_logits(out)
-                if logits is not None and isinstance(labels, torch.Tensor) and logits.shape[:-1] == labels.shape:
-                    mask = labels != -100
-                    correct += ((logits.argmax(-1) == labels) & mask).sum()
-                    counted += mask.sum()
+                for micro, k in split_batch(batch.data, self.micro_batch_size):  # follows OOM splits
+                    micro = to_device(micro, self.device, non_blocking=True)
+                    with autocast(self.device.type, self.precision):
+                        out, loss, labels = self.adapter(micro)
+                    loss_sum += loss.double() * k
+                    n_samples += k
+                    logits = extract_logits(out)
+                    if logits is not None and isinstance(labels, torch.Tensor) and logits.shape[:-1] == labels.shape:
+                        mask = labels != -100
+                        correct += ((logits.argmax(-1) == labels) & mask).sum()
+                        counted += mask.sum()
         finally:
             self.model.train(was_training)
         metrics = {"loss": (loss_sum / max(1, n_samples)).item()}

@@ -7,6 +7,21 @@ from typing import Any
 
 
 @dataclass
+class OutOfMemory:
+    """A forward/backward that ran out of device memory (the exception itself is not kept: its
+    traceback would hold the activations)."""
+
+    step: int                          # the step being computed (1-based)
+    micro_batch_size: int
+    message: str                       # the exception's first line
+    in_use: int | None = None          # bytes the device had in use after the failed attempt was undone
+    limit: int | None = None           # the device's (or the budget's) size in bytes
+
+    def describe(self) -> str:
+        return f"out of device memory at step {self.step} with micro-batch {self.micro_batch_size}: {self.message}"
+
+
+@dataclass
 class RunState:
     """Everything that changes while training; the counters go into every checkpoint."""
 
@@ -24,8 +39,10 @@ class RunState:
     # flags hooks set to change the run
     skip_step: bool = False            # skip this step's optimizer update
     stop: bool = False                 # stop after this step
+    oom: OutOfMemory | None = None     # set when this step's forward/backward ran out of memory
     status: str = "running"            # running | completed | failed | interrupted
     error: str | None = None
+    hint: str | None = None            # what the user can do about `error`
     exit_code: int = 0
     # results
     eval_metrics: dict[str, float] = field(default_factory=dict)
@@ -33,9 +50,9 @@ class RunState:
     final_loss: float | None = None
     report: dict[str, Any] = field(default_factory=dict)   # sections hooks add to summary.json
 
-    def request_stop(self, status: str, error: str | None = None, exit_code: int = 1) -> None:
+    def request_stop(self, status: str, error: str | None = None, exit_code: int = 1, hint: str | None = None) -> None:
         """Ask the loop to stop at the next step boundary."""
-        self.stop, self.status, self.error, self.exit_code = True, status, error, exit_code
+        self.stop, self.status, self.error, self.exit_code, self.hint = True, status, error, exit_code, hint
 
     def counters(self) -> dict[str, int]:
         """The counters that a checkpoint stores."""

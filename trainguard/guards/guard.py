@@ -132,7 +132,9 @@ class Guard(Hook):
         culprits = set(finding.sample_ids)
         if not culprits or len(culprits) >= len(batch) or finding.kind == "parameter" or trainer.scaler.is_enabled():
             return False
-        trainer.retry_step(batch.without(culprits))
+        if not trainer.retry_step(batch.without(culprits)):
+            st.skip_step = True  # out of memory and the run stops: nothing of this step is applied
+            return True
         bad, loss = step_signals(st.loss, st.grad_norm)
         if bad:
             return False

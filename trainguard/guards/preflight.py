@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainguard.engine.batch import to_device
+from trainguard.engine.batch import slice_batch, to_device
 from trainguard.engine.precision import autocast
 from trainguard.errors import RunFailed, TrainguardError
 from trainguard.guards.localize import preserved_state, module_trace
@@ -44,30 +44,46 @@ def preflight(trainer) -> list[Check]:
                       "fix the dataset's __getitem__ (run it on one index by hand to see the error)")]
     checks.append(Check("data", "warn" if batch.bad else "pass",
                         f"first micro-batch: {len(batch)} samples" + (f", {len(batch.bad)} failed to load" if batch.bad else "")))
+    n = len(batch)
     model = trainer.model
-    trace = module_trace(model)
-    try:
-        with preserved_state(model), trace:
-            micro = to_device(batch.data, trainer.device)
-            with autocast(trainer.device.type, trainer.precision):
-                _, loss, _ = trainer.adapter(micro)
-            loss.backward()
-    except TrainguardError as e:
-        checks.append(Check("forward", "fail", e.message, e.hint))
-        return checks
-    except torch.OutOfMemoryError:
-        checks.append(Check("forward", "fail", f"the first forward/backward with micro-batch {n} raised torch.OutOfMemoryError",
-                            "lower train.micro_batch_size (accumulation keeps the effective batch)"))
-        return checks
-    except Exception as e:  # the model's own error: name the module and the shapes
-        where = trace.explain()
-        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        checks.append(Check("forward", "fail", f"the first forward/backward failed {where}: {msg}" if where else f"the first forward/backward failed: {msg}",
-                            "the data's shapes and the model's layer sizes disagree: fix the layer size or the data"
-                            if where else "run with --debug for the traceback"))
-        return checks
-    finally:
-        trainer.optimizer.zero_grad(set_to_none=True)
+    while True:
+        trace = module_trace(model)
+        oom = False
+        try:
+            with preserved_state(model), trace:
+                micro = to_device(slice_batch(batch.data, 0, n), trainer.device)
+                with autocast(trainer.device.type, trainer.precision):
+                    _, loss, _ = trainer.adapter(micro)
+                loss.backward()
+        except TrainguardError as e:
+            checks.append(Check("forward", "fail", e.message, e.hint))
+            return checks
+        except torch.OutOfMemoryError:
+            oom = True  # handled below, once the exception (and the activations it holds) is gone
+        except Exception as e:  # the model's own error: name the module and the shapes
+            where = trace.explain()
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            checks.append(Check("forward", "fail", f"the first forward/backward failed {where}: {msg}" if where else f"the first forward/backward failed: {msg}",
+                                "the data's shapes and the model's layer sizes disagree: fix the layer size or the data"
+                                if where else "run with --debug for the traceback"))
+            return checks
+        finally:
+            trainer.optimizer.zero_grad(set_to_none=True)
+        if not oom:
+            break
+        if n == 1:
+            from trainguard.guards.oom import one_sample_need
+            from trainguard.memory.sizes import fmt_bytes
+
+            need, limit = one_sample_need(trainer, batch), getattr(trainer.memory, "limit", None)
+            checks.append(Check("memory", "fail", f"one sample does not fit in device memory: a step at micro-batch 1 needs "
+                                f"{fmt_bytes(need) if need else 'more than there is'}"
+                                + (f", {fmt_bytes(limit)} available" if limit else ""),
+                                "a smaller model or shorter samples, precision fp16/bf16 on a GPU, or a device with more memory"))
+            return checks
+        checks.append(Check("memory", "warn", f"micro-batch {n} ran out of device memory in the preflight forward/backward; "
+                            "step 1 will split it (guard.on_oom)", "set train.micro_batch_size: auto to start at the largest that fits"))
+        n = 1  # the other checks still run, on one sample
     checks.append(Check("forward", "pass", f"forward and backward ran; loss {loss.item():.4g}"))
     if not torch.isfinite(loss):
         checks.append(Check("loss", "warn", f"the first micro-batch gives a non-finite loss ({loss.item()})",

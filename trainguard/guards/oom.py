@@ -1,0 +1,102 @@
+"""Out of device memory mid-run: redo the step with smaller micro-batches (``guard.on_oom: split``).
+
+The loop undoes the failed attempt (gradients, RNG draws, the exception and the activations it
+held) and fires OUT_OF_MEMORY. This hook halves the micro-batch (to the largest divisor of the
+batch size at most half of it, so micro x accumulation = batch_size exactly and the gradient is
+that of the same batch) and the loop redoes the step on the same samples. The new size is kept
+for the rest of the run, saved in checkpoints, and reported. When one sample does not fit, or
+with ``on_oom: stop``, the run stops before the step, saying how much memory one sample needs.
+"""
+
+from __future__ import annotations
+
+from trainguard.engine.events import Hook
+from trainguard.guards.localize import preserved_state
+from trainguard.memory.search import divisor_at_most
+from trainguard.memory.sizes import fmt_bytes
+
+
+def one_sample_need(trainer, batch) -> int | None:
+    """Bytes a forward/backward on the largest of ``batch``'s samples peaks at: measured past the
+    limit on a simulated device, else predicted on fake tensors; None if neither can tell."""
+    from trainguard.engine.batch import slice_batch
+    from trainguard.memory import predict, trial
+
+    if batch is None or batch.data is None or not len(batch):
+        return None
+    item = _first_item(slice_batch(batch.data, 0, 1))
+    if getattr(trainer.memory, "kind", None) == "simulated":
+        with preserved_state(trainer.model):  # forward/backward only: weights untouched, buffers and RNG restored
+            t = trial.measure(trainer, item, 1, optimizer_step=False, enforce=False)
+        return t.peak
+    try:
+        return predict.predict_trainer(trainer, item, 1).peak
+    except Exception:  # noqa: BLE001 - the estimate is a courtesy in an error message
+        return None
+
+
+def _first_item(x):
+    """A one-sample batch back as one sample (so it can be repeated and collated again)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x[0]
+    if isinstance(x, dict):
+        return {k: _first_item(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_first_item(v) for v in x)
+    return x[0] if isinstance(x, list) else x
+
+
+class OomRecovery(Hook):
+    """Splits the micro-batch on OUT_OF_MEMORY (or stops the run), and records each split."""
+
+    def __init__(self, on_oom: str, batch_size: int, log, configured_micro_batch: int):
+        self.on_oom, self.batch_size, self.log = on_oom, batch_size, log
+        self.configured = configured_micro_batch
+        self.splits: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"splits": self.splits}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.splits = list(d["splits"])
+
+    def on_out_of_memory(self, trainer) -> None:
+        st, oom = trainer.state, trainer.state.oom
+        if self.on_oom == "stop":
+            self.log.event(st.step + 1, "oom", oom.message, micro_batch_size=oom.micro_batch_size, action="stop")
+            st.request_stop("failed", oom.describe() + " (guard.on_oom: stop)",
+                            hint=f"set train.micro_batch_size below {oom.micro_batch_size}, or guard.on_oom: split; "
+                                 "re-running resumes from the last checkpoint")
+            return
+        m = trainer.micro_batch_size
+        smaller = divisor_at_most(self.batch_size, m // 2) if m > 1 else 0
+        if smaller < 1:
+            need = one_sample_need(trainer, trainer.batch)
+            self.log.event(st.step + 1, "oom", oom.message, micro_batch_size=1, action="stop", one_sample_bytes=need)
+            avail = f"{fmt_bytes(oom.limit)} available" if oom.limit else "the device's memory"
+            st.request_stop(
+                "failed",
+                f"one sample does not fit in device memory: a step at micro-batch 1 needs "
+                f"about {fmt_bytes(need) if need else 'more than there is'}, {avail} (step {oom.step})",
+                hint="a smaller model or shorter samples, precision fp16/bf16 on a GPU, or a device with more memory; "
+                     "`trainguard autoconfig --profile NAME` predicts what fits where")
+            return
+        trainer.micro_batch_size = smaller
+        st.oom = None
+        self.splits.append({"step": oom.step, "from": m, "to": smaller})
+        self.log.event(st.step + 1, "oom", f"{oom.message}; the step is redone with micro-batch {smaller}",
+                       micro_batch_size=m, new_micro_batch_size=smaller, grad_accum=trainer.grad_accum,
+                       sample_ids=trainer.batch.ids, in_use_bytes=oom.in_use, limit_bytes=oom.limit)
+
+    def on_fit_end(self, trainer) -> None:
+        if self.splits:
+            from rich.console import Console
+
+            Console(stderr=True, soft_wrap=True, highlight=False).print(
+                f"[yellow]memory[/yellow]: out of memory {len(self.splits)}x; micro-batch "
+                f"{self.splits[0]['from']} -> {trainer.micro_batch_size} (accumulation {trainer.grad_accum}); "
+                f"set train.micro_batch_size: {trainer.micro_batch_size} to start there")
+        trainer.state.report["oom"] = {"splits": len(self.splits), "configured_micro_batch_size": self.configured,
+                                       "micro_batch_size": trainer.micro_batch_size, "history": self.splits}

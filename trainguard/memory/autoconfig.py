@@ -1,0 +1,183 @@
+"""Choosing the micro-batch (and precision, workers) for a device: measured, cached, or predicted.
+
+* :func:`tune`: on the device in hand (CUDA, or a simulated ``--memory-budget``), real trial steps
+  on the worst-case batch find the largest micro-batch that fits ``(1 - headroom)`` of the memory;
+  the micro-batch is then the largest divisor of ``train.batch_size`` at most that, so the
+  effective batch is unchanged. Used by ``trainguard autoconfig`` and ``micro_batch_size: auto``.
+* :func:`cached_tune`: the same, remembered per (model, data, optimizer, batch, precision, device),
+  so the next run on that hardware starts tuned. A stale entry is harmless: an OOM splits.
+* :func:`predict_for_profile`: the same search on fake tensors for a profile's card that is not
+  here (``trainguard autoconfig --profile gtx1650`` on a laptop).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from trainguard.errors import RunFailed
+from trainguard.memory.search import SearchResult, divisor_at_most, search
+from trainguard.memory.sizes import fmt_bytes
+from trainguard.memory.trial import Trial
+
+
+@dataclass
+class Tuning:
+    """What autoconfig chose, and why (the ``--json`` output has these fields)."""
+
+    micro_batch_size: int
+    grad_accum: int
+    batch_size: int
+    precision: str
+    num_workers: int
+    memory_limit_bytes: int | None       # what the run may use: the budget, else the device's memory
+    usable_bytes: int | None             # less the headroom (and, predicted, a card's fixed costs)
+    predicted_peak_bytes: int | None     # the peak at micro_batch_size (measured or predicted, see `method`)
+    method: str                          # measured | predicted | cached | none
+    max_micro_batch_size: int            # the largest micro-batch that fits, divisor of batch_size or not
+    trials: int = 0
+    device: str = ""
+    profile: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+def usable_bytes(memory, headroom: float) -> int:
+    """Bytes a step may peak at: the limit less the headroom, and on a CUDA card without a budget
+    less what other processes (and the CUDA context) already hold."""
+    usable = int(memory.limit * (1 - headroom))
+    if memory.kind == "cuda" and not memory.budget:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(memory.device)
+        others = total - free - torch.cuda.memory_reserved(memory.device)
+        usable -= max(0, others)
+    return usable
+
+
+def _choose(res: SearchResult, batch_size: int, what: str) -> tuple[int, list[str]]:
+    m = divisor_at_most(batch_size, res.largest)
+    notes = []
+    if m < res.largest:
+        notes.append(f"up to {res.largest} samples fit per micro-batch; {m} is the largest that divides "
+                     f"train.batch_size {batch_size}" + ("" if m * 4 >= res.largest * 3 else
+                                                         " (a batch_size with more divisors would use the memory better)"))
+    return m, notes
+
+
+def too_small(need: int | None, usable: int, limit: int, headroom: float, what: str) -> RunFailed:
+    return RunFailed(
+        f"one sample does not fit {what}: a step at micro-batch 1 needs "
+        f"{fmt_bytes(need) if need else 'more than that'}, {fmt_bytes(usable)} usable "
+        f"({fmt_bytes(limit)} less {headroom:.0%} headroom)",
+        "a smaller model or shorter samples, fp16/bf16 on a GPU, or more memory (memory.headroom, --memory-budget)")
+
+
+def tune(trainer, batch_size: int, headroom: float, on_trial: Callable[[Trial], None] | None = None) -> Tuning:
+    """Search the largest micro-batch on ``trainer``'s device; the trainer is left as it was.
+
+    Must run before the first step (see :func:`trainguard.memory.trial.preserved`).
+    """
+    from trainguard.memory import trial
+
+    mem = trainer.memory
+    usable = usable_bytes(mem, headroom)
+    item = trainer.data.scan().worst_item
+    with trial.preserved(trainer):
+        res = search(lambda m: trial.measure(trainer, item, m, enforce=False, accumulate=m < batch_size),
+                     usable, batch_size, on_trial=on_trial)
+        if res.largest == 0:
+            need = res.trials[0].peak if not res.trials[0].oom else None
+            raise too_small(need, usable, mem.limit, headroom, "in device memory")
+    m, notes = _choose(res, batch_size, "device")
+    peak = next((t.peak for t in res.trials if t.m == m and not t.oom), None) or (round(res.lines.predict(m)) if res.lines else None)
+    return Tuning(m, batch_size // m, batch_size, trainer.precision, 0, mem.limit, usable, peak, "measured",
+                  res.largest, len(res.trials), notes=notes)
+
+
+# ---- the cache ---------------------------------------------------------------------------------------
+def cache_path() -> Path:
+    root = os.environ.get("TRAINGUARD_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainguard"
+    return Path(root) / "autoconfig.json"
+
+
+def cache_key(cfg, device_name: str, limit: int | None) -> str:
+    import torch
+
+    what = {"model": cfg.model, "loss": cfg.loss, "data": cfg.data.train, "fields": cfg.data.fields,
+            "optim": cfg.optim.model_dump(mode="json"), "batch_size": cfg.train.batch_size,
+            "precision": cfg.train.precision, "headroom": cfg.memory.headroom, "device": device_name,
+            "limit": limit, "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_tune(trainer, cfg, device_name: str, on_trial=None) -> tuple[Tuning, bool]:
+    """:func:`tune`, or its remembered answer for the same model, config and device. Returns (tuning, from_cache)."""
+    key = cache_key(cfg, device_name, trainer.memory.limit)
+    hit = _read_cache().get(key)
+    if hit:
+        return Tuning(**{**hit, "method": "cached"}), True
+    tuning = tune(trainer, cfg.train.batch_size, cfg.memory.headroom, on_trial)
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_cache()
+        data[key] = {**tuning.as_json(), "notes": tuning.notes + [f"searched {time.strftime('%Y-%m-%d %H:%M')}"]}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: tuning still works, it is only not remembered
+        pass
+    return tuning, False
+
+
+# ---- prediction for a card that is not here -----------------------------------------------------------
+def predict_for_profile(cfg, prof, on_trial=None) -> Tuning:
+    """The micro-batch search on fake tensors, against the profile's memory less its headroom and fixed costs."""
+    import torch
+
+    from trainguard.config.instantiate import instantiate
+    from trainguard.engine.data import DataStream
+    from trainguard.engine.optim import build_optimizer
+    from trainguard.memory import predict
+
+    try:
+        with torch.device("meta"):  # no memory for the weights: only their shapes are needed
+            model = instantiate(cfg.model, "model")
+    except Exception:  # noqa: BLE001 - some models cannot be built on meta; build them for real
+        model = instantiate(cfg.model, "model")
+    loss_fn = instantiate(cfg.loss, "loss") if cfg.loss else None
+    ds = instantiate(cfg.data.train, "data.train")
+    item = DataStream(ds, cfg.train.batch_size, seed=cfg.seed, shuffle=False, num_workers=0, pin_memory=False).scan().worst_item
+    make_opt = lambda params: build_optimizer(params, cfg.optim)  # noqa: E731
+    costs = predict.fixed_costs(prof)
+    limit = int(prof.memory_gb * 2**30)
+    usable = int(limit * (1 - cfg.memory.headroom)) - costs.get("cuda_context", 0)
+    extra = costs.get("cublas_workspace", 0)
+    precision = cfg.train.precision
+    res = search(lambda m: predict.fake_step(model, loss_fn, cfg.data.fields, make_opt, item, m, precision, extra),
+                 usable, cfg.train.batch_size, on_trial=on_trial)
+    if res.largest == 0:
+        raise too_small(res.trials[0].peak, usable, limit, cfg.memory.headroom, f"the {prof.name} profile's memory")
+    m, notes = _choose(res, cfg.train.batch_size, prof.name)
+    peak = next(t.peak for t in res.trials if t.m == res.largest) if m == res.largest else predict.fake_step(
+        model, loss_fn, cfg.data.fields, make_opt, item, m, precision, extra).peak
+    if costs:
+        notes.append("fixed costs added: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in costs.items()))
+    return Tuning(m, cfg.train.batch_size // m, cfg.train.batch_size, precision, int(cfg.data.num_workers)
+                  if cfg.data.num_workers != "auto" else prof.num_workers, limit, usable, peak, "predicted",
+                  res.largest, len(res.trials), device=prof.description, profile=prof.name, notes=notes)

@@ -1,0 +1,167 @@
+"""Predicting a step's memory without running it: the real model code on fake tensors.
+
+Under ``FakeTensorMode`` every operator computes only shapes and dtypes, so a forward, backward
+and optimizer step costs a fraction of a real one and needs no device; the
+:class:`~trainguard.memory.tracker.TensorMemory` mode counts the bytes as it would for real
+tensors. The model's parameters are replaced by fake ones of the same shapes (``functional_call``),
+so the model itself can live on ``meta`` (``trainguard autoconfig --profile`` never allocates it).
+
+fp16/bf16 for a CUDA card is not run through CPU autocast, whose cast lists differ (it keeps
+layer_norm and softmax in half precision where CUDA uses fp32): :class:`CudaAutocast` applies
+CUDA's lists at the function level, above autograd, so the casts and what autograd saves are those
+of a real CUDA run, including autocast's cache of the half-precision weights.
+
+A card also has costs no tensor shows: the CUDA context (300-400 MB with lazy module loading,
+outside ``memory_allocated``), cuBLAS workspaces, the allocator's rounding and fragmentation.
+:func:`fixed_costs` adds them for a profile's card; docs/memory.md gives the figures and errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from trainguard.engine.batch import ModelAdapter
+from trainguard.engine.optim import materialize_state
+from trainguard.memory.tracker import TensorMemory
+from trainguard.memory.trial import Trial, worst_case_batch
+
+MiB = 2**20
+CUDA_CONTEXT = 350 * MiB          # measured range 300-400 MB with CUDA_MODULE_LOADING=LAZY (the default)
+
+
+def fixed_costs(profile) -> dict[str, int]:
+    """Device memory a CUDA card spends beside the tensors (zero for CPU/MPS profiles)."""
+    if profile.device != "cuda":
+        return {}
+    hopper = (profile.compute_capability or (0, 0)) >= (9, 0)
+    return {"cuda_context": CUDA_CONTEXT, "cublas_workspace": 32 * MiB if hopper else 9 * MiB}
+
+
+# ---- CUDA autocast, mirrored at the function level ----------------------------------------------
+_LOWER = {F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+          F.conv_transpose3d, F.prelu, F.scaled_dot_product_attention, torch.matmul, torch.mm, torch.bmm,
+          torch.mv, torch.addmm, torch.addmv, torch.addbmm, torch.baddbmm, torch.einsum, torch.chain_matmul,
+          torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.Tensor.mm,
+          torch.Tensor.bmm, torch.Tensor.addmm, torch.Tensor.baddbmm}
+_FP32 = {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, F.softmin, F.cross_entropy, F.nll_loss,
+         F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.binary_cross_entropy_with_logits,
+         F.kl_div, F.poisson_nll_loss, F.ctc_loss, F.softplus, F.cosine_similarity, F.normalize,
+         torch.softmax, torch.log_softmax, torch.Tensor.softmax, torch.Tensor.log_softmax,
+         torch.exp, torch.Tensor.exp, torch.log, torch.Tensor.log, torch.pow, torch.Tensor.pow,
+         torch.Tensor.__pow__, torch.rsqrt, torch.Tensor.rsqrt, torch.cumsum, torch.Tensor.cumsum,
+         torch.logsumexp, torch.Tensor.logsumexp, torch.norm, torch.Tensor.norm, torch.cdist}
+
+
+class CudaAutocast(TorchFunctionMode):
+    """CUDA autocast's cast policy for ``dtype``, applied to torch functions (so autograd sees the
+    casts). Functions on neither list run in their inputs' dtype, as under autocast. Limit: a
+    Python-level composite (``F.multi_head_attention_forward``) runs as a whole in its inputs'
+    dtype, where CUDA would cast the projections inside it."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def _cast(self, x: Any, dtype: torch.dtype) -> Any:
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
+            if x.is_leaf and x.requires_grad:  # autocast caches the casts of weights for the region
+                key = id(x)
+                if key not in self.cache:
+                    self.cache[key] = x.to(dtype)
+                return self.cache[key]
+            return x.to(dtype)
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._cast(v, dtype) for v in x)
+        return x
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LOWER or func in _FP32:
+            dtype = self.dtype if func in _LOWER else torch.float32
+            args = tuple(self._cast(a, dtype) for a in args)
+            kwargs = {k: self._cast(v, dtype) for k, v in kwargs.items()}
+            return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+# ---- the fake step ---------------------------------------------------------------------------------
+class _Call(nn.Module):
+    """Lets ``functional_call`` swap the parameters of the model an adapter calls."""
+
+    def __init__(self, adapter: ModelAdapter):
+        super().__init__()
+        self.inner = adapter.model
+        self.adapter = adapter
+
+    def forward(self, data):
+        return self.adapter(data)
+
+
+def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[[list], torch.optim.Optimizer],
+              item: Any, m: int, precision: str, extra: int = 0) -> Trial:
+    """Peak bytes of each phase of one training step at micro-batch ``m`` (``item`` repeated),
+    as a CUDA device would count them; ``extra`` bytes are added to each phase (fixed costs)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # the supported way to run without data
+
+    batch = worst_case_batch(item, m)
+    fm = FakeTensorMode(allow_non_fake_inputs=False)
+    tracker = TensorMemory(None)
+    call = _Call(ModelAdapter(model, loss_fn, fields))
+    phases: dict[str, int] = {}
+    with fm:
+        def fake(t: torch.Tensor, grad: bool) -> torch.Tensor:
+            f = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+            return f.requires_grad_(grad)
+
+        params = {f"inner.{n}": fake(p, p.requires_grad) for n, p in model.named_parameters()}
+        buffers = {f"inner.{n}": fake(b, False) for n, b in model.named_buffers()}
+        data = _fake_batch(batch, fake)
+        with tracker:
+            tracker.track(list(params.values()), list(buffers.values()), data)
+            opt = make_optimizer([p for p in params.values() if p.requires_grad])
+            materialize_state(opt)
+            tracker.reset_peak()
+            low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+            mode = CudaAutocast(low) if low is not None else None
+            if mode is not None:
+                with mode:
+                    _, loss, _ = torch.func.functional_call(call, {**params, **buffers}, (data,))
+                mode.cache.clear()  # autocast frees its weight casts when the region ends
+            else:
+                _, loss, _ = torch.func.functional_call(call, {**params, **buffers}, (data,))
+            phases["forward"] = tracker.peak + extra
+            tracker.reset_peak()
+            loss.backward()
+            del loss
+            phases["backward"] = tracker.peak + extra
+            tracker.reset_peak()
+            opt.step()
+            phases["optimizer"] = tracker.peak + extra
+    return Trial(m, False, phases)
+
+
+def _fake_batch(x: Any, fake) -> Any:
+    if isinstance(x, torch.Tensor):
+        return fake(x, False)
+    if isinstance(x, dict):
+        return {k: _fake_batch(v, fake) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_fake_batch(v, fake) for v in x)
+    return x
+
+
+def optimizer_like(opt: torch.optim.Optimizer) -> Callable[[list], torch.optim.Optimizer]:
+    """A factory for an optimizer of the same class and settings over other parameters."""
+    return lambda params: type(opt)(params, **opt.defaults)
+
+
+def predict_trainer(trainer, item, m: int) -> Trial:
+    """:func:`fake_step` for the model, loss, fields, optimizer and precision of a built trainer."""
+    a = trainer.adapter
+    return fake_step(a.model, a.loss_fn, a.fields, optimizer_like(trainer.optimizer), item, m, trainer.precision)

@@ -1,0 +1,121 @@
+"""Live tensor bytes, counted as a device allocator would see them, with an optional cap.
+
+:class:`TensorMemory` is a ``TorchDispatchMode``: every tensor storage that an operator creates
+or reads is counted once (views share their storage) until the storage is freed (a weakref
+finaliser). Storages are rounded up to 512 bytes, as CUDA's caching allocator does. With a
+``limit`` it raises ``torch.OutOfMemoryError`` at the operator whose result would push the live
+bytes past it, which is where a GPU of that size would have failed: so ``--memory-budget`` on a
+CPU gives every OOM path a real exception in a real run (forward, backward, optimizer step).
+Gradients made by the autograd engine are counted too: the mode is active in the backward.
+
+It nests inside ``FakeTensorMode`` (fake tensors have storages of their real size), which is how
+:mod:`trainguard.memory.predict` measures a step without computing it.
+
+``torch.utils._python_dispatch.TorchDispatchMode`` and ``torch.utils.weak`` are the documented way
+to write a dispatch mode, though their modules are underscored or internal; both are used only
+here, and tests/test_memory.py checks the counts against torch's own MemTracker.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from trainguard.memory.sizes import fmt_bytes
+
+BLOCK = 512  # the CUDA caching allocator's rounding
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            if isinstance(v, torch.Tensor):
+                yield v
+            elif isinstance(v, (list, tuple)):
+                yield from _tensors(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+
+
+class TensorMemory(TorchDispatchMode):
+    """Counts live tensor bytes (and their peak); past ``limit`` raises ``torch.OutOfMemoryError``.
+
+    Use as a context manager. ``track()`` registers tensors made before it was entered (a model's
+    parameters, an optimizer's state); tensors an operator reads are registered on first sight.
+    Only the process that created it counts (a forked DataLoader worker passes through).
+    """
+
+    def __init__(self, limit: int | None = None, *, name: str = "memory budget"):
+        super().__init__()
+        self.limit, self.name = limit, name
+        self.live = 0
+        self.peak = 0
+        self._sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._pid = os.getpid()
+        self.enforce = True   # False: count, but never raise (measuring past the limit)
+        self.paused = False   # True: neither count nor raise (host-side copies made by the search)
+
+    # ---- counting ---------------------------------------------------------------------------
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def _add(self, t: torch.Tensor) -> int:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse, nested, or a subclass without one storage
+            return 0
+        if st in self._sizes:
+            return 0
+        n = -(-st.nbytes() // BLOCK) * BLOCK
+        self._sizes[st] = n
+        weakref.finalize(st, self._free, n)
+        self.live += n
+        if self.live > self.peak:
+            self.peak = self.live
+        return n
+
+    def track(self, *objs) -> None:
+        """Count tensors created outside the mode: modules (parameters, gradients, buffers),
+        optimizers (state), tensors, or containers of them."""
+        for obj in objs:
+            if isinstance(obj, torch.nn.Module):
+                for t in (*obj.parameters(), *obj.buffers()):
+                    self._add(t)
+                    if getattr(t, "grad", None) is not None:
+                        self._add(t.grad)
+            elif isinstance(obj, torch.optim.Optimizer):
+                for state in obj.state.values():
+                    for t in _tensors(state):
+                        self._add(t)
+            else:
+                for t in _tensors(obj):
+                    self._add(t)
+
+    def reset_peak(self) -> None:
+        """Start a new peak from what is live now."""
+        self.peak = self.live
+
+    # ---- the mode -------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.paused or os.getpid() != self._pid:
+            return out
+        for t in _tensors(args):
+            self._add(t)
+        new = 0
+        for t in _tensors(out):
+            new += self._add(t)
+        if self.enforce and self.limit is not None and new and self.live > self.limit:
+            live = self.live
+            del out  # the allocation "failed": its result is dropped, as on a GPU
+            raise torch.OutOfMemoryError(
+                f"out of memory under the {self.name} of {fmt_bytes(self.limit)} (simulated on the CPU): "
+                f"tried to allocate {fmt_bytes(new)} in {func}, with {fmt_bytes(live - new)} in use")
+        return out
