@@ -39,6 +39,12 @@ def toy_config(**sections) -> dict:
     return cfg
 
 
+@pytest.fixture(autouse=True)
+def _autoconfig_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own autoconfig cache: nothing leaks between tests or from the user's."""
+    monkeypatch.setenv("TRAINGUARD_CACHE_DIR", str(tmp_path_factory.mktemp("tgcache")))
+
+
 @pytest.fixture
 def write_config(tmp_path):
     """Write a config dict (toy defaults merged) to a YAML file and return its path."""

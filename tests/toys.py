@@ -310,3 +310,35 @@ class NoisyBlobs(Blobs):
         noise = torch.randn(len(item["x"])) * 0.1 + float(np.random.rand()) * 0.01 + random.random() * 0.01
         item["x"] = (torch.tensor(item["x"]) + noise).tolist()
         return item
+
+
+class TinyImages(Dataset):
+    """3x16x16 images of 4 classes (a bright quadrant per class), for the CNN memory tests."""
+
+    def __init__(self, n: int = 128, size: int = 16):
+        g = torch.Generator().manual_seed(0)
+        self.labels = torch.randint(0, 4, (n,), generator=g)
+        self.x = torch.rand(n, 3, size, size, generator=g) * 0.2
+        h = size // 2
+        for i, c in enumerate(self.labels.tolist()):
+            self.x[i, :, (c // 2) * h:(c // 2 + 1) * h, (c % 2) * h:(c % 2 + 1) * h] += 1.0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": int(self.labels[i])}
+
+
+class SmallCNN(nn.Module):
+    """conv-bn-relu x2, pool, linear: a ResNet-style stem in plain torch."""
+
+    def __init__(self, width: int = 16, classes: int = 4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
+
+    def forward(self, image, label=None):
+        logits = self.body(image)
+        return {"logits": logits, "loss": F.cross_entropy(logits, label)}

@@ -27,7 +27,7 @@ def one_sample_need(trainer, batch) -> int | None:
     item = _first_item(slice_batch(batch.data, 0, 1))
     if getattr(trainer.memory, "kind", None) == "simulated":
         with preserved_state(trainer.model):  # forward/backward only: weights untouched, buffers and RNG restored
-            t = trial.measure(trainer, item, 1, optimizer_step=False, enforce=False)
+            t = trial.measure(trainer, item, 1, optimizer_step=False, enforce=False, batch_size=len(batch))
         return t.peak
     try:
         return predict.predict_trainer(trainer, item, 1).peak

@@ -91,7 +91,8 @@ def tune(trainer, batch_size: int, headroom: float, on_trial: Callable[[Trial], 
     usable = usable_bytes(mem, headroom)
     item = trainer.data.scan().worst_item
     with trial.preserved(trainer):
-        res = search(lambda m: trial.measure(trainer, item, m, enforce=False, accumulate=m < batch_size),
+        res = search(lambda m: trial.measure(trainer, item, m, enforce=False, accumulate=m < batch_size,
+                                                         batch_size=batch_size),
                      usable, batch_size, on_trial=on_trial)
         if res.largest == 0:
             need = res.trials[0].peak if not res.trials[0].oom else None
@@ -169,15 +170,77 @@ def predict_for_profile(cfg, prof, on_trial=None) -> Tuning:
     usable = int(limit * (1 - cfg.memory.headroom)) - costs.get("cuda_context", 0)
     extra = costs.get("cublas_workspace", 0)
     precision = cfg.train.precision
-    res = search(lambda m: predict.fake_step(model, loss_fn, cfg.data.fields, make_opt, item, m, precision, extra),
-                 usable, cfg.train.batch_size, on_trial=on_trial)
+    # fake steps are cheap: look past batch_size, so the answer also says how far the card would go
+    bs = cfg.train.batch_size
+    res = search(lambda m: predict.fake_step(model, loss_fn, cfg.data.fields, make_opt, item, m, precision, extra, m < bs),
+                 usable, 4096 * cfg.train.batch_size, on_trial=on_trial)
     if res.largest == 0:
         raise too_small(res.trials[0].peak, usable, limit, cfg.memory.headroom, f"the {prof.name} profile's memory")
     m, notes = _choose(res, cfg.train.batch_size, prof.name)
+    if res.largest > cfg.train.batch_size:
+        notes = [f"the card fits up to {res.largest} samples per micro-batch: train.batch_size {cfg.train.batch_size} "
+                 "runs without accumulation, with room for a larger batch"]
     peak = next(t.peak for t in res.trials if t.m == res.largest) if m == res.largest else predict.fake_step(
-        model, loss_fn, cfg.data.fields, make_opt, item, m, precision, extra).peak
+        model, loss_fn, cfg.data.fields, make_opt, item, m, precision, extra, m < bs).peak
     if costs:
         notes.append("fixed costs added: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in costs.items()))
     return Tuning(m, cfg.train.batch_size // m, cfg.train.batch_size, precision, int(cfg.data.num_workers)
                   if cfg.data.num_workers != "auto" else prof.num_workers, limit, usable, peak, "predicted",
                   res.largest, len(res.trials), device=prof.description, profile=prof.name, notes=notes)
+
+
+# ---- `trainguard autoconfig` ------------------------------------------------------------------------
+def autoconfigure(config_path, *, profile: str | None = None, overrides: list[str] | None = None,
+                  memory_budget: int | None = None, on_trial=None) -> tuple[Tuning, dict]:
+    """Tune a config for the device in hand (``measured``) or for a profile whose card is not here
+    (``predicted``). Returns the tuning and the user's config with the chosen values filled in."""
+    from trainguard.config.load import deep_merge, load_yaml_with_extends, parse_override, resolve_config
+    from trainguard.hardware.probe import probe
+    from trainguard.hardware.profiles import match_profile
+
+    cfg, prof, why = resolve_config(config_path, profile=profile, overrides=overrides)
+    info = probe()
+    here = prof.device == info.type and (info.type != "cuda" or match_profile(info)[0].name == prof.name)
+    if here or memory_budget:
+        tuning = _measure_here(cfg, prof, info, memory_budget, on_trial)
+    else:
+        if cfg.train.precision == "auto":
+            cfg.train.precision = prof.precision
+        if cfg.train.precision == "bf16" and not prof.bf16:
+            from trainguard.errors import ConfigError
+
+            raise ConfigError(f"precision bf16 is not supported on {prof.name} ({prof.description})",
+                              "use --set train.precision=fp16 (with loss scaling) or fp32")
+        tuning = predict_for_profile(cfg, prof, on_trial)
+        tuning.notes.insert(0, f"predicted for {prof.name}: this machine has {info.name}")
+    user = load_yaml_with_extends(config_path)
+    for item in overrides or []:
+        user = deep_merge(user, parse_override(item))
+    tuned = deep_merge(user, {"hardware": prof.name,
+                              "train": {"micro_batch_size": tuning.micro_batch_size, "precision": tuning.precision},
+                              "data": {"num_workers": tuning.num_workers}})
+    return tuning, tuned
+
+
+def _measure_here(cfg, prof, info, memory_budget: int | None, on_trial) -> Tuning:
+    from trainguard.memory.meter import SimulatedMemory, open_memory, prefer_expandable_segments
+    from trainguard.run import _device, _resolve_runtime, build_core
+
+    prefer_expandable_segments()
+    cfg.train.micro_batch_size = "auto"
+    cfg, _ = _resolve_runtime(cfg, prof, info)
+    device = _device(info)
+    memory = open_memory(device, memory_budget)
+    if memory is None:  # a CPU without a budget: the RAM that is free is the limit
+        memory = SimulatedMemory(int(info.free_memory_gb * 2**30), name="free RAM")
+    memory.start()
+    try:
+        trainer = build_core(cfg, device, memory)
+        tuning = tune(trainer, cfg.train.batch_size, cfg.memory.headroom, on_trial)
+    finally:
+        memory.stop()
+    tuning.num_workers, tuning.device, tuning.profile = int(cfg.data.num_workers), info.name, prof.name
+    if memory.kind == "simulated":
+        what = "--memory-budget" if memory_budget else "free RAM"
+        tuning.notes.insert(0, f"measured on {info.name} against {what} {fmt_bytes(memory.limit)} (simulated device memory)")
+    return tuning

@@ -104,28 +104,33 @@ class _Call(nn.Module):
 
 
 def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[[list], torch.optim.Optimizer],
-              item: Any, m: int, precision: str, extra: int = 0) -> Trial:
+              item: Any, m: int, precision: str, extra: int = 0, accumulate: bool = True) -> Trial:
     """Peak bytes of each phase of one training step at micro-batch ``m`` (``item`` repeated),
-    as a CUDA device would count them; ``extra`` bytes are added to each phase (fixed costs)."""
+    as a CUDA device would count them; ``extra`` bytes are added to each phase (fixed costs).
+    ``accumulate``: gradients exist before the backward (every micro-batch after the first)."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # the supported way to run without data
 
-    batch = worst_case_batch(item, m)
+    one = worst_case_batch(item, 1)  # real shapes of one sample; the fake batch gets m rows without the data
     fm = FakeTensorMode(allow_non_fake_inputs=False)
     tracker = TensorMemory(None)
     call = _Call(ModelAdapter(model, loss_fn, fields))
     phases: dict[str, int] = {}
     with fm:
-        def fake(t: torch.Tensor, grad: bool) -> torch.Tensor:
-            f = torch.empty(t.shape, dtype=t.dtype, device="cpu")
-            return f.requires_grad_(grad)
+        def fake(t: torch.Tensor, grad: bool, rows: int | None = None) -> torch.Tensor:
+            shape = t.shape if rows is None else (rows, *t.shape[1:])
+            return torch.empty(shape, dtype=t.dtype, device="cpu").requires_grad_(grad)
 
         params = {f"inner.{n}": fake(p, p.requires_grad) for n, p in model.named_parameters()}
         buffers = {f"inner.{n}": fake(b, False) for n, b in model.named_buffers()}
-        data = _fake_batch(batch, fake)
+        data = _fake_batch(one, fake, m)
         with tracker:
             tracker.track(list(params.values()), list(buffers.values()), data)
             opt = make_optimizer([p for p in params.values() if p.requires_grad])
             materialize_state(opt)
+            if accumulate:
+                for p in params.values():
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
             tracker.reset_peak()
             low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
             mode = CudaAutocast(low) if low is not None else None
@@ -146,13 +151,16 @@ def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[
     return Trial(m, False, phases)
 
 
-def _fake_batch(x: Any, fake) -> Any:
+def _fake_batch(x: Any, fake, m: int) -> Any:
+    """A collated one-sample batch as a fake batch of ``m`` samples."""
     if isinstance(x, torch.Tensor):
-        return fake(x, False)
+        return fake(x, False, m)
     if isinstance(x, dict):
-        return {k: _fake_batch(v, fake) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_fake_batch(v, fake) for v in x)
+        return {k: _fake_batch(v, fake, m) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_fake_batch(v, fake, m) for v in x)
+    if isinstance(x, list):  # strings and other per-sample values stay a list, one per sample
+        return x[:1] * m
     return x
 
 

@@ -109,12 +109,12 @@ class TensorMemory(TorchDispatchMode):
             return out
         for t in _tensors(args):
             self._add(t)
-        new = 0
+        peak, new = self.peak, 0
         for t in _tensors(out):
             new += self._add(t)
         if self.enforce and self.limit is not None and new and self.live > self.limit:
-            live = self.live
-            del out  # the allocation "failed": its result is dropped, as on a GPU
+            live, self.peak = self.live, peak
+            del out  # the allocation "failed": its result is dropped (and never was the peak), as on a GPU
             raise torch.OutOfMemoryError(
                 f"out of memory under the {self.name} of {fmt_bytes(self.limit)} (simulated on the CPU): "
                 f"tried to allocate {fmt_bytes(new)} in {func}, with {fmt_bytes(live - new)} in use")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainguard.engine.batch import to_device
+from trainguard.engine.batch import slice_batch, to_device
 from trainguard.engine.collate import collate_samples
 from trainguard.engine.optim import reset_state
 from trainguard.engine.precision import autocast
@@ -67,11 +67,13 @@ def worst_case_batch(item, m: int):
 
 
 def measure(trainer, item, m: int, *, optimizer_step: bool = True, enforce: bool = True,
-            accumulate: bool = True) -> Trial:
+            accumulate: bool = True, batch_size: int | None = None) -> Trial:
     """One step at micro-batch ``m`` on copies of ``item``, under ``trainer.memory``.
 
     ``accumulate``: gradients exist before the backward, as for every micro-batch after the first
     (the backward then holds a new gradient beside the old one before adding them up).
+    ``batch_size``: the whole batch is collated on the host and micro-batch ``m`` moved to the
+    device, as the loop does (on a simulated device the host batch counts too, as it does there).
     ``enforce=False`` (simulated devices) measures past the limit instead of raising.
     Call inside :func:`preserved`.
     """
@@ -91,13 +93,14 @@ def measure(trainer, item, m: int, *, optimizer_step: bool = True, enforce: bool
                     p.grad = torch.zeros_like(p)
         mem.release()
         mem.reset_peak()
-        micro = to_device(worst_case_batch(item, m), trainer.device)
+        host = worst_case_batch(item, max(m, batch_size or m))
+        micro = to_device(slice_batch(host, 0, m), trainer.device)
         with autocast(trainer.device.type, trainer.precision):
             _, loss, _ = trainer.adapter(micro)
         phases["forward"] = mem.peak()
         mem.reset_peak()
         loss.backward()
-        del loss, micro
+        del loss, micro, host
         phases["backward"] = mem.peak()
         if optimizer_step:
             mem.reset_peak()
