@@ -36,7 +36,7 @@ def test_required_profiles_are_bundled(name):
 
 def test_gtx1650_profile_facts():
     p = get_profile("gtx1650")
-    assert p.memory_gb == 4 and p.compute_capability == (7, 5) and p.fp16 and not p.bf16 and p.precision == "fp16"
+    assert p.memory_gb == 3.81 and "3.81 GiB" in p.memory_source and p.compute_capability == (7, 5) and p.fp16 and not p.bf16 and p.precision == "fp16"
 
 
 def test_precedence_defaults_profile_yaml_set(tmp_path):

@@ -37,7 +37,7 @@ def profiles_command(
             t.add_column("description", ratio=1)
         for p in bundled_profiles().values():
             cc = ".".join(map(str, p.compute_capability)) if p.compute_capability else "-"
-            row = [p.name, p.device, f"{p.memory_gb:g} GB", cc, p.precision, "yes" if p.tf32 else "no",
+            row = [p.name, p.device, f"{p.memory_gb:g} GiB", cc, p.precision, "yes" if p.tf32 else "no",
                    "yes" if p.compile else "no", str(p.num_workers), f"{p.memory_headroom:.0%}"]
             t.add_row(*row, *([p.description] if wide else []))
         console.print(t)

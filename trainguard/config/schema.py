@@ -75,7 +75,7 @@ class TrainConfig(Section):
 
     max_steps: int = Field(1000, gt=0, description="Number of optimizer steps to train for.")
     batch_size: int = Field(32, gt=0, description="Effective samples per optimizer step, all ranks together.")
-    micro_batch_size: Union[int, Literal["auto"]] = Field("auto", description="Samples per forward/backward; `auto` = the whole batch. Accumulation = batch_size / (micro_batch_size * world).")
+    micro_batch_size: Union[int, Literal["auto"]] = Field("auto", description="Samples per forward/backward; `auto` = the largest that fits on a CUDA device or under --memory-budget (searched once, then cached), else the whole batch. Accumulation = batch_size / (micro_batch_size * world).")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="Autocast precision; `auto` takes the hardware profile's default, falling back to what the device supports.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the total gradient norm to this value; 0 disables clipping.")
     log_every: int = Field(10, gt=0, description="Write a metrics.jsonl line every N optimizer steps (and at the first and last step).")
@@ -113,7 +113,7 @@ class GuardConfig(Section):
     rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="With `rollback`: multiply the learning rate by this after each rollback.")
     spike_factor: float = Field(0.0, ge=0, description="Treat a finite loss above this multiple of the running median as a bad step; 0 = off.")
     spike_window: int = Field(50, ge=5, description="Number of recent finite losses in the running median for spike detection.")
-    on_oom: Literal["split", "stop"] = Field("split", description="On out-of-memory: `split` the micro-batch and retry the step, or `stop`. (planned: OOM recovery is not built yet; an OOM stops the run)")
+    on_oom: Literal["split", "stop"] = Field("split", description="Out of device memory in a step: `split` redoes it with half the micro-batch (twice the accumulation, same effective batch) and keeps that size; `stop` ends the run before the step.")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -141,7 +141,7 @@ class LogConfig(Section):
 class MemoryConfig(Section):
     """Device memory limits."""
 
-    headroom: float = Field(0.1, ge=0, lt=1, description="Fraction of device memory kept free (set by the hardware profile).")
+    headroom: float = Field(0.1, ge=0, lt=1, description="Fraction of device memory (or of --memory-budget) the micro-batch search keeps free (set by the hardware profile).")
 
 
 class Config(Section):

@@ -26,7 +26,9 @@ class Profile(BaseModel):
     description: str = Field(description="The device in words.")
     device: Literal["cuda", "mps", "cpu"] = Field(description="torch device type.")
     match: list[str] = Field(default_factory=list, description="Substrings of the CUDA device name this profile matches.")
-    memory_gb: float = Field(description="Device memory in GiB (for cpu: a typical RAM budget).")
+    memory_gb: float = Field(description="Device memory in GiB as torch reports it (`get_device_properties().total_memory`; for cpu: a typical RAM budget).")
+    memory_source: str = Field("nominal capacity from the vendor's specification; not yet read off the card with torch",
+                               description="Where the memory figure comes from.")
     compute_capability: tuple[int, int] | None = Field(None, description="CUDA compute capability, e.g. [7, 5].")
     fp16: bool = Field(description="Fast fp16 math is available.")
     bf16: bool = Field(description="bf16 is supported natively.")
