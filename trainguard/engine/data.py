@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -75,10 +76,27 @@ class Scan:
     worst_item: Any
     bad: list[BadSample] = field(default_factory=list)
 
-    def describe(self) -> str:
-        lo, hi = min(self.sizes), max(self.sizes)
-        what = f"all {lo} elements" if lo == hi else f"{lo}..{hi} elements, median {sorted(self.sizes)[len(self.sizes) // 2]}"
-        return f"{len(self.sizes)} samples scanned: {what}; the largest is sample {self.worst_id}"
+
+@contextlib.contextmanager
+def _host_rng_kept():
+    """Leave this process's python/numpy/torch-CPU RNG streams as they were (dropout, ...)."""
+    saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.default_generator.set_state(saved[2])
+
+
+def _first_items(dataset, n: int) -> list:
+    """The first ``n`` items of an iterable dataset, numbered by stream position."""
+    pairs = []
+    for pos, item in enumerate(dataset):
+        pairs.append((pos, item if item is not None else BadSample(pos, "the dataset returned None")))
+        if len(pairs) >= n:
+            break
+    return pairs
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -113,13 +131,8 @@ class SampleFetcher(Dataset):
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
         if get_worker_info() is not None:  # a worker's RNG streams are its own
             return [self._fetch(*k) for k in keys]
-        saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
-        try:
+        with _host_rng_kept():  # keep the training process's RNG streams (dropout, ...) untouched
             return [self._fetch(*k) for k in keys]
-        finally:  # keep the training process's RNG streams (dropout, ...) untouched
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.default_generator.set_state(saved[2])
 
     def __getitem__(self, key: tuple[int, int]):
         return self.__getitems__([key])[0]
@@ -218,11 +231,7 @@ class DataStream:
     def peek(self, n: int) -> Batch:
         """The first ``n`` samples of epoch 0, fetched in this process (for preflight); the stream is untouched."""
         if self.iterable:
-            pairs = []
-            for pos, item in enumerate(self.dataset):
-                pairs.append((pos, item if item is not None else BadSample(pos, "the dataset returned None")))
-                if len(pairs) >= n:
-                    break
+            pairs = _first_items(self.dataset, n)
         else:
             pairs = SampleFetcher(self.dataset, self.seed).__getitems__([(0, i) for i in self.sampler.order(0)[:n]])
         return _collate(pairs)
@@ -231,17 +240,8 @@ class DataStream:
         """Up to ``limit`` samples spread over the dataset (the first ones of a stream), fetched in
         this process with the RNG streams untouched; the stream's position is not moved."""
         if self.iterable:
-            saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
-            try:
-                pairs = []
-                for pos, item in enumerate(self.dataset):
-                    pairs.append((pos, item if item is not None else BadSample(pos, "the dataset returned None")))
-                    if len(pairs) >= limit:
-                        break
-            finally:
-                random.setstate(saved[0])
-                np.random.set_state(saved[1])
-                torch.default_generator.set_state(saved[2])
+            with _host_rng_kept():
+                pairs = _first_items(self.dataset, limit)
         else:
             n = self.sampler.n
             idx = sorted({round(i * (n - 1) / max(1, limit - 1)) for i in range(min(n, limit))})

@@ -13,7 +13,7 @@ from __future__ import annotations
 from trainguard.engine.events import Hook
 from trainguard.guards.localize import preserved_state
 from trainguard.memory.search import divisor_at_most
-from trainguard.memory.sizes import fmt_bytes
+from trainguard.memory.sizes import fmt_bytes, one_sample_does_not_fit
 
 
 def one_sample_need(trainer, batch) -> int | None:
@@ -75,13 +75,9 @@ class OomRecovery(Hook):
         if smaller < 1:
             need = one_sample_need(trainer, trainer.batch)
             self.log.event(st.step + 1, "oom", oom.message, micro_batch_size=1, action="stop", one_sample_bytes=need)
-            avail = f"{fmt_bytes(oom.limit)} available" if oom.limit else "the device's memory"
-            st.request_stop(
-                "failed",
-                f"one sample does not fit in device memory: a step at micro-batch 1 needs "
-                f"about {fmt_bytes(need) if need else 'more than there is'}, {avail} (step {oom.step})",
-                hint="a smaller model or shorter samples, precision fp16/bf16 on a GPU, or a device with more memory; "
-                     "`trainguard autoconfig --profile NAME` predicts what fits where")
+            avail = f"{fmt_bytes(oom.limit)} available" if oom.limit else "more than the device has"
+            message, hint = one_sample_does_not_fit(need, f"{avail} (step {oom.step})")
+            st.request_stop("failed", message, hint=hint)
             return
         trainer.micro_batch_size = smaller
         st.oom = None

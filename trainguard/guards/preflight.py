@@ -73,13 +73,11 @@ def preflight(trainer) -> list[Check]:
             break
         if n == 1:
             from trainguard.guards.oom import one_sample_need
-            from trainguard.memory.sizes import fmt_bytes
+            from trainguard.memory.sizes import fmt_bytes, one_sample_does_not_fit
 
-            need, limit = one_sample_need(trainer, batch), getattr(trainer.memory, "limit", None)
-            checks.append(Check("memory", "fail", f"one sample does not fit in device memory: a step at micro-batch 1 needs "
-                                f"{fmt_bytes(need) if need else 'more than there is'}"
-                                + (f", {fmt_bytes(limit)} available" if limit else ""),
-                                "a smaller model or shorter samples, precision fp16/bf16 on a GPU, or a device with more memory"))
+            limit = getattr(trainer.memory, "limit", None)
+            avail = f"{fmt_bytes(limit)} available" if limit else "more than the device has"
+            checks.append(Check("memory", "fail", *one_sample_does_not_fit(one_sample_need(trainer, batch), avail)))
             return checks
         checks.append(Check("memory", "warn", f"micro-batch {n} ran out of device memory in the preflight forward/backward; "
                             "step 1 will split it (guard.on_oom)", "set train.micro_batch_size: auto to start at the largest that fits"))

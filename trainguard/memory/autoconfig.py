@@ -22,7 +22,7 @@ from typing import Callable
 
 from trainguard.errors import RunFailed
 from trainguard.memory.search import SearchResult, divisor_at_most, search
-from trainguard.memory.sizes import fmt_bytes
+from trainguard.memory.sizes import fmt_bytes, one_sample_does_not_fit
 from trainguard.memory.trial import Trial
 
 
@@ -62,7 +62,7 @@ def usable_bytes(memory, headroom: float) -> int:
     return usable
 
 
-def _choose(res: SearchResult, batch_size: int, what: str) -> tuple[int, list[str]]:
+def _choose(res: SearchResult, batch_size: int) -> tuple[int, list[str]]:
     m = divisor_at_most(batch_size, res.largest)
     notes = []
     if m < res.largest:
@@ -72,12 +72,9 @@ def _choose(res: SearchResult, batch_size: int, what: str) -> tuple[int, list[st
     return m, notes
 
 
-def too_small(need: int | None, usable: int, limit: int, headroom: float, what: str) -> RunFailed:
-    return RunFailed(
-        f"one sample does not fit {what}: a step at micro-batch 1 needs "
-        f"{fmt_bytes(need) if need else 'more than that'}, {fmt_bytes(usable)} usable "
-        f"({fmt_bytes(limit)} less {headroom:.0%} headroom)",
-        "a smaller model or shorter samples, fp16/bf16 on a GPU, or more memory (memory.headroom, --memory-budget)")
+def too_small(need: int | None, usable: int, limit: int, headroom: float, where: str = "") -> RunFailed:
+    return RunFailed(*one_sample_does_not_fit(
+        need, f"{fmt_bytes(usable)} usable{where} ({fmt_bytes(limit)} less {headroom:.0%} headroom)"))
 
 
 def tune(trainer, batch_size: int, headroom: float, on_trial: Callable[[Trial], None] | None = None) -> Tuning:
@@ -96,8 +93,8 @@ def tune(trainer, batch_size: int, headroom: float, on_trial: Callable[[Trial], 
                      usable, batch_size, on_trial=on_trial)
         if res.largest == 0:
             need = res.trials[0].peak if not res.trials[0].oom else None
-            raise too_small(need, usable, mem.limit, headroom, "in device memory")
-    m, notes = _choose(res, batch_size, "device")
+            raise too_small(need, usable, mem.limit, headroom)
+    m, notes = _choose(res, batch_size)
     peak = next((t.peak for t in res.trials if t.m == m and not t.oom), None) or (round(res.lines.predict(m)) if res.lines else None)
     return Tuning(m, batch_size // m, batch_size, trainer.precision, 0, mem.limit, usable, peak, "measured",
                   res.largest, len(res.trials), notes=notes)
@@ -175,8 +172,8 @@ def predict_for_profile(cfg, prof, on_trial=None) -> Tuning:
     res = search(lambda m: predict.fake_step(model, loss_fn, cfg.data.fields, make_opt, item, m, precision, extra, m < bs),
                  usable, 4096 * cfg.train.batch_size, on_trial=on_trial)
     if res.largest == 0:
-        raise too_small(res.trials[0].peak, usable, limit, cfg.memory.headroom, f"the {prof.name} profile's memory")
-    m, notes = _choose(res, cfg.train.batch_size, prof.name)
+        raise too_small(res.trials[0].peak, usable, limit, cfg.memory.headroom, f" on {prof.name}")
+    m, notes = _choose(res, cfg.train.batch_size)
     if res.largest > cfg.train.batch_size:
         notes = [f"the card fits up to {res.largest} samples per micro-batch: train.batch_size {cfg.train.batch_size} "
                  "runs without accumulation, with room for a larger batch"]

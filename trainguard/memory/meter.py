@@ -65,9 +65,6 @@ class DeviceMemory:
         """After an out-of-memory: give cached blocks back; returns (bytes in use, limit)."""
         return self.in_use(), self.limit
 
-    def track(self, *objs) -> None:
-        """Count tensors made before :meth:`start` (simulated devices only)."""
-
     def paused(self):
         """A context in which host-side work is not counted (simulated devices only)."""
         return contextlib.nullcontext()
@@ -99,9 +96,6 @@ class CudaMemory(DeviceMemory):
 
     def peak(self) -> int:
         return torch.cuda.max_memory_allocated(self.device)
-
-    def reserved_peak(self) -> int:
-        return torch.cuda.max_memory_reserved(self.device)
 
     def reset_peak(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -138,9 +132,6 @@ class SimulatedMemory(DeviceMemory):
 
     def reset_peak(self) -> None:
         self.tracker.reset_peak()
-
-    def track(self, *objs) -> None:
-        self.tracker.track(*objs)
 
     @contextlib.contextmanager
     def paused(self):

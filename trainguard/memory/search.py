@@ -62,15 +62,6 @@ class SearchResult:
     trials: list[Trial] = field(default_factory=list)
     lines: PhaseLines | None = None
 
-    @property
-    def peak(self) -> int | None:
-        """The measured peak at ``largest``."""
-        return next((t.peak for t in self.trials if t.m == self.largest and not t.oom), None)
-
-    @property
-    def smallest_failing(self) -> int | None:
-        return min((t.m for t in self.trials if not t.fits(self.usable)), default=None)
-
 
 def search(measure: Callable[[int], Trial], usable: int, upper: int, max_trials: int = MAX_TRIALS,
            on_trial: Callable[[Trial], None] | None = None) -> SearchResult:

@@ -24,6 +24,14 @@ def parse_size(text: str) -> int:
     return n
 
 
+def one_sample_does_not_fit(need: int | None, available: str) -> tuple[str, str]:
+    """The error (message, hint) when a step on one sample needs more memory than there is."""
+    return (f"one sample does not fit in device memory: a step at micro-batch 1 needs about "
+            f"{fmt_bytes(need) if need else 'more than there is'}, {available}",
+            "a smaller model or shorter samples, precision fp16/bf16 on a GPU, or a device with more memory; "
+            "`trainguard autoconfig --profile NAME` predicts what fits where")
+
+
 def fmt_bytes(n: float | int | None) -> str:
     """``1536 MiB`` -> ``1.50 GiB``; binary units, three significant digits."""
     if n is None:
