@@ -43,6 +43,35 @@ def test_extra_fields_and_int_lists_reach_an_explicit_forward(cli, tmp_path):
     assert train_losses[-1] < 0.8 * train_losses[0]
 
 
+def test_a_kwargs_forward_gets_only_the_fields_it_names(cli, tmp_path):
+    """A Hugging Face-style forward(input_ids, attention_mask=None, labels=None, **kwargs) gets what it
+    names, not `idx` or raw strings (HF Trainer's remove_unused_columns); the rest is said once."""
+    code, out, summary, events, metrics = train(
+        cli, tmp_path, model={"_target_": "tests.toys:KwargsModel"},
+        data={"train": {"_target_": "tests.toys:TokenRows"}, "val": None}, train={"max_steps": 20, "batch_size": 16})
+    assert code == 0, out  # the model raises if anything else reaches its **kwargs
+    assert "the model gets attention_mask, input_ids, labels; left out: idx, sentence" in out
+    # a field listed in data.fields goes through **kwargs: here the model refuses it, and the run says so at once
+    code, out, *_ = train(cli, tmp_path, "listed", model={"_target_": "tests.toys:KwargsModel"},
+                          data={"train": {"_target_": "tests.toys:TokenRows"}, "val": None, "fields": ["idx"]},
+                          train={"max_steps": 20, "batch_size": 16})
+    assert code == 1 and "unexpected fields reached the model: ['idx']" in out and "Traceback" not in out
+
+
+def test_a_module_that_makes_every_step_nonfinite_is_named_in_the_error(cli, tmp_path):
+    """A layer that returns NaN from step 21 on: the run stops at its budget, and the final error line
+    and summary.json name the module and say it looks like the model, not the data."""
+    code, out, summary, events, _ = train(
+        cli, tmp_path, model={"_target_": "tests.toys:BreaksAt", "at": 21}, data={"val": None},
+        train={"max_steps": 60, "batch_size": 16}, guard={"max_skip_fraction": 0.2, "max_consecutive_bad_steps": 50})
+    assert code == 1, out
+    error = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "skip budget exceeded" in error[0] and "`body.1.1`" in error[0] and "model problem" in error[0], out
+    assert "hint:" in out and "body.1.1" in out.split("hint:")[1]
+    assert "`body.1.1`" in summary["error"] and "model problem" in summary["error"]
+    assert summary["guard"]["nonfinite_places"] == {"output of module `body.1.1`": summary["skipped_steps"]}
+
+
 def test_ctc_infeasible_samples_are_skipped_and_named(cli, tmp_path):
     """Report 001: CTC loss is inf for a few samples; those are skipped and named, the run completes."""
     code, out, summary, events, _ = train(

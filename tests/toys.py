@@ -342,3 +342,94 @@ class SmallCNN(nn.Module):
     def forward(self, image, label=None):
         logits = self.body(image)
         return {"logits": logits, "loss": F.cross_entropy(logits, label)}
+
+
+# ---- faults for the diagnose tests (issue 8) ---------------------------------------------------
+
+
+class FloatTokens(TokenRows):
+    """Token ids read back as floats (as pandas does with a NaN in the column): they cannot index an Embedding."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        item["input_ids"] = [float(t) for t in item["input_ids"]]
+        return item
+
+
+class NanBlobs(Blobs):
+    """Blobs where every `every`-th sample has a NaN feature (a failed normalisation upstream)."""
+
+    def __init__(self, every: int = 5, **kw):
+        super().__init__(**kw)
+        self.every = every
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        if i % self.every == 0:
+            item["x"][0] = float("nan")
+        return item
+
+
+class NeedsMask(MLP):
+    """forward() requires a `mask` argument that the dataset does not provide."""
+
+    def forward(self, x, mask, label=None):
+        return super().forward(x * mask, label)
+
+
+class WithUnused(MLP):
+    """An MLP with a layer it never calls (no gradient: under DDP that needs find_unused_parameters)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.spare = nn.Linear(4, 4)
+
+
+@torch.library.custom_op("trainguard_tests::double", mutates_args=())
+def _double(x: torch.Tensor) -> torch.Tensor:
+    """A custom kernel registered without a fake (meta) implementation: eager runs, torch.compile cannot trace it."""
+    return x * 2
+
+
+_double.register_autograd(lambda ctx, grad: grad * 2)
+
+
+class CustomOpMLP(MLP):
+    """The MLP with a custom op that has no fake kernel: torch.compile fails on it, eager works."""
+
+    def forward(self, x, label=None):
+        return super().forward(_double(x), label)
+
+
+class KwargsModel(nn.Module):
+    """A Hugging Face-style forward(input_ids, attention_mask=None, labels=None, **kwargs) that refuses
+    what it did not ask for (as an HF model passing **kwargs on to its layers would fail on `idx`)."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16):
+        super().__init__()
+        self.bag = BagOfTokens(vocab, dim)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        if kwargs:
+            raise TypeError(f"unexpected fields reached the model: {sorted(kwargs)}")
+        return self.bag(input_ids, attention_mask, labels)
+
+
+class NanFrom(nn.Module):
+    """Identity until its `at`-th call, then NaN for every sample: a layer that breaks mid-run."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * float("nan") if self.calls >= self.at else x
+
+
+class BreaksAt(MLP):
+    """The MLP whose `body.1` (after the first Linear) emits NaN from its `at`-th forward on."""
+
+    def __init__(self, at: int = 21, **kw):
+        super().__init__(**kw)
+        self.body[1] = nn.Sequential(nn.ReLU(), NanFrom(at))

@@ -12,10 +12,11 @@ class TrainguardError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, check: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.check = check  # the `trainguard diagnose` check it belongs to (e.g. "data.fields"), if not obvious
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} (hint: {self.hint})"

@@ -38,7 +38,7 @@ from trainguard.guards.guard import Guard
 from trainguard.guards.oom import OomRecovery
 from trainguard.guards.preflight import preflight, require
 from trainguard.hardware.probe import probe
-from trainguard.memory.meter import open_memory, prefer_expandable_segments
+from trainguard.memory.meter import host_side, open_memory, prefer_expandable_segments
 from trainguard.memory.sizes import fmt_bytes, parse_size
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -47,7 +47,7 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 # micro_batch_size: accumulation gives the same gradient (up to float rounding), so a run may
 # resume on a smaller card with smaller micro-batches.
 RESUMABLE_CHANGES = ("hardware", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                     "train.micro_batch_size", "data.num_workers", "data.pin_memory", "checkpoint.", "log.",
+                     "train.micro_batch_size", "train.compile", "data.num_workers", "data.pin_memory", "checkpoint.", "log.",
                      "guard.", "hooks", "memory.")
 
 
@@ -95,9 +95,11 @@ def _resolve_runtime(cfg: Config, prof, info) -> tuple[Config, list[str]]:
     if workers == "auto":
         workers = max(0, min(prof.num_workers, info.cpu_count - 1))
     pin = (info.type == "cuda") if cfg.data.pin_memory == "auto" else (cfg.data.pin_memory and info.type == "cuda")
-    if cfg.train.compile and info.type == "cpu":
-        notes.append("train.compile is ignored on CPU (it needs a C++ toolchain and rarely pays off there)")
+    compile_ = cfg.train.compile and prof.device == info.type
+    if cfg.train.compile and not compile_:
+        notes.append(f"train.compile is ignored: profile {prof.name} is for {prof.device}, this run is on {info.type}")
     cfg = cfg.model_copy(deep=True)
+    cfg.train.compile = compile_
     cfg.train.precision, cfg.train.micro_batch_size = precision, mbs
     cfg.data.num_workers, cfg.data.pin_memory = workers, pin
     cfg.hardware = prof.name
@@ -150,33 +152,46 @@ def _find_resume(resume: str, ckpt_root: Path) -> tuple[Path | None, list[tuple[
     return path, []
 
 
-def build_core(cfg: Config, device: torch.device, memory=None) -> Trainer:
-    """Model, loss, training data, optimizer and schedule, each from its own config section, wired
-    into a :class:`Trainer` without hooks (what ``trainguard autoconfig`` measures, too).
-    ``cfg.train.micro_batch_size`` must be resolved (an int)."""
+def build_model(cfg: Config, device: torch.device):
+    """The model (seeded from ``cfg.seed``, on ``device``) and the loss function, if any."""
     seed_everything(cfg.seed)
     if cfg.model is None:
         raise ConfigError("no model: the config has no `model:` section", "add `model: {_target_: pkg.module:build_model}`")
-    if cfg.data.train is None:
-        raise ConfigError("no training data: the config has no `data.train`", "add `data: {train: {_target_: pkg.module:build_dataset}}`")
     model = instantiate(cfg.model, "model")
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model._target_ returned {type(model).__name__}, not a torch.nn.Module", "return an nn.Module instance")
     model.to(device)
-    loss_fn = instantiate(cfg.loss, "loss") if cfg.loss else None
+    return model, (instantiate(cfg.loss, "loss") if cfg.loss else None)
+
+
+def build_train_data(cfg: Config) -> DataStream:
+    """The training data stream in the engine-owned order."""
+    if cfg.data.train is None:
+        raise ConfigError("no training data: the config has no `data.train`", "add `data: {train: {_target_: pkg.module:build_dataset}}`")
     train_ds = _build_dataset(cfg.data.train, "data.train")
-    data = DataStream(train_ds, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
+    return DataStream(train_ds, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
                       num_workers=int(cfg.data.num_workers), pin_memory=bool(cfg.data.pin_memory))
+
+
+def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | None = None) -> Trainer:
+    """Model, loss, training data, optimizer and schedule, each from its own config section, wired
+    into a :class:`Trainer` without hooks (what ``trainguard autoconfig`` measures, too).
+    ``cfg.train.micro_batch_size`` must be resolved (an int). ``parts``: ``(model, loss_fn, data)``
+    already built by :func:`build_model` and :func:`build_train_data` (``trainguard diagnose``)."""
+    if parts is None:
+        model, loss_fn = build_model(cfg, device)
+        with host_side(memory):
+            parts = (model, loss_fn, build_train_data(cfg))
+    model, loss_fn, data = parts
     optimizer = build_optimizer(model, cfg.optim)
     try:
         materialize_state(optimizer)  # the first step's allocation, now: an OOM here is a clear setup error
     except torch.OutOfMemoryError:
-        need = memory.in_use() if memory is not None else None
         raise RunFailed(f"the model and its optimizer state alone do not fit in device memory"
                         + (f" ({fmt_bytes(memory.limit)} available)" if memory is not None else ""),
-                        "a smaller model, an optimizer with less state (optim.name: sgd), or more memory") from None
+                        "a smaller model, an optimizer with less state (optim.name: sgd), or more memory", check="memory.fit") from None
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.max_steps)
-    forward_model = torch.compile(model) if cfg.train.compile and device.type != "cpu" else model
+    forward_model = torch.compile(model) if cfg.train.compile else model  # checked (or dropped) by the preflight
     return Trainer(model=model, adapter=ModelAdapter(forward_model, loss_fn, cfg.data.fields), optimizer=optimizer,
                    scheduler=scheduler, scaler=grad_scaler(device.type, cfg.train.precision), data=data, device=device,
                    precision=cfg.train.precision, micro_batch_size=int(cfg.train.micro_batch_size), cfg=cfg.train,
@@ -292,9 +307,11 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
                   micro_batch_size=mbs)
     checks = preflight(trainer)
     for c in checks:
+        if c.status == "pass" and c.name == "data.fields":  # the fields left out are said once at start
+            console.print(f"note: {c.message}")
         if c.status == "warn":
             console.print(f"[yellow]preflight[/yellow]: {c.message}" + (f" (hint: {c.hint})" if c.hint else ""))
-            log.event(trainer.state.step, "preflight", c.message)
+            log.event(trainer.state.step, "preflight", c.message, check=c.name)
     require(checks)
 
 

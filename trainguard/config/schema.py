@@ -33,7 +33,7 @@ class DataConfig(Section):
 
     train: Target | None = Field(None, description="Training dataset: `{_target_: pkg.mod:fn, ...}` returning a torch Dataset (map-style or iterable).")
     val: Target | None = Field(None, description="Optional validation dataset, same form as `train`.")
-    fields: dict[str, str] = Field(default_factory=dict, description="Renames dataset fields to forward() arguments, e.g. `{label: labels}`.")
+    fields: dict[str, str] = Field(default_factory=dict, description="Renames dataset fields to forward() arguments, e.g. `{label: labels}`; a list passes fields under their own names. The model gets only the fields its forward() names, plus those named here (through `**kwargs` if it has it).")
     num_workers: Union[int, Literal["auto"]] = Field("auto", description="DataLoader worker processes; `auto` picks from the CPU count and the hardware profile.")
     pin_memory: Union[bool, Literal["auto"]] = Field("auto", description="Pin host memory for faster host-to-device copies; `auto` = on for CUDA.")
     shuffle: bool = Field(True, description="Reshuffle the training set every epoch (deterministically from `seed`).")
@@ -42,6 +42,11 @@ class DataConfig(Section):
     @classmethod
     def _targets(cls, v, info):
         return _check_target(v, f"data.{info.field_name}")
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _field_list(cls, v):
+        return {f: f for f in v} if isinstance(v, list) else v
 
     @field_validator("num_workers")
     @classmethod
@@ -83,7 +88,7 @@ class TrainConfig(Section):
     eval_batches: int = Field(0, ge=0, description="Limit each evaluation to this many batches; 0 = the whole validation set.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device to train on; `auto` = CUDA, then MPS, then CPU.")
     tf32: bool = Field(False, description="Allow TF32 matmuls on Ampere and newer GPUs (set by the hardware profile).")
-    compile: bool = Field(False, description="Wrap the model in torch.compile (set by the hardware profile).")
+    compile: bool = Field(False, description="Wrap the model in torch.compile (set by the hardware profile; ignored on a device the profile is not for). If compiling fails, the run says why and trains the eager model.")
 
     @field_validator("micro_batch_size")
     @classmethod

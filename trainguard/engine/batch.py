@@ -100,17 +100,21 @@ class ModelAdapter:
     """Calls the model on a batch of any supported form and returns ``(output, loss, labels)``.
 
     Dict batches: fields are renamed by ``data.fields``, and the model receives as keyword
-    arguments only those its ``forward()`` accepts (all of them if it takes ``**kwargs``).
+    arguments only the fields its ``forward()`` names, plus, when it takes ``**kwargs``, those
+    ``data.fields`` maps or lists explicitly (the convention of HF's ``remove_unused_columns``).
     Tuple batches ``(inputs, target)`` with a loss function: ``loss(model(inputs), target)``.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable | None, fields: dict[str, str]):
         self.model, self.loss_fn, self.fields = model, loss_fn, fields
-        params = inspect.signature(model.forward).parameters.values()
+        params = inspect.signature(getattr(model, "_orig_mod", model).forward).parameters.values()  # through torch.compile
         self.takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         self.accepted = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
         self.required = {p.name for p in params if p.default is inspect.Parameter.empty
                          and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+        # a field mapped (or listed) in data.fields is always passed; with **kwargs it is the way in
+        self.unknown = sorted(set(fields.values()) - self.accepted) if not self.takes_any else []
+        self.accepted |= set(fields.values())
         self.dropped: list[str] | None = None  # filled on the first dict batch
 
     def _split_dict(self, data: dict) -> tuple[dict, Any]:
@@ -119,13 +123,20 @@ class ModelAdapter:
         if self.loss_fn is not None:
             key = next((k for k in TARGET_KEYS if k in data), None)
             target = data[key] if key is not None else None
-        kwargs = data if self.takes_any else {k: v for k, v in data.items() if k in self.accepted}
+        kwargs = {k: v for k, v in data.items() if k in self.accepted}
         if self.dropped is None:
-            self.dropped = sorted(set(data) - set(kwargs))
+            if self.unknown:
+                name = type(self.model).__name__
+                raise RunFailed(f"data.fields passes {self.unknown} but {name}.forward() has no such argument "
+                                f"(it takes {sorted(self.accepted - set(self.unknown))})",
+                                "map each field to one of forward()'s arguments in data.fields, or remove the entry",
+                                check="data.fields")
             missing = sorted(self.required - set(data))
             if missing:
                 raise RunFailed(f"model.forward() requires {missing} but the batch has fields {sorted(data)}",
-                                "rename dataset fields to forward() arguments with `data.fields: {field: argument}`")
+                                "rename dataset fields to forward() arguments with `data.fields: {field: argument}`",
+                                check="data.fields")
+            self.dropped = sorted(set(data) - set(kwargs))
         return kwargs, target
 
     def __call__(self, data: Any) -> tuple[Any, torch.Tensor, Any]:

@@ -75,6 +75,7 @@ class Scan:
     worst_id: int
     worst_item: Any
     bad: list[BadSample] = field(default_factory=list)
+    items: list = field(default_factory=list)   # the samples that loaded, in the order of ``ids``
 
 
 @contextlib.contextmanager
@@ -254,7 +255,8 @@ class DataStream:
                             "fix the dataset's __getitem__ (run it on one index by hand to see the error)")
         sizes = [item_size(x) for _, x in good]
         w = max(range(len(good)), key=lambda j: sizes[j])
-        return Scan(ids=[i for i, _ in good], sizes=sizes, worst_id=good[w][0], worst_item=good[w][1], bad=bad)
+        return Scan(ids=[i for i, _ in good], sizes=sizes, worst_id=good[w][0], worst_item=good[w][1], bad=bad,
+                    items=[x for _, x in good])
 
     def one_pass(self) -> Iterator[Batch]:
         """One epoch from its start, in order (for an evaluation stream)."""

@@ -30,19 +30,23 @@ class Guard(Hook):
         self.reasons: Counter[str] = Counter()      # reason -> samples skipped
         self.reason_steps: Counter[str] = Counter()  # reason -> steps involved
         self.last_finding: Finding | None = None
+        self.places: Counter[str] = Counter()        # where the first non-finite value was -> bad steps
+        self.every_sample: Counter[str] = Counter()  # ... of which every sample was non-finite there
         self._rollback_pending: str | None = None
 
     # ---- checkpointed state ------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"consecutive": self.consecutive, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
                 "overflow_steps": self.overflow_steps, "window": list(self.window),
-                "reasons": dict(self.reasons), "reason_steps": dict(self.reason_steps)}
+                "reasons": dict(self.reasons), "reason_steps": dict(self.reason_steps),
+                "places": dict(self.places), "every_sample": dict(self.every_sample)}
 
     def load_state_dict(self, d: dict) -> None:
         self.consecutive, self.rollbacks, self.lr_scale = d["consecutive"], d["rollbacks"], d["lr_scale"]
         self.overflow_steps = d["overflow_steps"]
         self.window = deque(d["window"], maxlen=self.cfg.spike_window)
         self.reasons, self.reason_steps = Counter(d["reasons"]), Counter(d["reason_steps"])
+        self.places, self.every_sample = Counter(d.get("places", {})), Counter(d.get("every_sample", {}))
 
     # ---- events --------------------------------------------------------------------------
     def on_fit_start(self, trainer) -> None:
@@ -119,6 +123,7 @@ class Guard(Hook):
             "skip_reasons": dict(self.reasons), "overflow_steps": self.overflow_steps,
             "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
             "first_nonfinite": self.last_finding.describe() if self.last_finding else None,
+            "nonfinite_places": dict(self.places),
         }
 
     # ---- decisions -----------------------------------------------------------------------
@@ -143,6 +148,7 @@ class Guard(Hook):
         self.reason_steps[reason] += 1
         st.skipped_samples += len(culprits)
         self.last_finding = finding
+        self.places[finding.place()] += 1
         self.log.event(st.step + 1, "skip", f"{reason}: {finding.describe()}; the step went on without these samples",
                        sample_ids=sorted(culprits), module=finding.where)
         self.window.append(loss)
@@ -152,9 +158,24 @@ class Guard(Hook):
     def _reason_text(self) -> str:
         return "; ".join(f"{n} x {r}" for r, n in self.reasons.most_common(3))
 
+    def _source(self) -> tuple[str, str | None]:
+        """Where the non-finite values came from, and whether that looks like the model or the data."""
+        if not self.places:
+            return "", None
+        place, n = self.places.most_common(1)[0]
+        total = sum(self.places.values())
+        if n == total and self.every_sample[place] == n and not place.startswith("input"):
+            return (f"; every one of the {n} bad steps was first non-finite at the {place}, for every sample: "
+                    "this looks like a model problem, not bad data",
+                    f"look at the {place}: its weights, an op that overflows (fp16), a log or division of zero; "
+                    "skipping samples cannot fix it")
+        return (f"; first non-finite at the {place} in {n} of {total} bad steps",
+                "the sample ids are in events.jsonl: if the same samples recur, fix or drop them in the dataset")
+
     def _stop(self, trainer, error: str) -> None:
-        trainer.state.request_stop("failed", error + "; details in events.jsonl", exit_code=1)
-        self.log.event(trainer.state.step, "stop", error)
+        source, hint = self._source()
+        trainer.state.request_stop("failed", error + source + "; details in events.jsonl", exit_code=1, hint=hint)
+        self.log.event(trainer.state.step, "stop", error + source)
 
     def _bad_step(self, trainer, reason: str, finding: Finding | None) -> None:
         st, batch = trainer.state, trainer.batch
@@ -166,6 +187,8 @@ class Guard(Hook):
         self.reason_steps[reason] += 1
         if finding is not None:
             self.last_finding = finding
+            self.places[finding.place()] += 1
+            self.every_sample[finding.place()] += finding.every_sample
         where = f"; {finding.describe()}" if finding else ""
         ids = finding.sample_ids if finding and finding.sample_ids else batch.ids
         self.log.event(st.step + 1, "skip", reason + where, sample_ids=ids, batch_ids=batch.ids[:1000],

@@ -27,12 +27,16 @@ class Finding:
     kind: str                       # "input" | "output" | "loss" | "parameter" | "gradient"
     where: str                      # qualified module (or field/parameter) name
     sample_ids: list[int] = field(default_factory=list)
+    every_sample: bool = False      # every sample of the micro-batch examined was non-finite there
+
+    def place(self) -> str:
+        """``output of module `encoder.1```, ``input field `x```, ``the loss``."""
+        what = {"input": "input field", "output": "output of module", "parameter": "parameter", "gradient": "gradient of"}
+        return "the loss" if self.kind == "loss" else f"{what[self.kind]} `{self.where}`"
 
     def describe(self) -> str:
-        what = {"input": "input field", "output": "output of module", "loss": "the loss",
-                "parameter": "parameter", "gradient": "gradient of"}[self.kind]
         ids = f" (samples {self.sample_ids[:10]}{'...' if len(self.sample_ids) > 10 else ''})" if self.sample_ids else ""
-        return f"first non-finite value: {what} `{self.where}`{ids}" if self.kind != "loss" else f"first non-finite value: the loss{ids}"
+        return f"first non-finite value: {self.place()}{ids}"
 
 
 def _tensors(x: Any) -> Iterator[torch.Tensor]:
@@ -110,6 +114,7 @@ def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, devi
                 for h in handles:
                     h.remove()
             if found and (len(found[0].sample_ids) < k or k == 1):
+                found[0].every_sample = len(found[0].sample_ids) == k
                 return found[0]
             if found or not torch.isfinite(loss):
                 # the bad values are not per-row (a reduced loss, a mixing layer): try each sample alone
@@ -117,6 +122,7 @@ def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, devi
                 finding = found[0] if found else Finding("loss", "loss", ids)
                 if culprits:
                     finding.sample_ids = culprits
+                finding.every_sample = culprits == []  # each sample alone is non-finite too
                 return finding
     for name, p in model.named_parameters():
         if p.grad is not None and not torch.isfinite(p.grad).all():
@@ -124,8 +130,9 @@ def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, devi
     return None
 
 
-def _per_sample(adapter, micro, ids: list[int], device, precision, limit: int = 256) -> list[int]:
-    """The samples whose own loss is non-finite (each run alone; only on a bad step)."""
+def _per_sample(adapter, micro, ids: list[int], device, precision, limit: int = 256) -> list[int] | None:
+    """The samples whose own loss is non-finite (each run alone; only on a bad step): [] when every
+    one is, None when the model cannot run one sample alone."""
     from trainguard.engine.batch import slice_batch
 
     bad = []
@@ -134,7 +141,7 @@ def _per_sample(adapter, micro, ids: list[int], device, precision, limit: int = 
             with autocast(device.type, precision):
                 _, loss, _ = adapter(slice_batch(micro, i, i + 1))
         except Exception:  # noqa: BLE001 - some models cannot run one sample (e.g. BatchNorm): no verdict
-            return []
+            return None
         if not torch.isfinite(loss):
             bad.append(ids[i])
     return bad if len(bad) < len(ids) else []

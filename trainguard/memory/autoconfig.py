@@ -144,45 +144,72 @@ def cached_tune(trainer, cfg, device_name: str, on_trial=None) -> tuple[Tuning, 
 
 
 # ---- prediction for a card that is not here -----------------------------------------------------------
-def predict_for_profile(cfg, prof, on_trial=None) -> Tuning:
-    """The micro-batch search on fake tensors, against the profile's memory less its headroom and fixed costs."""
+@dataclass
+class ProfileForecast:
+    """Fake-tensor steps of a config's model as the profile's card would count them."""
+
+    cfg: object
+    prof: object
+    model: object
+    loss_fn: object
+    item: object
+    precision: str
+    limit: int
+    usable: int
+    costs: dict
+
+    def step(self, m: int):
+        """The predicted :class:`~trainguard.memory.trial.Trial` at micro-batch ``m``."""
+        from trainguard.engine.optim import build_optimizer
+        from trainguard.memory import predict
+
+        return predict.fake_step(self.model, self.loss_fn, self.cfg.data.fields, lambda ps: build_optimizer(ps, self.cfg.optim),
+                                 self.item, m, self.precision, self.costs.get("cublas_workspace", 0),
+                                 m < self.cfg.train.batch_size)
+
+
+def forecast(cfg, prof, model=None, loss_fn=None, item=None) -> ProfileForecast:
+    """Set up :class:`ProfileForecast`; the model, loss and worst-case item are built (the model
+    on ``meta``: no memory for its weights) unless given."""
     import torch
 
     from trainguard.config.instantiate import instantiate
     from trainguard.engine.data import DataStream
-    from trainguard.engine.optim import build_optimizer
     from trainguard.memory import predict
 
-    try:
-        with torch.device("meta"):  # no memory for the weights: only their shapes are needed
+    if model is None:
+        try:
+            with torch.device("meta"):  # no memory for the weights: only their shapes are needed
+                model = instantiate(cfg.model, "model")
+        except Exception:  # noqa: BLE001 - some models cannot be built on meta; build them for real
             model = instantiate(cfg.model, "model")
-    except Exception:  # noqa: BLE001 - some models cannot be built on meta; build them for real
-        model = instantiate(cfg.model, "model")
-    loss_fn = instantiate(cfg.loss, "loss") if cfg.loss else None
-    ds = instantiate(cfg.data.train, "data.train")
-    item = DataStream(ds, cfg.train.batch_size, seed=cfg.seed, shuffle=False, num_workers=0, pin_memory=False).scan().worst_item
-    make_opt = lambda params: build_optimizer(params, cfg.optim)  # noqa: E731
+        loss_fn = instantiate(cfg.loss, "loss") if cfg.loss else None
+    if item is None:
+        ds = instantiate(cfg.data.train, "data.train")
+        item = DataStream(ds, cfg.train.batch_size, seed=cfg.seed, shuffle=False, num_workers=0, pin_memory=False).scan().worst_item
     costs = predict.fixed_costs(prof)
     limit = int(prof.memory_gb * 2**30)
     usable = int(limit * (1 - cfg.memory.headroom)) - costs.get("cuda_context", 0)
-    extra = costs.get("cublas_workspace", 0)
-    precision = cfg.train.precision
-    # fake steps are cheap: look past batch_size, so the answer also says how far the card would go
+    return ProfileForecast(cfg, prof, model, loss_fn, item, cfg.train.precision, limit, usable, costs)
+
+
+def predict_for_profile(cfg, prof, on_trial=None, fc: ProfileForecast | None = None) -> Tuning:
+    """The micro-batch search on fake tensors, against the profile's memory less its headroom and fixed costs."""
+    fc = fc or forecast(cfg, prof)
     bs = cfg.train.batch_size
-    res = search(lambda m: predict.fake_step(model, loss_fn, cfg.data.fields, make_opt, item, m, precision, extra, m < bs),
-                 usable, 4096 * cfg.train.batch_size, on_trial=on_trial)
+    # fake steps are cheap: look past batch_size, so the answer also says how far the card would go
+    res = search(fc.step, fc.usable, 4096 * bs, on_trial=on_trial)
     if res.largest == 0:
-        raise too_small(res.trials[0].peak, usable, limit, cfg.memory.headroom, f" on {prof.name}")
-    m, notes = _choose(res, cfg.train.batch_size)
-    if res.largest > cfg.train.batch_size:
-        notes = [f"the card fits up to {res.largest} samples per micro-batch: train.batch_size {cfg.train.batch_size} "
+        raise too_small(res.trials[0].peak, fc.usable, fc.limit, cfg.memory.headroom, f" on {prof.name}")
+    m, notes = _choose(res, bs)
+    if res.largest > bs:
+        notes = [f"the card fits up to {res.largest} samples per micro-batch: train.batch_size {bs} "
                  "runs without accumulation, with room for a larger batch"]
-    peak = next(t.peak for t in res.trials if t.m == res.largest) if m == res.largest else predict.fake_step(
-        model, loss_fn, cfg.data.fields, make_opt, item, m, precision, extra, m < bs).peak
-    if costs:
-        notes.append("fixed costs added: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in costs.items()))
-    return Tuning(m, cfg.train.batch_size // m, cfg.train.batch_size, precision, int(cfg.data.num_workers)
-                  if cfg.data.num_workers != "auto" else prof.num_workers, limit, usable, peak, "predicted",
+    peak = next(t.peak for t in res.trials if t.m == res.largest) if m == res.largest else fc.step(m).peak
+    if fc.costs:
+        notes.append("fixed costs added: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in fc.costs.items()))
+    return Tuning(m, bs // m, bs, fc.precision, int(cfg.data.num_workers)
+                  if cfg.data.num_workers != "auto" else prof.num_workers, fc.limit, fc.usable, peak, "predicted",
                   res.largest, len(res.trials), device=prof.description, profile=prof.name, notes=notes)
 
 
@@ -193,12 +220,10 @@ def autoconfigure(config_path, *, profile: str | None = None, overrides: list[st
     (``predicted``). Returns the tuning and the user's config with the chosen values filled in."""
     from trainguard.config.load import deep_merge, load_yaml_with_extends, parse_override, resolve_config
     from trainguard.hardware.probe import probe
-    from trainguard.hardware.profiles import match_profile
 
     cfg, prof, why = resolve_config(config_path, profile=profile, overrides=overrides)
     info = probe()
-    here = prof.device == info.type and (info.type != "cuda" or match_profile(info)[0].name == prof.name)
-    if here or memory_budget:
+    if card_here(prof, info) or memory_budget:
         tuning = _measure_here(cfg, prof, info, memory_budget, on_trial)
     else:
         if cfg.train.precision == "auto":
@@ -217,6 +242,13 @@ def autoconfigure(config_path, *, profile: str | None = None, overrides: list[st
                               "train": {"micro_batch_size": tuning.micro_batch_size, "precision": tuning.precision},
                               "data": {"num_workers": tuning.num_workers}})
     return tuning, tuned
+
+
+def card_here(prof, info) -> bool:
+    """Is the profile's device the one in hand (so memory is measured, not predicted)?"""
+    from trainguard.hardware.profiles import match_profile
+
+    return prof.device == info.type and (info.type != "cuda" or match_profile(info)[0].name == prof.name)
 
 
 def _measure_here(cfg, prof, info, memory_budget: int | None, on_trial) -> Tuning:

@@ -149,3 +149,8 @@ def open_memory(device: torch.device, budget: int | None) -> DeviceMemory | None
     if budget:
         return SimulatedMemory(budget)
     return None
+
+
+def host_side(memory: DeviceMemory | None):
+    """Work on the host (building a dataset, loading items): not counted on a simulated device."""
+    return memory.paused() if memory is not None else contextlib.nullcontext()

@@ -1,0 +1,299 @@
+"""The config built exactly as ``trainguard train`` builds it, one batch through it, and the memory
+forecast: the data, model and memory checks of ``trainguard diagnose``.
+
+Nothing here re-implements train: the parts come from :mod:`trainguard.run` (``build_model``,
+``build_train_data``, ``build_core``, ``_resolve_runtime``), the first step from the shared
+:func:`~trainguard.guards.preflight.preflight` (field filter, collate rules, embedding inputs,
+shapes, compile), the worst case from ``DataStream.scan``, and the memory figures from the same
+trial steps, cache and fake-tensor forecast that ``trainguard autoconfig`` uses.
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from trainguard.diagnose.environment import cpu_check, disk_check, shm_check
+from trainguard.errors import TrainguardError
+from trainguard.guards.localize import _tensors as tensors_in
+from trainguard.guards.preflight import Check, preflight
+from trainguard.memory.sizes import fmt_bytes
+
+GiB = 2**30
+
+
+def _fail(name: str, e: TrainguardError) -> Check:
+    return Check(e.check or name, "fail", e.message, e.hint)
+
+
+def _tensor_bytes(x) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors_in(x))
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: Callable[[str], None]) -> list[Check]:
+    """Build the run as train does and check data, model and memory. ``cfg`` is resolved but not
+    yet runtime-resolved (``auto`` values still there)."""
+    from trainguard.memory.meter import host_side, open_memory, prefer_expandable_segments
+    from trainguard.run import _device, _resolve_runtime, build_core, build_model, build_train_data
+
+    checks: list[Check] = []
+    auto_micro = cfg.train.micro_batch_size == "auto"
+    rcfg, _ = _resolve_runtime(cfg, prof, info)  # precision errors were reported by hardware.precision
+    device = _device(info)
+    workers = int(rcfg.data.num_workers)
+    checks.append(cpu_check(info, workers))
+    prefer_expandable_segments()
+    memory = open_memory(device, memory_budget)  # as in train: a CUDA device or a budget (None: RAM, unmeasured)
+    if memory is not None:
+        memory.start()
+    try:
+        say("building the training data")
+        try:
+            with host_side(memory):
+                data = build_train_data(rcfg)
+            n = None if data.iterable else data.sampler.n
+            checks.append(Check("data.build", "pass", f"{type(data.dataset).__name__}: "
+                                + (f"{n:,} samples, {n // rcfg.train.batch_size:,} batches of {rcfg.train.batch_size} per epoch"
+                                   if n is not None else "an iterable stream (length unknown)")))
+        except TrainguardError as e:
+            checks.append(_fail("data.build", e))
+            data = None
+        say("building the model")
+        try:
+            model, loss_fn = build_model(rcfg, device)
+            total = sum(p.numel() for p in model.parameters())
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            checks.append(Check("model.build", "pass", f"{type(model).__name__}: {_params(total)} parameters "
+                                f"({_params(trainable)} trainable), {fmt_bytes(sum(_tensor_bytes(t) for t in model.state_dict().values()))}"))
+        except TrainguardError as e:
+            checks.append(_fail("model.build", e))
+            model = None
+        if data is None or model is None:
+            return checks
+        say("scanning the data")
+        try:
+            with host_side(memory):
+                scan = data.scan()
+        except TrainguardError as e:
+            checks.append(_fail("data.items", e))
+            return checks
+        checks += scan_checks(scan, rcfg)
+        if auto_micro:
+            rcfg.train.micro_batch_size = rcfg.train.batch_size
+        try:
+            trainer = build_core(rcfg, device, memory, parts=(model, loss_fn, data))
+        except TrainguardError as e:
+            checks.append(_fail("memory.fit", e))
+            return checks
+        tuning = None
+        if auto_micro and memory is not None:
+            from trainguard.memory.autoconfig import cached_tune
+
+            say("searching the largest micro-batch that fits")
+            try:
+                tuning, _ = cached_tune(trainer, rcfg, info.name)
+                trainer.micro_batch_size = rcfg.train.micro_batch_size = tuning.micro_batch_size
+            except TrainguardError as e:
+                checks.append(_fail("memory.fit", e))
+                return checks
+        say("one forward and backward")
+        checks += preflight(trainer)
+        checks += structure_checks(model, scan)
+        if not any(c.status == "fail" for c in checks if c.name.startswith(("model.", "data."))):
+            say("memory forecast")
+            checks.append(memory_check(trainer, cfg, rcfg, prof, info, memory_budget, tuning, scan))
+        ckpt = sum(_tensor_bytes(t) for t in model.state_dict().values()) + sum(
+            _tensor_bytes(list(s.values())) for s in trainer.optimizer.state.values())
+        checks.append(disk_check(run_dir, ckpt, rcfg.checkpoint.keep_last + bool(rcfg.checkpoint.best_metric)))
+        checks.append(shm_check(workers, _shm_bytes(scan.worst_item, rcfg.train.batch_size)))
+    finally:
+        if memory is not None:
+            memory.stop()
+    return checks
+
+
+def _shm_bytes(item, batch_size: int) -> int:
+    """Shared memory one batch of the worst case takes on its way from a worker: each tensor in
+    its own segment, whole 4 KiB pages."""
+    from trainguard.memory.trial import worst_case_batch
+
+    page = 4096
+    return sum(-(-t.numel() * t.element_size() // page) * page for t in tensors_in(worst_case_batch(item, batch_size)))
+
+
+def _one(item):
+    from trainguard.memory.trial import worst_case_batch
+
+    return worst_case_batch(item, 1)
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+def _float_fields(item, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The floating-point tensors of a collated one-sample batch, by field name."""
+    if isinstance(item, torch.Tensor):
+        return {prefix or "item": item} if item.is_floating_point() else {}
+    if isinstance(item, dict):
+        out = {}
+        for k, v in item.items():
+            out.update(_float_fields(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(item, tuple):
+        out = {}
+        for i, v in enumerate(item):
+            out.update(_float_fields(v, f"{prefix}[{i}]" if prefix else f"[{i}]"))
+        return out
+    return {}
+
+
+def scan_checks(scan, cfg) -> list[Check]:
+    """What a cheap scan of up to 256 samples spread over the dataset shows: samples that fail to
+    load, NaN/Inf in float fields, and the distribution of sizes (the worst case, for memory)."""
+    checks = []
+    n = len(scan.ids) + len(scan.bad)
+    budget = cfg.guard.max_skip_fraction
+    if scan.bad:
+        frac = len(scan.bad) / n
+        first = scan.bad[0]
+        over = frac > budget
+        checks.append(Check("data.items", "fail" if over else "warn",
+                            f"{len(scan.bad)} of {n} samples scanned fail to load ({frac:.0%}), e.g. sample {first.sample_id}: {first.reason}",
+                            ("more than guard.max_skip_fraction: train would stop; " if over else "the guards skip them within guard.max_skip_fraction; ")
+                            + "fix the dataset's __getitem__ for those indices"))
+    else:
+        checks.append(Check("data.items", "pass", f"{n} samples scanned, spread over the dataset: all load"))
+    bad: dict[str, list[int]] = {}
+    for sid, item in zip(scan.ids, scan.items):
+        for name, t in _float_fields(_one(item)).items():
+            if not torch.isfinite(t).all():
+                bad.setdefault(name, []).append(sid)
+    if bad:
+        ids = sorted({i for v in bad.values() for i in v})
+        frac = len(ids) / n
+        over = frac > budget
+        where = ", ".join(f"`{k}` ({len(v)})" for k, v in bad.items())
+        checks.append(Check("data.values", "fail" if over else "warn",
+                            f"{len(ids)} of {n} samples scanned have NaN/Inf in {where}, e.g. samples {ids[:5]}",
+                            (f"{frac:.0%} is more than guard.max_skip_fraction {budget:g}: train would stop on its skip budget; "
+                             if over else "the guards skip those samples within the budget; ") + "clean them in the dataset"))
+    else:
+        checks.append(Check("data.values", "pass", f"no NaN/Inf in the float fields of the {len(scan.ids)} samples scanned"))
+    sizes = scan.sizes
+    med = statistics.median(sizes)
+    spread = f"min {min(sizes):,}, median {med:,.0f}, max {max(sizes):,}"
+    msg = f"sample sizes (elements): {spread}; the largest (sample {scan.worst_id}) is the memory worst case"
+    if max(sizes) > 4 * med:
+        checks.append(Check("data.sizes", "warn", msg + f": {max(sizes) / med:.0f}x the median",
+                            "a few very long samples set the memory peak: crop or bucket them, or let micro_batch_size: auto size for them"))
+    else:
+        checks.append(Check("data.sizes", "pass", msg))
+    return checks
+
+
+# ---- model structure ----------------------------------------------------------------------------------
+def structure_checks(model: nn.Module, scan) -> list[Check]:
+    """channels_last (4-D conv inputs only) and gradient checkpointing: what applies to this model."""
+    checks = []
+    convs = {type(m).__name__ for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))}
+    if "Conv2d" in convs:
+        checks.append(Check("model.channels_last", "pass", "Conv2d layers take 4-D inputs: the channels_last memory format "
+                            "applies (faster convolutions on tensor-core GPUs)"))
+    elif "Conv3d" in convs:
+        checks.append(Check("model.channels_last", "skip", "Conv3d layers take 5-D inputs: channels_last (4-D only) does not "
+                            "apply; torch.channels_last_3d is its 5-D form"))
+    else:
+        checks.append(Check("model.channels_last", "skip", "no 2-D convolutions: channels_last does not apply"))
+    checks.append(checkpointing_check(model))
+    return checks
+
+
+def checkpointing_check(model: nn.Module) -> Check:
+    """Is gradient checkpointing (activation recomputation) on, or available to turn on?"""
+    if getattr(model, "is_gradient_checkpointing", False):
+        return Check("model.checkpointing", "pass", "gradient checkpointing is on (model.is_gradient_checkpointing)")
+    if callable(getattr(model, "gradient_checkpointing_enable", None)):
+        return Check("model.checkpointing", "pass", "gradient checkpointing is available: model.gradient_checkpointing_enable() "
+                     "trades about a third more compute for much less activation memory")
+    for m in model.modules():
+        try:
+            src = inspect.getsource(type(m).forward)
+        except (OSError, TypeError):
+            continue
+        if "checkpoint(" in src:
+            return Check("model.checkpointing", "pass", f"{type(m).__name__}.forward() calls torch.utils.checkpoint")
+    return Check("model.checkpointing", "skip", "no gradient checkpointing in the model; wrapping its blocks in "
+                 "torch.utils.checkpoint.checkpoint would trade compute for activation memory")
+
+
+# ---- memory --------------------------------------------------------------------------------------------
+def memory_check(trainer, cfg, rcfg, prof, info, budget: int | None, tuning, scan) -> Check:
+    """The peak at the configured micro-batch against the memory of the device (measured here) or
+    of the profile's card (predicted when it is not here), and what autoconfig would choose."""
+    from trainguard.memory.autoconfig import Tuning, cached_tune, card_here, forecast, predict_for_profile, usable_bytes
+
+    from trainguard.memory.meter import SimulatedMemory
+
+    bs = rcfg.train.batch_size
+    m = trainer.micro_batch_size
+    on_oom = rcfg.guard.on_oom
+    memory = trainer.memory
+    try:
+        if budget or (memory is not None and card_here(prof, info)):  # measured on the device in hand
+            where = f"--memory-budget {fmt_bytes(budget)} (simulated)" if memory.kind == "simulated" else info.name
+            usable = usable_bytes(memory, rcfg.memory.headroom)
+            if tuning is None:
+                tuning, _ = cached_tune(trainer, rcfg, info.name)
+            peak = tuning.predicted_peak_bytes if tuning.micro_batch_size == m else _measured(trainer, scan.worst_item, m, bs)
+            how = "measured"
+        elif prof.device == "cuda":  # the profile's card is not here: fake-tensor forecast, as autoconfig --profile
+            pcfg = cfg.model_copy(deep=True)
+            pcfg.train.precision = prof.precision if cfg.train.precision == "auto" else cfg.train.precision
+            fc = forecast(pcfg, prof, trainer.model, trainer.adapter.loss_fn, scan.worst_item)
+            tuning = predict_for_profile(pcfg, prof, fc=fc)
+            if cfg.train.micro_batch_size == "auto":
+                m = tuning.micro_batch_size
+            peak = tuning.predicted_peak_bytes if tuning.micro_batch_size == m else fc.step(m).peak
+            usable, where, how = fc.usable, f"{prof.name} ({prof.description}, {pcfg.train.precision})", "predicted"
+        else:  # a CPU (or MPS) without a budget: RAM is the limit (the OS kills past it), nothing is searched
+            ram = SimulatedMemory(int(info.free_memory_gb * GiB), name="free RAM")
+            trainer.memory = ram.start()
+            ram.tracker.track(trainer.model, trainer.optimizer)  # built before the tracker: counted now
+            try:
+                peak = _measured(trainer, scan.worst_item, m, bs)
+            finally:
+                ram.stop()
+                trainer.memory = None
+            usable, where, how = ram.limit, f"free RAM on {info.name}", "measured"
+            tuning = None
+    except TrainguardError as e:
+        return Check("memory.fit", "fail", e.message, e.hint)
+    head = f"micro-batch {m} x {bs // m} accumulation peaks at {fmt_bytes(peak) if peak else 'more than the limit'} ({how}) of {fmt_bytes(usable)} usable on {where}"
+    choice = ""
+    if isinstance(tuning, Tuning):
+        choice = (f"; autoconfig picks micro-batch {tuning.micro_batch_size} (the largest that fits is {tuning.max_micro_batch_size})")
+    if peak is not None and peak <= usable:
+        return Check("memory.fit", "pass", head + choice)
+    smaller = tuning.micro_batch_size if isinstance(tuning, Tuning) else None
+    if on_oom == "split" and smaller:
+        return Check("memory.fit", "warn", head + f": the first step will run out of memory and split (guard.on_oom: split){choice}",
+                     f"set train.micro_batch_size: {smaller} (or auto) to start there")
+    return Check("memory.fit", "fail", head + (": it does not fit" if not smaller else f": guard.on_oom is stop, so train would end at step 1{choice}"),
+                 f"set train.micro_batch_size: {smaller} (or auto)" if smaller else
+                 "a smaller micro-batch, a smaller model, precision fp16/bf16, gradient checkpointing, or a larger card")
+
+
+def _measured(trainer, item, m: int, batch_size: int) -> int | None:
+    """One real trial step at micro-batch ``m`` (None when it ran out of memory)."""
+    from trainguard.memory import trial
+
+    with trial.preserved(trainer):
+        t = trial.measure(trainer, item, m, enforce=False, accumulate=m < batch_size, batch_size=batch_size)
+    return t.peak
