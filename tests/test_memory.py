@@ -233,3 +233,22 @@ def test_profiles_predict_different_sizes_and_the_written_configs_train(cli, tmp
     small, big = got["gtx1650"]["max_micro_batch_size"], got["h100-80gb"]["max_micro_batch_size"]
     assert 32 <= small < big  # the quickstart's batch fits both; the H100 fits far more
     assert got["gtx1650"]["memory_limit_bytes"] < got["h100-80gb"]["memory_limit_bytes"]
+
+
+def test_a_cuda_forecast_stores_attention_as_a_fused_kernel_does():
+    """SDPA with dropout runs the math kernel on (fake) CPU tensors, storing T x T matrices; a card's
+    flash / memory-efficient kernel stores O(T): the forecast for a CUDA card grows linearly in T."""
+    from trainguard.config.schema import OptimConfig
+    from trainguard.engine.optim import build_optimizer
+    from trainguard.examples.charlm import CharTransformer
+    from trainguard.memory.predict import fake_step
+
+    peaks = {}
+    for t in (256, 512):
+        model = CharTransformer(block_size=t, dim=64, layers=2, heads=2, dropout=0.1)
+        item = {"input_ids": torch.zeros(t, dtype=torch.long), "labels": torch.zeros(t, dtype=torch.long)}
+        for cuda in (False, True):
+            peaks[t, cuda] = fake_step(model, None, {}, lambda ps: build_optimizer(ps, OptimConfig()), item, 4, "bf16", cuda=cuda).peak
+    assert peaks[512, True] < peaks[512, False] and peaks[256, True] < peaks[256, False]
+    assert peaks[512, False] / peaks[256, False] > 3      # quadratic attention on the CPU kernel
+    assert peaks[512, True] / peaks[256, True] < 2.2      # linear, as flash attention on the card

@@ -121,7 +121,7 @@ def profile_check(prof, why: str, info) -> Check:
 
     mine = match_profile(info)[0].name
     return Check("config.profile", "warn", f"the config is for {prof.name} ({prof.description}) but this machine has {info.name} "
-                 f"(profile {mine}): here train runs with {mine}'s device; memory is forecast for {prof.name}",
+                 f"(profile {mine}): the data and model checks run here on a few samples; memory is forecast for {prof.name}",
                  f"set hardware: auto (or --profile {mine}) to train on this machine; keep {prof.name} for its card")
 
 

@@ -22,9 +22,11 @@ from trainguard.diagnose.environment import cpu_check, disk_check, shm_check
 from trainguard.errors import TrainguardError
 from trainguard.guards.localize import _tensors as tensors_in
 from trainguard.guards.preflight import Check, preflight
+from trainguard.memory.autoconfig import card_here
 from trainguard.memory.sizes import fmt_bytes
 
 GiB = 2**30
+AWAY_SAMPLES = 2  # the dry run's micro-batch when the config's card is not this machine (2: BatchNorm needs more than 1)
 
 
 def _fail(name: str, e: TrainguardError) -> Check:
@@ -105,8 +107,17 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
             except TrainguardError as e:
                 checks.append(_fail("memory.fit", e))
                 return checks
+        configured = trainer.micro_batch_size
+        if not card_here(prof, info) and not memory_budget:
+            trainer.micro_batch_size = min(configured, AWAY_SAMPLES)  # the real step is the card's; here, fields and shapes
+        elif memory is None:  # RAM is the device and nothing stops a step from taking it all: forecast first
+            say("forecasting the step's RAM")
+            host = ram_check(trainer, scan.worst_item, info, card_here(prof, info))
+            if host is not None:
+                checks.append(host)
         say("one forward and backward")
         checks += preflight(trainer)
+        trainer.micro_batch_size = configured
         checks += structure_checks(model, scan)
         if not any(c.status == "fail" for c in checks if c.name.startswith(("model.", "data."))):
             say("memory forecast")
@@ -237,7 +248,7 @@ def checkpointing_check(model: nn.Module) -> Check:
 def memory_check(trainer, cfg, rcfg, prof, info, budget: int | None, tuning, scan) -> Check:
     """The peak at the configured micro-batch against the memory of the device (measured here) or
     of the profile's card (predicted when it is not here), and what autoconfig would choose."""
-    from trainguard.memory.autoconfig import Tuning, cached_tune, card_here, forecast, predict_for_profile, usable_bytes
+    from trainguard.memory.autoconfig import Tuning, cached_tune, forecast, predict_for_profile, usable_bytes
 
     from trainguard.memory.meter import SimulatedMemory
 
@@ -288,6 +299,31 @@ def memory_check(trainer, cfg, rcfg, prof, info, budget: int | None, tuning, sca
     return Check("memory.fit", "fail", head + (": it does not fit" if not smaller else f": guard.on_oom is stop, so train would end at step 1{choice}"),
                  f"set train.micro_batch_size: {smaller} (or auto)" if smaller else
                  "a smaller micro-batch, a smaller model, precision fp16/bf16, gradient checkpointing, or a larger card")
+
+
+def ram_check(trainer, item, info, here: bool) -> Check | None:
+    """On a CPU (or MPS) without a budget, a step larger than the free RAM is not an error but the
+    OS killing the process: forecast it on fake tensors before running anything real. When it does
+    not fit, the real checks run at the largest micro-batch that does (``trainer.micro_batch_size``)."""
+    from trainguard.memory.predict import predict_trainer
+
+    free = int(info.free_memory_gb * GiB * 0.9)
+    m = trainer.micro_batch_size
+    try:
+        need = predict_trainer(trainer, item, m).peak
+    except Exception:  # noqa: BLE001 - a model the fake-tensor forecast cannot run: measure for real as train would
+        return None
+    if need is None or need <= free:
+        return None
+    n = m
+    while n > 1 and (predict_trainer(trainer, item, n).peak or 0) > free:
+        n //= 2
+    trainer.micro_batch_size = n
+    return Check("memory.ram", "fail" if here else "warn",
+                 f"micro-batch {m} needs about {fmt_bytes(need)} of RAM on {info.name} (forecast), more than the "
+                 f"{fmt_bytes(free)} free: train on this machine would be killed by the OS; the checks below ran at micro-batch {n}",
+                 f"set train.micro_batch_size: {n} (or smaller) for this machine" if here else
+                 "this config is for another card (see config.profile): train it there, or use hardware: auto here")
 
 
 def _measured(trainer, item, m: int, batch_size: int) -> int | None:

@@ -165,7 +165,7 @@ class ProfileForecast:
 
         return predict.fake_step(self.model, self.loss_fn, self.cfg.data.fields, lambda ps: build_optimizer(ps, self.cfg.optim),
                                  self.item, m, self.precision, self.costs.get("cublas_workspace", 0),
-                                 m < self.cfg.train.batch_size)
+                                 m < self.cfg.train.batch_size, cuda=self.prof.device == "cuda")
 
 
 def forecast(cfg, prof, model=None, loss_fn=None, item=None) -> ProfileForecast:

@@ -18,6 +18,7 @@ outside ``memory_allocated``), cuBLAS workspaces, the allocator's rounding and f
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -90,6 +91,36 @@ class CudaAutocast(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _FusedAttention(torch.autograd.Function):
+    """What a GPU's flash / memory-efficient attention allocates, without computing it: the output
+    and a float32 log-sum-exp per query row are saved for the backward (O(T), not the O(T^2)
+    attention matrix a CPU kernel stores); the backward adds a float32 accumulator for dq."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq_accum = q.new_empty(q.shape, dtype=torch.float32)  # noqa: F841 - live while the grads are made
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class CudaAttention(TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` as a CUDA card runs it (a fused kernel), for the forecast."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args):])[:3]
+            return _FusedAttention.apply(q, k, v)
+        return func(*args, **kwargs)
+
+
 # ---- the fake step ---------------------------------------------------------------------------------
 class _Call(nn.Module):
     """Lets ``functional_call`` swap the parameters of the model an adapter calls."""
@@ -104,10 +135,11 @@ class _Call(nn.Module):
 
 
 def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[[list], torch.optim.Optimizer],
-              item: Any, m: int, precision: str, extra: int = 0, accumulate: bool = True) -> Trial:
+              item: Any, m: int, precision: str, extra: int = 0, accumulate: bool = True, cuda: bool = False) -> Trial:
     """Peak bytes of each phase of one training step at micro-batch ``m`` (``item`` repeated),
     as a CUDA device would count them; ``extra`` bytes are added to each phase (fixed costs).
-    ``accumulate``: gradients exist before the backward (every micro-batch after the first)."""
+    ``accumulate``: gradients exist before the backward (every micro-batch after the first).
+    ``cuda``: attention as a CUDA card's fused kernels store it (see :class:`CudaAttention`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # the supported way to run without data
 
     one = worst_case_batch(item, 1)  # real shapes of one sample; the fake batch gets m rows without the data
@@ -133,13 +165,11 @@ def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[
                         p.grad = torch.zeros_like(p)
             tracker.reset_peak()
             low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-            mode = CudaAutocast(low) if low is not None else None
-            if mode is not None:
-                with mode:
-                    _, loss, _ = torch.func.functional_call(call, {**params, **buffers}, (data,))
-                mode.cache.clear()  # autocast frees its weight casts when the region ends
-            else:
+            cast = CudaAutocast(low) if low is not None else contextlib.nullcontext()
+            with CudaAttention() if cuda else contextlib.nullcontext(), cast:
                 _, loss, _ = torch.func.functional_call(call, {**params, **buffers}, (data,))
+            if low is not None:
+                cast.cache.clear()  # autocast frees its weight casts when the region ends
             phases["forward"] = tracker.peak + extra
             tracker.reset_peak()
             loss.backward()
@@ -166,10 +196,14 @@ def _fake_batch(x: Any, fake, m: int) -> Any:
 
 def optimizer_like(opt: torch.optim.Optimizer) -> Callable[[list], torch.optim.Optimizer]:
     """A factory for an optimizer of the same class and settings over other parameters."""
-    return lambda params: type(opt)(params, **opt.defaults)
+    import inspect
+
+    takes = inspect.signature(type(opt).__init__).parameters  # defaults may hold more than __init__ takes
+    return lambda params: type(opt)(params, **{k: v for k, v in opt.defaults.items() if k in takes})
 
 
 def predict_trainer(trainer, item, m: int) -> Trial:
     """:func:`fake_step` for the model, loss, fields, optimizer and precision of a built trainer."""
     a = trainer.adapter
-    return fake_step(a.model, a.loss_fn, a.fields, optimizer_like(trainer.optimizer), item, m, trainer.precision)
+    return fake_step(a.model, a.loss_fn, a.fields, optimizer_like(trainer.optimizer), item, m, trainer.precision,
+                     cuda=trainer.device.type == "cuda")
