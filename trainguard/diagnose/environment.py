@@ -139,7 +139,11 @@ def precision_check(requested: str, info, prof, tf32: bool) -> Check:
         here, note = resolve_precision(requested, info, prof)
     except ConfigError as e:
         return Check("hardware.precision", "fail", e.message, e.hint)
-    msg = f"precision {requested} -> {here} on {info.name}" + (f" ({note})" if note else "")
+    target = prof.precision if requested == "auto" else requested
+    if prof.device != info.type:
+        msg = f"precision {requested}: {target} on {prof.name}, {here} here on {info.name}"
+    else:
+        msg = f"precision {requested} -> {here} on {info.name}" + (f" ({note})" if note else "")
     if tf32 and info.type == "cuda" and info.compute_capability < (8, 0):
         return Check("hardware.precision", "warn", msg + "; train.tf32 has no effect before Ampere (compute 8.0)",
                      "set train.tf32: false (or leave it to the profile)")
@@ -193,7 +197,7 @@ def shm_check(workers: int, batch_bytes: int | None, shm: Path = Path("/dev/shm"
         return Check("hardware.shm", "pass", f"{fmt_bytes(free)} free in {shm}; not used (data.num_workers 0)")
     prefetch = 2  # batches each worker keeps ready (DataLoader's default prefetch_factor)
     need = (batch_bytes or 0) * workers * prefetch
-    msg = f"{fmt_bytes(free)} free in {shm} for {workers} loader workers"
+    msg = f"{fmt_bytes(free)} free in {shm} for {workers} loader worker{'s' if workers > 1 else ''}"
     if batch_bytes is not None:
         msg += f" ({workers} x {prefetch} batches of {fmt_bytes(batch_bytes)} in flight)"
     if need and free < need * 1.5:
