@@ -205,5 +205,5 @@ def optimizer_like(opt: torch.optim.Optimizer) -> Callable[[list], torch.optim.O
 def predict_trainer(trainer, item, m: int) -> Trial:
     """:func:`fake_step` for the model, loss, fields, optimizer and precision of a built trainer."""
     a = trainer.adapter
-    return fake_step(a.model, a.loss_fn, a.fields, optimizer_like(trainer.optimizer), item, m, trainer.precision,
+    return fake_step(trainer.model, a.loss_fn, a.fields, optimizer_like(trainer.optimizer), item, m, trainer.precision,
                      cuda=trainer.device.type == "cuda")
