@@ -65,6 +65,8 @@ def test_without_a_config_only_the_environment_and_hardware(tmp_path):
      ["outside [0, 20)", "vocab"]),
     ("NaN in the data", dict(data={"train": {"_target_": "tests.toys:NanBlobs", "every": 5}}), "data.values", ["NaN/Inf", "`x`", "max_skip_fraction"]),
     ("a precision the profile cannot do", dict(hardware="gtx1650", train={"precision": "bf16"}), "hardware.precision", ["bf16", "gtx1650"]),
+    ("a dataset that raises", dict(data={"train": {"_target_": "tests.toys:MissingFiles"}}), "data.build",
+     ["FileNotFoundError", "/nonexistent/data", "data.train"]),
     ("a field mapped to no argument", dict(data={"fields": {"idx": "index"}}), "data.fields", ["index", "no such argument"]),
 ])
 def test_each_failure_is_found_with_its_fix(tmp_path, case, sections, check, words):
@@ -186,3 +188,15 @@ def test_the_table_fits_80_columns(tmp_path, write_config):
     assert max(len(line.rstrip()) for line in lines) <= 80, "\n".join(lines)
     assert any(line.lstrip().startswith("fail") and "data.fields" in line for line in lines)
     assert "FAILED" in lines[-1]
+
+
+def test_the_micro_batch_diagnose_finds_is_the_one_train_starts_with(tmp_path, cli, write_config):
+    sections = dict(model={"_target_": "tests.toys:MLP", "hidden": 256}, data={"val": None},
+                    train={"max_steps": 4, "batch_size": 64, "micro_batch_size": "auto"})
+    code, checks, _ = diagnose(tmp_path, "--memory-budget", "120KB", **sections)
+    mem = checks["memory.fit"]
+    assert code == 0 and mem["status"] == "pass" and "measured" in mem["message"], mem
+    m = int(mem["message"].split()[1])
+    cfg = write_config("tuned", **sections)
+    code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "tuned", "--memory-budget", "120KB")
+    assert code == 0 and "from the cache" in out and f"micro-batch {m} x" in out, out

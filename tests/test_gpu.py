@@ -52,3 +52,20 @@ def test_resume_is_bitwise_exact_on_cuda(cli, tmp_path):
     a = torch.load(tmp_path / "full" / "checkpoints" / "step_0000020" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "part" / "checkpoints" / "step_0000020" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_diagnose_on_the_gpu_measures_memory_and_agrees_with_train(cli, tmp_path):
+    """On the card itself: every check runs on CUDA, memory is measured (not predicted), and the
+    micro-batch diagnose finds is the one train then starts with (the shared autoconfig cache)."""
+    cfg = toy_config(hardware="auto", model={"_target_": "tests.toys:MLP", "hidden": 256}, data={"val": None},
+                     train={"max_steps": 5, "batch_size": 64, "micro_batch_size": "auto"})
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    code, out = cli("diagnose", "--config", path, "--json", "--memory-budget", "600MB")
+    report = json.loads(out[out.index("{"):])
+    checks = {c["name"]: c for c in report["checks"]}
+    assert code == 0 and report["ok"], out
+    assert checks["hardware.device"]["status"] in ("pass", "warn") and "compute" in checks["hardware.device"]["message"]
+    assert "measured" in checks["memory.fit"]["message"]
+    code, out = cli("train", "--config", path, "--run-dir", tmp_path / "gpu", "--memory-budget", "600MB")
+    assert code == 0 and "from the cache" in out, out

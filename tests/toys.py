@@ -433,3 +433,10 @@ class BreaksAt(MLP):
     def __init__(self, at: int = 21, **kw):
         super().__init__(**kw)
         self.body[1] = nn.Sequential(nn.ReLU(), NanFrom(at))
+
+
+class MissingFiles(Blobs):
+    """A dataset whose files are not where the config says."""
+
+    def __init__(self, root: str = "/nonexistent/data", **kw):
+        raise FileNotFoundError(f"no such directory: {root}")

@@ -33,6 +33,13 @@ def _fail(name: str, e: TrainguardError) -> Check:
     return Check(e.check or name, "fail", e.message, e.hint)
 
 
+def _raised(name: str, section: str, e: Exception, what: str) -> Check:
+    from trainguard.guards.preflight import first_line
+
+    return Check(name, "fail", f"{section}._target_ raised {type(e).__name__}: {first_line(e)}",
+                 f"check its arguments under `{section}` ({what}); run with --debug for the traceback")
+
+
 def _tensor_bytes(x) -> int:
     return sum(t.numel() * t.element_size() for t in tensors_in(x))
 
@@ -69,6 +76,9 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
         except TrainguardError as e:
             checks.append(_fail("data.build", e))
             data = None
+        except Exception as e:  # noqa: BLE001 - the user's constructor: its error is the finding
+            checks.append(_raised("data.build", "data.train", e, "paths, split names"))
+            data = None
         say("building the model")
         try:
             model, loss_fn = build_model(rcfg, device)
@@ -78,6 +88,9 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
                                 f"({_params(trainable)} trainable), {fmt_bytes(sum(_tensor_bytes(t) for t in model.state_dict().values()))}"))
         except TrainguardError as e:
             checks.append(_fail("model.build", e))
+            model = None
+        except Exception as e:  # noqa: BLE001
+            checks.append(_raised("model.build", "model", e, "sizes, a checkpoint path"))
             model = None
         if data is None or model is None:
             return checks
