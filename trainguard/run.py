@@ -307,7 +307,7 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
                   micro_batch_size=mbs)
     checks = preflight(trainer)
     for c in checks:
-        if c.status == "pass" and c.name == "data.fields":  # the fields left out are said once at start
+        if c.name == "data.fields" and c.status == "pass" and trainer.adapter.dropped:  # said once at start
             console.print(f"note: {c.message}")
         if c.status == "warn":
             console.print(f"[yellow]preflight[/yellow]: {c.message}" + (f" (hint: {c.hint})" if c.hint else ""))

@@ -98,13 +98,12 @@ def preflight(trainer) -> list[Check]:
     if not torch.isfinite(loss):
         checks.append(Check("model.loss", "warn", f"the first micro-batch gives a non-finite loss ({loss.item()})",
                             "the guards will skip such steps; check the data and the loss (e.g. CTC input vs target lengths)"))
-    dropped = trainer.adapter.dropped or []
-    if dropped:
+    if isinstance(batch.data, dict):
         a = trainer.adapter
-        kept = sorted(a.accepted & {a.fields.get(k, k) for k in _fields(batch.data)})
-        checks.append(Check("data.fields", "pass", f"the model gets {', '.join(kept) or 'no named field'}; left out: "
-                            f"{', '.join(dropped)} (not named by {type(model).__name__}.forward())",
-                            "to pass a field, rename it to a forward() argument (or list it) in data.fields"))
+        kept = sorted(a.accepted & {a.fields.get(k, k) for k in batch.data})
+        left = f"; left out: {', '.join(a.dropped)} (not named by {type(model).__name__}.forward())" if a.dropped else ""
+        checks.append(Check("data.fields", "pass", f"the model gets {', '.join(kept) or 'no named field'}{left}",
+                            "to pass a field, rename it to a forward() argument (or list it) in data.fields" if left else None))
     if unused:
         more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
         checks.append(Check("model.gradients", "warn", f"{len(unused)} parameters get no gradient from the first batch: {', '.join(unused[:3])}{more}",
@@ -112,10 +111,6 @@ def preflight(trainer) -> list[Check]:
     if compiled is not model:
         checks.append(compile_or_fall_back(trainer, slice_batch(batch.data, 0, n)))
     return checks
-
-
-def _fields(data) -> list[str]:
-    return [] if not isinstance(data, dict) else [str(k) for k in data]
 
 
 def first_line(e: BaseException, limit: int = 240) -> str:
