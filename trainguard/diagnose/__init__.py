@@ -76,7 +76,7 @@ def diagnose(config: str | Path | None = None, *, profile: str | None = None, ov
             report.config_error = True
             return report
         workers = max(0, min(prof.num_workers, info.cpu_count - 1))
-        report.add(*device_checks(info), Check("hardware.profile", "pass", f"profile {prof.name}: {why}"),
+        report.add(*device_checks(info), profile_check(prof, why, info, "hardware.profile"),
                    precision_check(prof.precision if prof.device == info.type else "auto", info, prof, prof.tf32),
                    cpu_check(info, None), disk_check(run_dir or Path("runs"), None, 0), shm_check(workers, None))
         return report
@@ -111,18 +111,19 @@ def diagnose(config: str | Path | None = None, *, profile: str | None = None, ov
     return report
 
 
-def profile_check(prof, why: str, info) -> Check:
-    """The config's profile against the device in hand."""
+def profile_check(prof, why: str, info, name: str = "config.profile") -> Check:
+    """The profile (the config's, or --profile) against the device in hand."""
     from trainguard.memory.autoconfig import card_here
 
     if card_here(prof, info):
-        return Check("config.profile", "pass", f"profile {prof.name} ({why}) matches {info.name}")
+        return Check(name, "pass", f"profile {prof.name} ({why}) matches {info.name}")
     from trainguard.hardware.profiles import match_profile
 
     mine = match_profile(info)[0].name
-    return Check("config.profile", "warn", f"the config is for {prof.name} ({prof.description}) but this machine has {info.name} "
-                 f"(profile {mine}): the data and model checks run here on a few samples; memory is forecast for {prof.name}",
-                 f"set hardware: auto (or --profile {mine}) to train on this machine; keep {prof.name} for its card")
+    msg = f"profile {prof.name} is for {prof.description}; this machine has {info.name} (profile {mine})"
+    if name == "config.profile":
+        msg += f": the data and model checks run here on a few samples; memory is forecast for {prof.name}"
+    return Check(name, "warn", msg, f"set hardware: auto (or --profile {mine}) for this machine; keep {prof.name} for its card")
 
 
 def batch_check(cfg) -> Check:
