@@ -440,3 +440,17 @@ class MissingFiles(Blobs):
 
     def __init__(self, root: str = "/nonexistent/data", **kw):
         raise FileNotFoundError(f"no such directory: {root}")
+
+
+class SlowBlobs(Blobs):
+    """Blobs whose every item takes `delay` seconds to load (a slow disk, a heavy decode)."""
+
+    def __init__(self, delay: float = 0.005, **kw):
+        super().__init__(**kw)
+        self.delay = delay
+
+    def __getitem__(self, i: int) -> dict:
+        import time
+
+        time.sleep(self.delay)
+        return super().__getitem__(i)

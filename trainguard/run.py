@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,6 +23,7 @@ from trainguard.callbacks.logging import ConsoleProgress, MetricsLogger
 from trainguard.callbacks.runlog import RunLog
 from trainguard.callbacks.signals import SignalHandler
 from trainguard.callbacks.summary import SummaryWriter, make_summary, write_json_atomic
+from trainguard.callbacks.timing import Timing
 from trainguard.checkpoint import store
 from trainguard.checkpoint.checkpointer import Checkpointer, restore_trainer
 from trainguard.config.instantiate import instantiate
@@ -119,8 +121,6 @@ PREVIOUS_RUN_FILES = ("checkpoints", "metrics.jsonl", "events.jsonl", "summary.j
 
 def _set_aside(run_dir: Path) -> Path:
     """Move an earlier run's files into ``run_dir/previous-<time>/`` (nothing is deleted)."""
-    import time
-
     aside = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     aside.mkdir()
     for name in PREVIOUS_RUN_FILES:
@@ -214,7 +214,8 @@ def _tune_micro_batch(trainer: Trainer, cfg: Config, info) -> int:
 
 
 def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "auto",
-                  extra_hooks: Iterable[Hook] = (), memory_budget: int | None = None) -> Trainer:
+                  extra_hooks: Iterable[Hook] = (), memory_budget: int | None = None,
+                  started: float | None = None) -> Trainer:
     """Build every part of the run from its own config section, and resume if there is a checkpoint.
 
     With a device memory limit (CUDA, or ``memory_budget`` bytes, simulated on a CPU) the returned
@@ -244,7 +245,7 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
         trainer = build_core(cfg, device, memory)
         if auto_micro and old is None and memory is not None:
             cfg.train.micro_batch_size = trainer.micro_batch_size = _tune_micro_batch(trainer, cfg, info)
-        _attach_run(trainer, cfg, prof, info, run_dir, found, old, rejected, extra_hooks)
+        _attach_run(trainer, cfg, prof, info, run_dir, found, old, rejected, extra_hooks, started or time.time())
     except BaseException:
         if memory is not None:
             memory.stop()
@@ -253,7 +254,7 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
 
 
 def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found: Path | None, old: dict | None,
-                rejected: list, extra_hooks: Iterable[Hook]) -> None:
+                rejected: list, extra_hooks: Iterable[Hook], started: float) -> None:
     """The run directory, the hooks, the resume and the preflight around a built core."""
     mbs = int(cfg.train.micro_batch_size)
     val_ds = _build_dataset(cfg.data.val, "data.val") if cfg.data.val else None
@@ -278,12 +279,12 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
     (run_dir / "config.yaml").write_text(config_yaml)
 
     metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, cfg.log.tensorboard, memory=trainer.memory)
-    hooks: list[Hook] = [metrics, ConsoleProgress(metrics, cfg.train.max_steps, cfg.log.progress)]
+    hooks: list[Hook] = [Timing(started), metrics, ConsoleProgress(metrics, cfg.train.max_steps, cfg.log.progress)]
     if val is not None and cfg.train.eval_every:
         hooks.append(Evaluator(val, cfg.train.eval_every, cfg.train.eval_batches))
     checkpointer = Checkpointer(ckpt_root, cfg.checkpoint, config_yaml, log)
-    hooks.insert(2, Guard(cfg.guard, cfg.train.max_steps * cfg.train.batch_size, log, checkpointer))
-    hooks.insert(3, OomRecovery(cfg.guard.on_oom, cfg.train.batch_size, log, mbs))
+    hooks.insert(3, Guard(cfg.guard, cfg.train.max_steps * cfg.train.batch_size, log, checkpointer))
+    hooks.insert(4, OomRecovery(cfg.guard.on_oom, cfg.train.batch_size, log, mbs))
     hooks.append(checkpointer)
     hooks += [instantiate(h, f"hooks[{i}]") for i, h in enumerate(cfg.hooks)]
     hooks += list(extra_hooks)
@@ -317,7 +318,7 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
 
 def train(config: str | Path | dict | Config, overrides: list[str] | None = None, *, profile: str | None = None,
           run_dir: str | Path | None = None, resume: str = "auto", hooks: Iterable[Hook] = (),
-          memory_budget: str | int | None = None) -> dict:
+          memory_budget: str | int | None = None, started: float | None = None) -> dict:
     """Train from a config and return the run summary (the content of ``summary.json``).
 
     Args:
@@ -328,11 +329,13 @@ def train(config: str | Path | dict | Config, overrides: list[str] | None = None
         resume: ``auto`` (newest valid checkpoint in run_dir), ``never``, or a checkpoint path.
         hooks: extra :class:`~trainguard.Hook` objects.
         memory_budget: cap the device memory (``"3.5GiB"`` or bytes); simulated on a CPU.
+        started: when the command began (``time.time()``), for ``startup_s``; default: now.
 
     Raises:
         ConfigError: bad config or usage (nothing trained).
         RunFailed: training gave up; the summary is written first.
     """
+    started = started or time.time()
     budget = parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
     if isinstance(config, Config):
         config = config.model_dump(mode="json", exclude_defaults=True)
@@ -340,7 +343,8 @@ def train(config: str | Path | dict | Config, overrides: list[str] | None = None
     cfg, prof, why = resolve_config(path, profile=profile, overrides=overrides, raw=config if isinstance(config, dict) else None)
     rd = Path(run_dir) if run_dir is not None else default_run_dir(path)
     try:
-        trainer = build_trainer(cfg, prof, why, run_dir=rd, resume=resume, extra_hooks=hooks, memory_budget=budget)
+        trainer = build_trainer(cfg, prof, why, run_dir=rd, resume=resume, extra_hooks=hooks, memory_budget=budget,
+                                started=started)
     except Exception as e:  # summary.json is written at every end, a failed setup included
         rd.mkdir(parents=True, exist_ok=True)
         write_json_atomic(rd / "summary.json", make_summary(

@@ -43,6 +43,7 @@ class MetricsLogger(Hook):
     def _reset(self, trainer) -> None:
         self.loss_sum = torch.zeros((), device=trainer.device)
         self.n, self.t0, self.samples0 = 0, time.perf_counter(), trainer.state.samples
+        self.wait0 = trainer.state.input_wait_s
 
     def on_step_end(self, trainer) -> None:
         st = trainer.state
@@ -60,8 +61,10 @@ class MetricsLogger(Hook):
         self.logged_step = st.step
         mem = {} if self.memory is None else {"peak_memory_bytes": self.memory.take_peak(), "micro_batch_size": trainer.micro_batch_size}
         self.last.update(mem)
+        wait = min(1.0, (st.input_wait_s - self.wait0) / dt)
         self.log.metric(st.step, "train", loss=loss, lr=st.lr, samples_per_s=round(sps, 2),
-                        step_time_s=round(dt / max(1, self.n), 5), samples=st.samples, epoch=st.epoch, **mem)
+                        step_time_s=round(dt / max(1, self.n), 5), input_wait_fraction=round(wait, 4),
+                        samples=st.samples, epoch=st.epoch, **mem)
         if self.tb is not None:
             self.tb.add_scalar("train/loss", loss, st.step)
             self.tb.add_scalar("train/lr", st.lr, st.step)

@@ -20,6 +20,13 @@ app.command("autoconfig")(autoconfig.autoconfig_command)
 app.command("profiles")(profiles.profiles_command)
 
 
+STARTED: float | None = None  # when this command's process started (summary.json's startup_s counts from it)
+
+
 def main() -> None:
     """Console-script entry point."""
+    global STARTED
+    import psutil
+
+    STARTED = psutil.Process().create_time()
     app()

@@ -34,7 +34,10 @@ def train_command(
         from trainguard.run import train
 
         budget = parse_size(memory_budget) if memory_budget is not None else None
-        summary = train(config, set_ or [], profile=profile, run_dir=run_dir, resume=resume, memory_budget=budget)
+        from trainguard import cli
+
+        summary = train(config, set_ or [], profile=profile, run_dir=run_dir, resume=resume, memory_budget=budget,
+                        started=cli.STARTED)
         code = int(summary.get("exit_code") or 0)
         if summary.get("status") == "interrupted":
             print(f"interrupted at step {summary['steps']}; checkpoint {summary.get('last_checkpoint')}; "

@@ -7,6 +7,7 @@ step itself (logging, evaluation, checkpoints, guards, signals, the summary) is 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +58,9 @@ class Trainer:
         try:
             self.fire(Event.FIT_START)
             while not st.stop and st.step < self.cfg.max_steps:
+                t = time.perf_counter()
                 self.batch = next(self.data)
+                st.input_wait_s += time.perf_counter() - t
                 st.batch_ids = self.batch.ids
                 self.fire(Event.STEP_START)
                 if not self.train_step(self.batch):

@@ -36,6 +36,7 @@ class RunState:
     loss: Any = None                   # this step's loss (a 0-dim tensor on the device; no host sync)
     grad_norm: Any = None
     lr: float = 0.0
+    input_wait_s: float = 0.0          # seconds fit() has waited for batches from the loader (this process)
     # flags hooks set to change the run
     skip_step: bool = False            # skip this step's optimizer update
     stop: bool = False                 # stop after this step

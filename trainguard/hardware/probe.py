@@ -25,13 +25,18 @@ class DeviceInfo:
         return asdict(self)
 
 
+def cpu_count() -> int:
+    """CPU cores this process may use (its affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def probe(device_type: str = "auto") -> DeviceInfo:
     """Probe the device: CUDA first, then MPS, then CPU (or the type asked for)."""
     import psutil
     import torch
 
     vm = psutil.virtual_memory()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = cpu_count()
     common = dict(cpu_count=cpus, ram_gb=vm.total / 2**30, torch_version=torch.__version__)
     want_cuda = device_type in ("auto", "cuda")
     if want_cuda and torch.cuda.is_available():
