@@ -1,0 +1,160 @@
+"""Per-step time of trainguard against a hand-written loop (and Lightning, when installed).
+
+The same model, data, optimizer, batch and seed, run three ways in one process, interleaved
+round by round so that the machine's drift hits all of them alike:
+
+* ``hand``: the loop everyone writes: ``DataLoader(shuffle=True)``, forward, backward, AdamW;
+* ``trainguard``: ``trainguard.train()`` with its defaults (guards, exact-resume data order,
+  metrics every 50 steps, a checkpoint at the end);
+* ``lightning``: a ``LightningModule`` under ``lightning.Trainer`` without logger, checkpoint or
+  progress bar (only with ``pip install 'trainguard[bench]'``).
+
+Per-step time is taken from two run lengths, (t(long) - t(short)) / (long - short) steps, so that
+start-up (imports, building, the preflight, worker start) cancels. Two workloads: a tiny MLP
+(64-128-128-1, batch 64, where a per-step overhead shows) and a medium one (512-1024-1024-1,
+batch 128). Prints each per-step time and its ratio to the hand loop; docs/benchmarks.md holds
+the table.
+
+    python scripts/bench.py [--rounds 3] [--only tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+WORKLOADS = {  # name: (input, hidden, batch, short run, long run)
+    "tiny": (64, 128, 64, 200, 2000),
+    "medium": (512, 1024, 128, 30, 230),
+}
+N_SAMPLES = 8192
+LR = 1e-3
+
+
+class Regression(Dataset):
+    """(x, y) pairs of a fixed random linear task: tensors, as a tensor dataset would give them."""
+
+    def __init__(self, dim: int = 64, n: int = N_SAMPLES, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=g)
+        self.y = self.x @ torch.randn(dim, 1, generator=g) * 0.1 + 0.01 * torch.randn(n, 1, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+def mlp(dim: int = 64, hidden: int = 128) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+
+def run_hand(dim: int, hidden: int, batch: int, steps: int) -> float:
+    torch.manual_seed(0)
+    model, loss_fn = mlp(dim, hidden), nn.MSELoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    loader = DataLoader(Regression(dim), batch_size=batch, shuffle=True, drop_last=True)
+    t = time.perf_counter()
+    step = 0
+    while step < steps:
+        for x, y in loader:
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == steps:
+                break
+    float(loss)
+    return time.perf_counter() - t
+
+
+def run_trainguard(dim: int, hidden: int, batch: int, steps: int) -> float:
+    import trainguard
+
+    cfg = {"hardware": "cpu", "seed": 0,
+           "model": {"_target_": "scripts.bench:mlp", "dim": dim, "hidden": hidden},
+           "loss": {"_target_": "torch.nn:MSELoss"},
+           "data": {"train": {"_target_": "scripts.bench:Regression", "dim": dim}, "num_workers": 0},
+           "optim": {"name": "adamw", "lr": LR}, "schedule": {"name": "constant"},
+           "train": {"max_steps": steps, "batch_size": batch, "micro_batch_size": batch, "grad_clip": 0, "log_every": 50},
+           "checkpoint": {"every_steps": 0, "keep_last": 1}, "log": {"progress": False}}
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        trainguard.train(cfg, run_dir=Path(d) / "run", resume="never")
+        return time.perf_counter() - t
+
+
+def run_lightning(dim: int, hidden: int, batch: int, steps: int) -> float:
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model, self.loss_fn = mlp(dim, hidden), nn.MSELoss()
+
+        def training_step(self, b, i):
+            x, y = b
+            return self.loss_fn(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=LR)
+
+    torch.manual_seed(0)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    loader = DataLoader(Regression(dim), batch_size=batch, shuffle=True, drop_last=True)
+    t = time.perf_counter()
+    trainer.fit(Module(), loader)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    import logging
+    import warnings
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", choices=sorted(WORKLOADS), default=None)
+    args = ap.parse_args()
+    runners = {"hand": run_hand, "trainguard": run_trainguard}
+    try:
+        import lightning  # noqa: F401
+
+        runners["lightning"] = run_lightning
+        logging.getLogger("lightning").setLevel(logging.ERROR)
+        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore")
+    except ImportError:
+        print("lightning is not installed (pip install 'trainguard[bench]'): comparing hand and trainguard only")
+    import contextlib
+    import io
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, per-step time from two run lengths")
+    for name, (dim, hidden, batch, short, long) in WORKLOADS.items():
+        if args.only and name != args.only:
+            continue
+        per_step: dict[str, list[float]] = {k: [] for k in runners}
+        for _ in range(args.rounds):
+            for k, run in runners.items():
+                with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                    a = run(dim, hidden, batch, short)
+                    b = run(dim, hidden, batch, long)
+                per_step[k].append((b - a) / (long - short))
+        med = {k: statistics.median(v) for k, v in per_step.items()}
+        print(f"\n{name}: MLP {dim}-{hidden}-{hidden}-1, batch {batch}, steps {short} and {long}")
+        for k, v in med.items():
+            spread = f"{min(per_step[k]) * 1e3:.2f}-{max(per_step[k]) * 1e3:.2f}"
+            print(f"  {k:<11} {v * 1e3:7.3f} ms/step  (rounds {spread})  ratio to hand {v / med['hand']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
