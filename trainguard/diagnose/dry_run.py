@@ -280,6 +280,8 @@ def memory_check(trainer, cfg, rcfg, prof, info, budget: int | None, tuning, sca
         elif prof.device == "cuda":  # the profile's card is not here: fake-tensor forecast, as autoconfig --profile
             pcfg = cfg.model_copy(deep=True)
             pcfg.train.precision = prof.precision if cfg.train.precision == "auto" else cfg.train.precision
+            if pcfg.train.precision == "bf16" and not prof.bf16:
+                return Check("memory.fit", "skip", f"no forecast: {prof.name} cannot run bf16 (see hardware.precision)")
             fc = forecast(pcfg, prof, trainer.model, trainer.adapter.loss_fn, scan.worst_item)
             tuning = predict_for_profile(pcfg, prof, fc=fc)
             if cfg.train.micro_batch_size == "auto":
