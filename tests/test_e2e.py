@@ -64,22 +64,23 @@ def test_python_api_and_yaml_hook(tmp_path):
 
 
 def test_waiting_for_data_is_measured_and_an_input_bound_run_says_so(cli, tmp_path, write_config):
-    """A dataset that takes 5 ms per item, loaded in the training process: the steps mostly wait."""
+    """A dataset that takes 10 ms per item, loaded in the training process: the steps mostly wait."""
     import json
 
     from tests.conftest import read_jsonl
 
-    slow = write_config("slow", data={"train": {"_target_": "tests.toys:SlowBlobs", "delay": 0.005}, "val": None, "num_workers": 0},
-                        train={"max_steps": 12, "batch_size": 8, "log_every": 4})
+    slow = write_config("slow", data={"train": {"_target_": "tests.toys:SlowBlobs", "delay": 0.01}, "val": None, "num_workers": 0},
+                        train={"max_steps": 12, "batch_size": 8, "log_every": 4}, checkpoint={"every_steps": 0})
     code, out = cli("train", "--config", slow, "--run-dir", tmp_path / "slow")
     assert code == 0, out
     summary = json.loads((tmp_path / "slow" / "summary.json").read_text())
     lines = [m for m in read_jsonl(tmp_path / "slow" / "metrics.jsonl") if m["split"] == "train"]
-    assert summary["input_wait_fraction"] > 0.6 and all(m["input_wait_fraction"] > 0.5 for m in lines), (summary, lines)
+    # 80 ms of loading per step against about 1 ms of compute (checkpoint writes, on a slow disk, are not waiting)
+    assert summary["input_wait_fraction"] > 0.5 and all(m["input_wait_fraction"] > 0.5 for m in lines), (summary, lines)
     assert "input-bound" in out and "data.num_workers" in out and summary["input_bound"]
     assert 0 < summary["startup_s"] < summary["wall_s"] + 60
     fast = write_config("fast", model={"_target_": "tests.toys:MLP", "hidden": 512}, data={"val": None, "num_workers": 0},
-                        train={"max_steps": 12, "batch_size": 8})
+                        train={"max_steps": 12, "batch_size": 8}, checkpoint={"every_steps": 0})
     code, out = cli("train", "--config", fast, "--run-dir", tmp_path / "fast")
     fast_summary = json.loads((tmp_path / "fast" / "summary.json").read_text())
     assert code == 0 and fast_summary["input_wait_fraction"] < summary["input_wait_fraction"]
