@@ -64,7 +64,20 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
     memory = open_memory(device, memory_budget)  # as in train: a CUDA device or a budget (None: RAM, unmeasured)
     if memory is not None:
         memory.start()
-    try:
+    try:  # in train's order: the model (seeded), then the data, whose construction may draw from the RNGs too
+        say("building the model")
+        try:
+            model, loss_fn = build_model(rcfg, device)
+            total = sum(p.numel() for p in model.parameters())
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            checks.append(Check("model.build", "pass", f"{type(model).__name__}: {_params(total)} parameters "
+                                f"({_params(trainable)} trainable), {fmt_bytes(sum(_tensor_bytes(t) for t in model.state_dict().values()))}"))
+        except TrainguardError as e:
+            checks.append(_fail("model.build", e))
+            model = None
+        except Exception as e:  # noqa: BLE001
+            checks.append(_raised("model.build", "model", e, "sizes, a checkpoint path"))
+            model = None
         say("building the training data")
         try:
             with host_side(memory):
@@ -79,19 +92,6 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
         except Exception as e:  # noqa: BLE001 - the user's constructor: its error is the finding
             checks.append(_raised("data.build", "data.train", e, "paths, split names"))
             data = None
-        say("building the model")
-        try:
-            model, loss_fn = build_model(rcfg, device)
-            total = sum(p.numel() for p in model.parameters())
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            checks.append(Check("model.build", "pass", f"{type(model).__name__}: {_params(total)} parameters "
-                                f"({_params(trainable)} trainable), {fmt_bytes(sum(_tensor_bytes(t) for t in model.state_dict().values()))}"))
-        except TrainguardError as e:
-            checks.append(_fail("model.build", e))
-            model = None
-        except Exception as e:  # noqa: BLE001
-            checks.append(_raised("model.build", "model", e, "sizes, a checkpoint path"))
-            model = None
         if data is None or model is None:
             return checks
         say("scanning the data")
