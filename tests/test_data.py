@@ -1,4 +1,5 @@
 """The engine-owned data order: deterministic, resumable, and the same with or without workers."""
+import pytest
 
 import torch
 
@@ -33,3 +34,41 @@ def test_fetching_leaves_the_training_rng_alone():
     torch.manual_seed(0)
     _batches(0)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("dataset", ["Blobs", "NoisyBlobs", "LateNoise", "Flaky"])
+def test_unseeded_fetch_gives_exactly_the_per_item_seeded_batches(dataset):
+    """The fast path (no seeding unless an item draws from the RNGs) yields the same batches as
+    seeding every item, for datasets without randomness, with it, and with it only late in the epoch;
+    and it leaves the training process's RNG streams as they were."""
+    import random
+
+    import numpy as np
+    import torch
+
+    import tests.toys as toys
+    from trainguard.engine.data import EpochBatchSampler, SampleFetcher
+
+    kw = {"broken_every": 37} if dataset == "Flaky" else {}
+    ds = getattr(toys, dataset)(n=320, **kw)
+    sampler = EpochBatchSampler(len(ds), 16, seed=3, shuffle=True)
+    fast, seeded = SampleFetcher(ds, 3), SampleFetcher(ds, 3, per_item=True)
+
+    def draw():
+        return float(torch.rand(())), random.random(), float(np.random.rand())
+
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    expected = draw()
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    for epoch in range(2):
+        sampler.epoch = epoch
+        for keys in sampler:
+            a, b = fast.__getitems__(keys), seeded.__getitems__(keys)
+            assert [i for i, _ in a] == [i for i, _ in b]
+            assert repr(a) == repr(b), keys
+    assert draw() == expected  # the training process's RNG streams: untouched by either path
+    assert fast.per_item == (dataset in ("NoisyBlobs", "LateNoise"))

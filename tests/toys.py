@@ -454,3 +454,19 @@ class SlowBlobs(Blobs):
 
         time.sleep(self.delay)
         return super().__getitem__(i)
+
+
+class LateNoise(Blobs):
+    """Blobs that draw from the RNGs only for indices >= `from_index`: the fetcher must notice mid-epoch."""
+
+    def __init__(self, from_index: int = 200, **kw):
+        super().__init__(**kw)
+        self.from_index = from_index
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        if i >= self.from_index:
+            import random
+
+            item["x"] = [v + random.random() * 0.01 + float(torch.rand(())) * 0.01 for v in item["x"]]
+        return item

@@ -2,9 +2,10 @@
 
 * Map-style datasets: :class:`EpochBatchSampler` shuffles each epoch from ``(seed, epoch)`` and
   starts at a batch position, so resume continues without replaying batches.
-* Every item is fetched by ``(epoch, index)`` through :class:`SampleFetcher`, which seeds the
-  python/numpy/torch RNGs from ``(seed, epoch, index)`` around the user's ``__getitem__``:
-  random augmentation is the same with 0 or N workers, and after resume.
+* Every item is fetched by ``(epoch, index)`` through :class:`SampleFetcher`, as if the
+  python/numpy/torch RNGs were seeded from ``(seed, epoch, index)`` around the user's
+  ``__getitem__`` (they are, once an item is seen to draw from them): random augmentation is the
+  same with 0 or N workers, and after resume.
 * An item that raises or returns ``None`` becomes a :class:`BadSample` (recorded, not fatal).
 * Iterable datasets: items are numbered by stream position; resume skips that many items.
 """
@@ -104,36 +105,70 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + index) % (2**31 - 1)
 
 
-class SampleFetcher(Dataset):
-    """Wraps a map-style dataset: fetches by ``(epoch, index)`` with per-sample seeded RNGs.
+def _rng_states() -> tuple:
+    return random.getstate(), np.random.get_state(), torch.default_generator.get_state()
 
-    The DataLoader calls ``__getitems__`` with a whole batch, so the training process's RNG
-    states are saved and restored once per batch (numpy's alone costs ~130 us), and each
-    sample only pays for three cheap seedings (~10 us).
+
+def _same_rng(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and a[1][2] == b[1][2] and np.array_equal(a[1][1], b[1][1]) and torch.equal(a[2], b[2])
+
+
+def _set_rng(states: tuple) -> None:
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.default_generator.set_state(states[2])
+
+
+class SampleFetcher(Dataset):
+    """Wraps a map-style dataset: fetches by ``(epoch, index)``, each item as if the python, numpy
+    and torch RNGs were seeded from ``(seed, epoch, index)`` just before it.
+
+    Seeding costs ~10 us per item (Python's ``random.seed`` most of it), which is most of a small
+    step's data time; most datasets never draw from those RNGs. So a batch is first fetched
+    without seeding, and the RNG states are compared before and after (~100 us per batch). If no
+    item drew from them, seeding would have changed nothing: the batch is exactly what the seeded
+    path gives. If one did, the batch is fetched again with per-item seeds (the RNGs first put
+    back), and this fetcher (this process or worker) seeds every item from then on. Either way
+    the items are those of the per-item-seeded path, so resume and 0-vs-N workers stay exact.
+    ``per_item=True`` seeds from the start (what the tests compare against).
     """
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, dataset: Dataset, seed: int, per_item: bool = False):
+        self.dataset, self.seed, self.per_item = dataset, seed, per_item
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def _fetch(self, epoch: int, index: int):
-        s = _sample_seed(self.seed, epoch, index)
-        random.seed(s)
-        np.random.seed(s)
-        torch.default_generator.manual_seed(s)  # not torch.manual_seed: that also seeds every accelerator (~250 us)
+    def _get(self, index: int):
         try:
             item = self.dataset[index]
             return index, (item if item is not None else BadSample(index, "the dataset returned None"))
         except Exception as e:  # a broken sample is data, not a crash: recorded and budgeted
             return index, BadSample(index, f"{type(e).__name__}: {e}")
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+    def _fetch(self, epoch: int, index: int):
+        s = _sample_seed(self.seed, epoch, index)
+        random.seed(s)
+        np.random.seed(s)
+        torch.default_generator.manual_seed(s)  # not torch.manual_seed: that also seeds every accelerator (~250 us)
+        return self._get(index)
+
+    def _seeded(self, keys: list[tuple[int, int]]) -> list:
         if get_worker_info() is not None:  # a worker's RNG streams are its own
             return [self._fetch(*k) for k in keys]
         with _host_rng_kept():  # keep the training process's RNG streams (dropout, ...) untouched
             return [self._fetch(*k) for k in keys]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        if self.per_item:
+            return self._seeded(keys)
+        before = _rng_states()
+        items = [self._get(i) for _, i in keys]
+        if _same_rng(before, _rng_states()):
+            return items  # nothing drew from the RNGs: exactly the seeded path's items
+        _set_rng(before)
+        self.per_item = True
+        return self._seeded(keys)
 
     def __getitem__(self, key: tuple[int, int]):
         return self.__getitems__([key])[0]
