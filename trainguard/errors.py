@@ -7,6 +7,12 @@ tracebacks only appear with ``--debug`` or ``TRAINGUARD_DEBUG=1``.
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 240) -> str:
+    """An exception's message, first line only, at most ``limit`` characters (for one-line reports)."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else "")[:limit]
+
+
 class TrainguardError(Exception):
     """Base class for errors that are reported to the user without a traceback."""
 

@@ -30,12 +30,11 @@ def train_command(
     if nproc_per_node not in (None, 1):
         raise fail("--nproc-per-node > 1 (DDP) is planned but not built yet", "train on one device for now", 2)
     with user_errors(debug):
+        from trainguard import cli
         from trainguard.memory.sizes import fmt_bytes, parse_size
         from trainguard.run import train
 
         budget = parse_size(memory_budget) if memory_budget is not None else None
-        from trainguard import cli
-
         summary = train(config, set_ or [], profile=profile, run_dir=run_dir, resume=resume, memory_budget=budget,
                         started=cli.STARTED)
         code = int(summary.get("exit_code") or 0)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from trainguard.diagnose.environment import cpu_check, disk_check, shm_check
-from trainguard.errors import TrainguardError
+from trainguard.errors import TrainguardError, first_line
 from trainguard.guards.localize import _tensors as tensors_in
 from trainguard.guards.preflight import Check, preflight
 from trainguard.memory.autoconfig import card_here
@@ -34,8 +34,6 @@ def _fail(name: str, e: TrainguardError) -> Check:
 
 
 def _raised(name: str, section: str, e: Exception, what: str) -> Check:
-    from trainguard.guards.preflight import first_line
-
     return Check(name, "fail", f"{section}._target_ raised {type(e).__name__}: {first_line(e)}",
                  f"check its arguments under `{section}` ({what}); run with --debug for the traceback")
 

@@ -10,6 +10,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from trainguard.errors import first_line
 from trainguard.guards.preflight import Check
 from trainguard.memory.sizes import fmt_bytes
 
@@ -82,7 +83,7 @@ def _numpy_interop() -> Check:
         assert int(back.sum()) == 12
     except Exception as e:  # noqa: BLE001 - any failure here is the finding
         return Check("env.numpy", "fail", f"torch {torch.__version__} cannot exchange arrays with NumPy {np.__version__}: "
-                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                     f"{type(e).__name__}: {first_line(e)}",
                      "install the NumPy major version torch was built for (pip install 'numpy<2' for older torch), or upgrade torch")
     return Check("env.numpy", "pass", f"NumPy {np.__version__}: torch.from_numpy and .numpy() work")
 

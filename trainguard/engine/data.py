@@ -73,36 +73,20 @@ class Scan:
 
     ids: list[int]
     sizes: list[int]
-    worst_id: int
-    worst_item: Any
+    items: list                 # the samples that loaded, in the order of ``ids``
     bad: list[BadSample] = field(default_factory=list)
-    items: list = field(default_factory=list)   # the samples that loaded, in the order of ``ids``
 
+    @property
+    def _worst(self) -> int:
+        return max(range(len(self.sizes)), key=self.sizes.__getitem__)
 
-@contextlib.contextmanager
-def _host_rng_kept():
-    """Leave this process's python/numpy/torch-CPU RNG streams as they were (dropout, ...)."""
-    saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
-    try:
-        yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.default_generator.set_state(saved[2])
+    @property
+    def worst_id(self) -> int:
+        return self.ids[self._worst]
 
-
-def _first_items(dataset, n: int) -> list:
-    """The first ``n`` items of an iterable dataset, numbered by stream position."""
-    pairs = []
-    for pos, item in enumerate(dataset):
-        pairs.append((pos, item if item is not None else BadSample(pos, "the dataset returned None")))
-        if len(pairs) >= n:
-            break
-    return pairs
-
-
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + index) % (2**31 - 1)
+    @property
+    def worst_item(self) -> Any:
+        return self.items[self._worst]
 
 
 def _rng_states() -> tuple:
@@ -117,6 +101,30 @@ def _set_rng(states: tuple) -> None:
     random.setstate(states[0])
     np.random.set_state(states[1])
     torch.default_generator.set_state(states[2])
+
+
+@contextlib.contextmanager
+def _host_rng_kept():
+    """Leave this process's python/numpy/torch-CPU RNG streams as they were (dropout, ...)."""
+    saved = _rng_states()
+    try:
+        yield
+    finally:
+        _set_rng(saved)
+
+
+def _first_items(dataset, n: int) -> list:
+    """The first ``n`` items of an iterable dataset, numbered by stream position."""
+    pairs = []
+    for pos, item in enumerate(dataset):
+        pairs.append((pos, item if item is not None else BadSample(pos, "the dataset returned None")))
+        if len(pairs) >= n:
+            break
+    return pairs
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + index) % (2**31 - 1)
 
 
 class SampleFetcher(Dataset):
@@ -288,10 +296,7 @@ class DataStream:
             first = bad[0] if bad else None
             raise RunFailed(f"none of the {len(pairs)} samples scanned could be loaded" + (f", e.g. sample {first.sample_id}: {first.reason}" if first else ""),
                             "fix the dataset's __getitem__ (run it on one index by hand to see the error)")
-        sizes = [item_size(x) for _, x in good]
-        w = max(range(len(good)), key=lambda j: sizes[j])
-        return Scan(ids=[i for i, _ in good], sizes=sizes, worst_id=good[w][0], worst_item=good[w][1], bad=bad,
-                    items=[x for _, x in good])
+        return Scan(ids=[i for i, _ in good], sizes=[item_size(x) for _, x in good], items=[x for _, x in good], bad=bad)
 
     def one_pass(self) -> Iterator[Batch]:
         """One epoch from its start, in order (for an evaluation stream)."""

@@ -20,6 +20,7 @@ from trainguard.engine.data import Batch, DataStream
 from trainguard.engine.events import Event, Hook, hook_method
 from trainguard.engine.precision import autocast
 from trainguard.engine.state import OutOfMemory, RunState
+from trainguard.errors import first_line
 
 
 @dataclass
@@ -156,7 +157,7 @@ class Trainer:
         try:
             return self._accumulate(batch)
         except torch.OutOfMemoryError as e:
-            oom = OutOfMemory(self.state.step + 1, self.micro_batch_size, (str(e).splitlines() or [""])[0][:300])
+            oom = OutOfMemory(self.state.step + 1, self.micro_batch_size, first_line(e, 300))
         # outside the except block: the exception and its frames are gone, so memory is free again
         self.optimizer.zero_grad(set_to_none=True)
         torch.set_rng_state(rng[0])

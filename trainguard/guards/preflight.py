@@ -16,7 +16,7 @@ from torch import nn
 
 from trainguard.engine.batch import slice_batch, to_device
 from trainguard.engine.precision import autocast
-from trainguard.errors import RunFailed, TrainguardError
+from trainguard.errors import RunFailed, TrainguardError, first_line
 from trainguard.guards.localize import module_name, module_trace, preserved_state
 
 
@@ -111,11 +111,6 @@ def preflight(trainer) -> list[Check]:
     if compiled is not model:
         checks.append(compile_or_fall_back(trainer, slice_batch(batch.data, 0, n)))
     return checks
-
-
-def first_line(e: BaseException, limit: int = 240) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else "")[:limit]
 
 
 @contextlib.contextmanager
