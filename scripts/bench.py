@@ -1,26 +1,29 @@
 """Per-step time of trainguard against a hand-written loop (and Lightning, when installed).
 
-The same model, data, optimizer, batch and seed, run three ways in one process, interleaved
+The same model, data, optimizer, batch and seed, run five ways in one process, interleaved
 round by round so that the machine's drift hits all of them alike:
 
 * ``hand``: the loop everyone writes: ``DataLoader(shuffle=True)``, forward, backward, AdamW;
+* ``hand-fused``: the same loop with ``AdamW(fused=True)``;
 * ``trainguard``: ``trainguard.train()`` with its defaults (guards, exact-resume data order,
-  metrics every 50 steps, a checkpoint at the end);
+  metrics every 50 steps, a checkpoint at the end; ``optim.fused: auto`` picks the fused AdamW);
+* ``tg-unfused``: the same with ``optim.fused: false`` (torch's default AdamW, as ``hand``);
 * ``lightning``: a ``LightningModule`` under ``lightning.Trainer`` without logger, checkpoint or
-  progress bar (only with ``pip install 'trainguard[bench]'``).
+  progress bar, with ``hand``'s AdamW (only with ``pip install 'trainguard[bench]'``).
 
 Per-step time is taken from two run lengths, (t(long) - t(short)) / (long - short) steps, so that
 start-up (imports, building, the preflight, worker start) cancels. Two workloads: a tiny MLP
 (64-128-128-1, batch 64, where a per-step overhead shows) and a medium one (512-1024-1024-1,
-batch 128). Prints each per-step time and its ratio to the hand loop; docs/benchmarks.md holds
-the table.
+batch 128). Prints each per-step time, its ratio to the hand loop with the same optimizer kernel
+(the engine's own cost) and to the plain hand loop; docs/benchmarks.md holds the table.
 
-    python scripts/bench.py [--rounds 3] [--only tiny]
+    python scripts/bench.py [--rounds 5] [--only tiny]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -57,10 +60,10 @@ def mlp(dim: int = 64, hidden: int = 128) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
 
-def run_hand(dim: int, hidden: int, batch: int, steps: int) -> float:
+def run_hand(dim: int, hidden: int, batch: int, steps: int, fused: bool | None = None) -> float:
     torch.manual_seed(0)
     model, loss_fn = mlp(dim, hidden), nn.MSELoss()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=fused)
     loader = DataLoader(Regression(dim), batch_size=batch, shuffle=True, drop_last=True)
     t = time.perf_counter()
     step = 0
@@ -77,14 +80,14 @@ def run_hand(dim: int, hidden: int, batch: int, steps: int) -> float:
     return time.perf_counter() - t
 
 
-def run_trainguard(dim: int, hidden: int, batch: int, steps: int) -> float:
+def run_trainguard(dim: int, hidden: int, batch: int, steps: int, fused="auto") -> float:
     import trainguard
 
     cfg = {"hardware": "cpu", "seed": 0,
            "model": {"_target_": "scripts.bench:mlp", "dim": dim, "hidden": hidden},
            "loss": {"_target_": "torch.nn:MSELoss"},
            "data": {"train": {"_target_": "scripts.bench:Regression", "dim": dim}, "num_workers": 0},
-           "optim": {"name": "adamw", "lr": LR}, "schedule": {"name": "constant"},
+           "optim": {"name": "adamw", "lr": LR, "fused": fused}, "schedule": {"name": "constant"},
            "train": {"max_steps": steps, "batch_size": batch, "micro_batch_size": batch, "grad_clip": 0, "log_every": 50},
            "checkpoint": {"every_steps": 0, "keep_last": 1}, "log": {"progress": False}}
     with tempfile.TemporaryDirectory() as d:
@@ -117,43 +120,59 @@ def run_lightning(dim: int, hidden: int, batch: int, steps: int) -> float:
     return time.perf_counter() - t
 
 
+# name -> (runner, the hand loop with the same optimizer implementation, what it is)
+RUNNERS = {
+    "hand": (run_hand, "hand", "hand-written loop, AdamW as everyone writes it (torch's default kernel)"),
+    "hand-fused": (functools.partial(run_hand, fused=True), "hand-fused", "hand-written loop, AdamW(fused=True)"),
+    "trainguard": (run_trainguard, "hand-fused", "trainguard, defaults (optim.fused: auto = fused AdamW here)"),
+    "tg-unfused": (functools.partial(run_trainguard, fused=False), "hand", "trainguard, optim.fused: false"),
+    "lightning": (run_lightning, "hand", "Lightning, the same AdamW as `hand`"),
+}
+
+
 def main() -> None:
+    import contextlib
+    import io
     import logging
     import warnings
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", choices=sorted(WORKLOADS), default=None)
     args = ap.parse_args()
-    runners = {"hand": run_hand, "trainguard": run_trainguard}
+    runners = dict(RUNNERS)
     try:
         import lightning  # noqa: F401
 
-        runners["lightning"] = run_lightning
         logging.getLogger("lightning").setLevel(logging.ERROR)
         logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore")
     except ImportError:
+        del runners["lightning"]
         print("lightning is not installed (pip install 'trainguard[bench]'): comparing hand and trainguard only")
-    import contextlib
-    import io
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, per-step time from two run lengths")
+    for k, (_, base, what) in runners.items():
+        print(f"  {k:<11} {what}")
+    print("ratio: to the hand loop with the same optimizer kernel (per round, then the median); "
+          "vs hand: to the plain hand loop")
     for name, (dim, hidden, batch, short, long) in WORKLOADS.items():
         if args.only and name != args.only:
             continue
         per_step: dict[str, list[float]] = {k: [] for k in runners}
         for _ in range(args.rounds):
-            for k, run in runners.items():
+            for k, (run, _, _) in runners.items():
                 with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
                     a = run(dim, hidden, batch, short)
                     b = run(dim, hidden, batch, long)
                 per_step[k].append((b - a) / (long - short))
-        med = {k: statistics.median(v) for k, v in per_step.items()}
         print(f"\n{name}: MLP {dim}-{hidden}-{hidden}-1, batch {batch}, steps {short} and {long}")
-        for k, v in med.items():
-            spread = f"{min(per_step[k]) * 1e3:.2f}-{max(per_step[k]) * 1e3:.2f}"
-            print(f"  {k:<11} {v * 1e3:7.3f} ms/step  (rounds {spread})  ratio to hand {v / med['hand']:.2f}")
+        for k, (_, base, _) in runners.items():
+            v = per_step[k]
+            ratio = statistics.median(x / y for x, y in zip(v, per_step[base]))
+            vs_hand = statistics.median(x / y for x, y in zip(v, per_step["hand"]))
+            print(f"  {k:<11} {statistics.median(v) * 1e3:7.3f} ms/step  (rounds {min(v) * 1e3:.2f}-{max(v) * 1e3:.2f})  "
+                  f"ratio {ratio:.2f} to {base:<10}  vs hand {vs_hand:.2f}")
 
 
 if __name__ == "__main__":

@@ -69,3 +69,39 @@ def test_diagnose_on_the_gpu_measures_memory_and_agrees_with_train(cli, tmp_path
     assert "measured" in checks["memory.fit"]["message"]
     code, out = cli("train", "--config", path, "--run-dir", tmp_path / "gpu", "--memory-budget", "600MB")
     assert code == 0 and "from the cache" in out, out
+
+
+def test_healthy_steps_sync_the_host_once_at_most(tmp_path):
+    """Host syncs on healthy steps between log lines, counted with torch.cuda.set_sync_debug_mode:
+    today one per optimizer step (the guards' fused finite check of loss and gradient norm; the
+    fused optimizer takes fp16's skip decision on the device). Issue 9's goal is none."""
+    import warnings
+
+    import trainguard
+    from trainguard import Hook
+
+    class SyncCounter(Hook):
+        def __init__(self, first: int, last: int):
+            self.first, self.last, self.syncs, self.cm = first, last, [], None
+
+        def on_step_start(self, trainer):
+            if trainer.state.step + 1 == self.first:
+                self.cm = warnings.catch_warnings(record=True)
+                self.syncs = self.cm.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_step_end(self, trainer):
+            if trainer.state.step == self.last:
+                torch.cuda.set_sync_debug_mode("default")
+                self.cm.__exit__(None, None, None)
+
+    counter = SyncCounter(11, 20)
+    cfg = toy_config(hardware="auto", data={"val": None, "num_workers": 0},
+                     train={"max_steps": 30, "batch_size": 16, "log_every": 50, "precision": "fp16"},
+                     checkpoint={"every_steps": 0}, log={"progress": False})
+    summary = trainguard.train(cfg, run_dir=tmp_path / "run", resume="never", hooks=[counter])
+    assert summary["status"] == "completed"
+    syncs = [w for w in counter.syncs if "synchroniz" in str(w.message)]
+    print(f"{len(syncs)} host syncs in 10 healthy steps:", *sorted({str(w.filename) + ':' + str(w.lineno) for w in syncs}), sep="\n  ")
+    assert len(syncs) <= 10, [str(w.message) for w in syncs]

@@ -470,3 +470,15 @@ class LateNoise(Blobs):
 
             item["x"] = [v + random.random() * 0.01 + float(torch.rand(())) * 0.01 for v in item["x"]]
         return item
+
+
+class ItemsAtOnce(Blobs):
+    """Blobs with a `__getitems__` (as a Hugging Face dataset has): a batch's items in one call.
+    `calls` counts those calls in this process."""
+
+    calls = 0
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        ItemsAtOnce.calls += 1
+        xs, labels = self.x[indices].tolist(), self.labels[indices].tolist()
+        return [{"x": x, "label": y, "idx": i} for x, y, i in zip(xs, labels, indices)]

@@ -35,7 +35,7 @@ from trainguard.engine.events import Hook
 from trainguard.engine.loop import Trainer
 from trainguard.engine.optim import build_optimizer, build_scheduler, materialize_state
 from trainguard.engine.precision import grad_scaler, resolve_precision
-from trainguard.errors import ConfigError, RunFailed
+from trainguard.errors import ConfigError, RunFailed, first_line
 from trainguard.guards.guard import Guard
 from trainguard.guards.oom import OomRecovery
 from trainguard.guards.preflight import preflight, require
@@ -49,7 +49,7 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 # micro_batch_size: accumulation gives the same gradient (up to float rounding), so a run may
 # resume on a smaller card with smaller micro-batches.
 RESUMABLE_CHANGES = ("hardware", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                     "train.micro_batch_size", "train.compile", "data.num_workers", "data.pin_memory", "checkpoint.", "log.",
+                     "train.micro_batch_size", "train.compile", "optim.fused", "data.item_seeding", "data.num_workers", "data.pin_memory", "checkpoint.", "log.",
                      "guard.", "hooks", "memory.")
 
 
@@ -170,7 +170,8 @@ def build_train_data(cfg: Config) -> DataStream:
         raise ConfigError("no training data: the config has no `data.train`", "add `data: {train: {_target_: pkg.module:build_dataset}}`")
     train_ds = _build_dataset(cfg.data.train, "data.train")
     return DataStream(train_ds, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
-                      num_workers=int(cfg.data.num_workers), pin_memory=bool(cfg.data.pin_memory))
+                      num_workers=int(cfg.data.num_workers), pin_memory=bool(cfg.data.pin_memory),
+                      per_item=cfg.data.item_seeding == "always")
 
 
 def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | None = None) -> Trainer:
@@ -185,7 +186,15 @@ def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | No
     model, loss_fn, data = parts
     optimizer = build_optimizer(model, cfg.optim)
     try:
-        materialize_state(optimizer)  # the first step's allocation, now: an OOM here is a clear setup error
+        try:
+            materialize_state(optimizer)  # the first step's allocation, now: an OOM here is a clear setup error
+        except RuntimeError as e:
+            if isinstance(e, torch.OutOfMemoryError) or cfg.optim.fused != "auto" or not optimizer.defaults.get("fused"):
+                raise
+            console.print(f"[yellow]note[/yellow]: the fused optimizer kernel failed here ({first_line(e, 120)}): "
+                          "torch's default implementation is used")
+            optimizer = build_optimizer(model, cfg.optim.model_copy(update={"fused": False}))
+            materialize_state(optimizer)
     except torch.OutOfMemoryError:
         raise RunFailed(f"the model and its optimizer state alone do not fit in device memory"
                         + (f" ({fmt_bytes(memory.limit)} available)" if memory is not None else ""),
@@ -259,7 +268,8 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
     mbs = int(cfg.train.micro_batch_size)
     val_ds = _build_dataset(cfg.data.val, "data.val") if cfg.data.val else None
     val = (DataStream(val_ds, mbs, shuffle=False, name="val", seed=cfg.seed, num_workers=int(cfg.data.num_workers),
-                      pin_memory=bool(cfg.data.pin_memory)) if val_ds is not None else None)
+                      pin_memory=bool(cfg.data.pin_memory), per_item=cfg.data.item_seeding == "always")
+           if val_ds is not None else None)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(run_dir)

@@ -37,6 +37,7 @@ class DataConfig(Section):
     num_workers: Union[int, Literal["auto"]] = Field("auto", description="DataLoader worker processes; `auto` picks from the CPU count and the hardware profile.")
     pin_memory: Union[bool, Literal["auto"]] = Field("auto", description="Pin host memory for faster host-to-device copies; `auto` = on for CUDA.")
     shuffle: bool = Field(True, description="Reshuffle the training set every epoch (deterministically from `seed`).")
+    item_seeding: Literal["auto", "always"] = Field("auto", description="Seeding of the python/numpy/torch RNGs around each item's `__getitem__`, so random augmentation is the same with 0 or N workers and after resume. `auto`: only once an item is seen to draw from them (checked per batch; the items are the same as with `always`); `always`: every item, from the start.")
 
     @field_validator("train", "val")
     @classmethod
@@ -65,6 +66,7 @@ class OptimConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     momentum: float = Field(0.9, ge=0, description="SGD momentum.")
+    fused: bool | Literal["auto"] = Field("auto", description="torch's fused optimizer kernel (one kernel for all parameters instead of a few per tensor; no host sync for fp16's skipped steps). `auto` = fused where torch has it for the parameters' device (CUDA, CPU, MPS); `false` = torch's default implementation.")
 
 
 class ScheduleConfig(Section):

@@ -82,7 +82,7 @@ def extract_loss(out: Any) -> torch.Tensor:
         what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(out).__name__
         raise RunFailed(f"cannot find a scalar loss in the model output ({what})",
                         "return a scalar loss (or {'loss': ...}), pass labels to the model, or set `loss: {_target_: ...}`")
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 def extract_logits(out: Any) -> torch.Tensor | None:

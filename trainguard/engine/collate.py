@@ -64,6 +64,12 @@ def _stack(values: list, field: str) -> torch.Tensor:
 def collate_samples(items: list, field: str = "item") -> Any:
     """Collate a list of samples (dicts, tuples, tensors, numbers, strings) into one batch."""
     first = items[0]
+    if type(first) is tuple and all(type(x) is torch.Tensor for x in first) \
+            and all(type(x) is tuple and len(x) == len(first) for x in items):  # (inputs, target) tensors: the common case
+        try:
+            return tuple(_fix_dtype(torch.stack(column)) for column in zip(*items))
+        except (RuntimeError, TypeError):
+            pass  # the general path below names the field that cannot be stacked
     if isinstance(first, dict):
         keys = list(first)
         for it in items[1:]:

@@ -13,7 +13,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import _random
+import pickle
 import random
+import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -93,10 +98,6 @@ def _rng_states() -> tuple:
     return random.getstate(), np.random.get_state(), torch.default_generator.get_state()
 
 
-def _same_rng(a: tuple, b: tuple) -> bool:
-    return a[0] == b[0] and a[1][2] == b[1][2] and np.array_equal(a[1][1], b[1][1]) and torch.equal(a[2], b[2])
-
-
 def _set_rng(states: tuple) -> None:
     random.setstate(states[0])
     np.random.set_state(states[1])
@@ -111,6 +112,86 @@ def _host_rng_kept():
         yield
     finally:
         _set_rng(saved)
+
+
+class RngWatch:
+    """Tells whether anything drew from the python, numpy or torch-CPU global RNG between two
+    :meth:`mark` s, in about 3 us a mark (reading the three states the usual way takes 45 us:
+    numpy's ``get_state`` copies its 624 words one by one in Python, python's ``getstate`` makes
+    625 int objects).
+
+    Both Mersenne Twisters are read as raw bytes instead, 1 us each, with their cached second
+    gaussian (using it changes nothing else): numpy's words at its bit generator's
+    ``ctypes.state_address``; python's words, and numpy's ``has_gauss``/``gauss``, inside the
+    generator objects, at the place where known values were found once (searched only within the
+    object's size; numpy's on a private ``RandomState`` with a cached gaussian, drawn to check the
+    flag clears). Where a search fails, that generator is read the usual way.
+    """
+
+    _py_offset: int | None = None  # python: where `int index; uint32 state[624]` sits in its generator (-1: not found)
+    _np_offset: int | None = None  # numpy: where `int has_gauss; double gauss` sits in a RandomState (-1: not found)
+
+    @classmethod
+    def _python(cls) -> tuple:
+        gen = random.random.__self__  # the generator behind the module's functions
+        if cls._py_offset is None:
+            words = random.getstate()[1]
+            raw = struct.pack("=i624I", words[624], *words[:624])
+            ok = type(gen) in (random.Random, _random.Random)
+            cls._py_offset = ctypes.string_at(id(gen), type(gen).__basicsize__).find(raw) if ok else -1
+        if cls._py_offset < 0:
+            return "state", random.getstate()
+        return "mt", ctypes.string_at(id(gen) + cls._py_offset, 4 + 624 * 4), gen.gauss_next
+
+    @classmethod
+    def _find_gauss(cls) -> int:
+        rs = np.random.RandomState(12345)
+        rs.standard_normal()  # draws two gaussians and keeps the second
+        gauss = rs.get_state()[4]
+        at = ctypes.string_at(id(rs), type(rs).__basicsize__).find(struct.pack("=d", gauss))
+        if at < 8 or ctypes.c_int.from_address(id(rs) + at - 8).value != 1:  # aug_bitgen_t: {bitgen_t *; int has_gauss; double gauss}
+            return -1
+        rs.standard_normal()  # uses the kept one
+        return at if ctypes.c_int.from_address(id(rs) + at - 8).value == 0 else -1
+
+    def _numpy(self) -> tuple:
+        cls, rs = type(self), np.random.mtrand._rand
+        if cls._np_offset is None:
+            cls._np_offset = cls._find_gauss()
+        bg = rs._bit_generator
+        if type(bg) is not np.random.MT19937 or cls._np_offset < 0:  # another bit generator set globally
+            return "state", pickle.dumps(np.random.get_state(legacy=False))
+        words = ctypes.string_at(bg.ctypes.state_address, 624 * 4 + 4)  # uint32 key[624]; int pos
+        has_gauss = ctypes.c_int.from_address(id(rs) + cls._np_offset - 8).value
+        return "mt", words, ctypes.c_double.from_address(id(rs) + cls._np_offset).value if has_gauss else None
+
+    def mark(self) -> tuple:
+        """The three streams' states, to compare with a later mark or to go back to."""
+        return self._python(), self._numpy(), torch.default_generator.get_state()
+
+    @staticmethod
+    def same(a: tuple, b: tuple) -> bool:
+        """Whether nothing drew from the RNGs between marks ``a`` and ``b``."""
+        return a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+    @staticmethod
+    def restore(mark: tuple) -> None:
+        """Put the three streams back as they were at ``mark``."""
+        py, nps, tg = mark
+        if nps[0] == "state":
+            np.random.set_state(pickle.loads(nps[1]))
+        else:
+            _, raw, gauss = nps
+            key = np.frombuffer(raw[:-4], dtype=np.uint32).copy()
+            pos = int.from_bytes(raw[-4:], sys.byteorder, signed=True)
+            np.random.set_state(("MT19937", key, pos, int(gauss is not None), gauss or 0.0))
+        if py[0] == "state":
+            random.setstate(py[1])
+        else:
+            _, raw, gauss_next = py
+            index, *words = struct.unpack("=i624I", raw)
+            random.setstate((3, (*words, index), gauss_next))
+        torch.default_generator.set_state(tg)
 
 
 def _first_items(dataset, n: int) -> list:
@@ -143,6 +224,7 @@ class SampleFetcher(Dataset):
 
     def __init__(self, dataset: Dataset, seed: int, per_item: bool = False):
         self.dataset, self.seed, self.per_item = dataset, seed, per_item
+        self.rng = RngWatch()
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -153,6 +235,20 @@ class SampleFetcher(Dataset):
             return index, (item if item is not None else BadSample(index, "the dataset returned None"))
         except Exception as e:  # a broken sample is data, not a crash: recorded and budgeted
             return index, BadSample(index, f"{type(e).__name__}: {e}")
+
+    def _unseeded(self, indices: list[int]) -> list:
+        """The items at ``indices``: in one call when the dataset has ``__getitems__`` (a Hugging
+        Face dataset, a ``Subset``), else one by one; a call that raises is redone item by item,
+        so that only the broken samples are dropped."""
+        many = getattr(self.dataset, "__getitems__", None)
+        if many is not None:
+            try:
+                items = many(indices)
+            except Exception:
+                items = None
+            if items is not None and len(items) == len(indices):
+                return [(i, x if x is not None else BadSample(i, "the dataset returned None")) for i, x in zip(indices, items)]
+        return [self._get(i) for i in indices]
 
     def _fetch(self, epoch: int, index: int):
         s = _sample_seed(self.seed, epoch, index)
@@ -170,11 +266,11 @@ class SampleFetcher(Dataset):
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
         if self.per_item:
             return self._seeded(keys)
-        before = _rng_states()
-        items = [self._get(i) for _, i in keys]
-        if _same_rng(before, _rng_states()):
+        before = self.rng.mark()
+        items = self._unseeded([i for _, i in keys])
+        if self.rng.same(before, self.rng.mark()):
             return items  # nothing drew from the RNGs: exactly the seeded path's items
-        _set_rng(before)
+        self.rng.restore(before)  # the training process's streams, as if nothing had been fetched
         self.per_item = True
         return self._seeded(keys)
 
@@ -217,13 +313,16 @@ class _Numbered(IterableDataset):
 
 
 def _collate(pairs: list) -> Batch:
-    good = [(i, x) for i, x in pairs if not isinstance(x, BadSample)]
-    bad = [x for _, x in pairs if isinstance(x, BadSample)]
+    ids, items = (list(c) for c in zip(*pairs)) if pairs else ([], [])
+    bad = [x for x in items if type(x) is BadSample]
+    if bad:
+        ids = [i for i, x in zip(ids, items) if type(x) is not BadSample]
+        items = [x for x in items if type(x) is not BadSample]
     try:
-        data = collate_samples([x for _, x in good]) if good else None
+        data = collate_samples(items) if items else None
     except RunFailed as e:  # carried to the main process whole (a worker would re-raise it with its traceback)
-        return Batch(ids=[i for i, _ in good], data=None, bad=bad, error=(e.message, e.hint))
-    return Batch(ids=[i for i, _ in good], data=data, bad=bad)
+        return Batch(ids=ids, data=None, bad=bad, error=(e.message, e.hint))
+    return Batch(ids=ids, data=data, bad=bad)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -236,7 +335,7 @@ class DataStream:
     """An endless stream of :class:`Batch` es over epochs, with a resumable position."""
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, shuffle: bool,
-                 num_workers: int, pin_memory: bool, name: str = "train"):
+                 num_workers: int, pin_memory: bool, name: str = "train", per_item: bool = False):
         self.iterable = isinstance(dataset, IterableDataset)
         try:
             n = None if self.iterable else len(dataset)  # type: ignore[arg-type]
@@ -256,7 +355,7 @@ class DataStream:
         else:
             self.sampler = EpochBatchSampler(n, batch_size, seed, shuffle)  # type: ignore[arg-type]
             g = torch.Generator().manual_seed(seed)
-            self.loader = DataLoader(SampleFetcher(dataset, seed), batch_sampler=self.sampler,
+            self.loader = DataLoader(SampleFetcher(dataset, seed, per_item), batch_sampler=self.sampler,
                                      num_workers=num_workers, worker_init_fn=_seed_worker, generator=g,
                                      persistent_workers=num_workers > 0, **common)
         self._it: Iterator | None = None

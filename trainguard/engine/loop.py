@@ -23,6 +23,22 @@ from trainguard.engine.state import OutOfMemory, RunState
 from trainguard.errors import first_line
 
 
+def handlers(hooks: list[Hook]) -> dict[Event, list]:
+    """Per event, the bound methods of the hooks that override it, in hook order."""
+    return {e: [m for m in (getattr(h, hook_method(e)) for h in hooks)
+                if getattr(m, "__func__", None) is not getattr(Hook, hook_method(e))] for e in Event}
+
+
+def total_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients together, as a device tensor (what ``clip_grad_norm_`` returns)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if len({(g.device, g.dtype) for g in grads}) > 1:
+        return torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
 @dataclass
 class Trainer:
     """The parts of one run, wired together; ``fit()`` runs it. Built by :func:`trainguard.run.build_trainer`."""
@@ -42,16 +58,21 @@ class Trainer:
     state: RunState = field(default_factory=RunState)
     batch: Batch | None = None
     at_boundary: bool = False  # True once fit() left the loop between steps (safe to checkpoint)
+    _handlers: tuple = (None, 0, {})  # (the hooks list they came from, its length, event -> bound methods)
+
+    def __post_init__(self) -> None:
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]  # what the optimizer updates
 
     @property
     def grad_accum(self) -> int:
         return max(1, math.ceil(self.data.batch_size / self.micro_batch_size))
 
     def fire(self, event: Event) -> None:
-        """Call every hook's method for ``event``, in order."""
-        name = hook_method(event)
-        for hook in self.hooks:
-            getattr(hook, name)(self)
+        """Call every hook's method for ``event``, in order (those a hook overrides; the rest are no-ops)."""
+        if self._handlers[0] is not self.hooks or self._handlers[1] != len(self.hooks):  # hooks set or added since
+            self._handlers = (self.hooks, len(self.hooks), handlers(self.hooks))
+        for method in self._handlers[2][event]:
+            method(self)
 
     def fit(self) -> RunState:
         """Train until ``max_steps``, or until a hook sets ``state.stop``. FIT_END fires at every end."""
@@ -93,7 +114,8 @@ class Trainer:
         st, opt = self.state, self.optimizer
         st.skip_step = False
         st.lr = opt.param_groups[0]["lr"]
-        self.model.train()
+        if not self.model.training:  # not every step: train() walks every module
+            self.model.train()
         if not self.gradients(batch):
             return False
         self.fire(Event.AFTER_BACKWARD)
@@ -125,10 +147,13 @@ class Trainer:
         return True
 
     def unscale_and_clip(self) -> None:
-        """Unscale fp16 gradients and clip; the total norm stays a device tensor (no host sync)."""
+        """Unscale fp16 gradients and clip (``grad_clip`` > 0); the total norm stays a device tensor
+        (no host sync). Unclipped, only the norm is taken (the guards' finite check reads it)."""
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        self.state.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.cfg.grad_clip > 0:
+            self.state.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        else:
+            self.state.grad_norm = total_norm(self.params)
 
     def retry_step(self, batch: Batch) -> bool:
         """Redo this step's gradients on another batch (fewer samples, or smaller micro-batches).
@@ -170,9 +195,15 @@ class Trainer:
 
     def _accumulate(self, batch: Batch) -> torch.Tensor:
         n = len(batch)
-        total = torch.zeros((), device=self.device)
         if n == 0:  # every sample failed to load: nothing to learn from (the Guard records it)
-            return total + float("nan")
+            return torch.full((), float("nan"), device=self.device)
+        if n <= self.micro_batch_size:  # one micro-batch: its loss is the step's
+            micro = to_device(batch.data, self.device, non_blocking=True)
+            with autocast(self.device.type, self.precision):
+                _, loss, _ = self.adapter(micro)
+            self.scaler.scale(loss).backward()
+            return loss.detach().float()
+        total = torch.zeros((), device=self.device)
         for micro, k in split_batch(batch.data, self.micro_batch_size):
             micro = to_device(micro, self.device, non_blocking=True)
             with autocast(self.device.type, self.precision):

@@ -12,14 +12,27 @@ from trainguard.config.schema import OptimConfig, ScheduleConfig
 
 def build_optimizer(model: nn.Module | list, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW or SGD over a model's (or a list of) parameters; weight decay only on tensors with
-    2+ dims (not biases or norms)."""
+    2+ dims (not biases or norms); fused per ``optim.fused``."""
     params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = can_fuse(params) if cfg.fused == "auto" else cfg.fused
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+
+
+def can_fuse(params: list[torch.Tensor]) -> bool:
+    """Whether torch has a fused optimizer kernel for these parameters: one device of a kind it
+    supports, real floating-point dtypes."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch without it: its default implementation
+        return False
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in _get_fused_kernels_supported_devices()
+            and all(p.is_floating_point() for p in params))
 
 
 def lr_factor(step: int, cfg: ScheduleConfig, max_steps: int) -> float:

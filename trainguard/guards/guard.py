@@ -88,7 +88,8 @@ class Guard(Hook):
             if finding is not None and self._drop_culprits(trainer, finding):
                 return
             return self._bad_step(trainer, "non-finite loss or gradient", finding)
-        if self.cfg.spike_factor and len(self.window) >= min(10, self.window.maxlen or 10):
+        if self.cfg.spike_factor and len(self.window) >= min(10, self.window.maxlen or 10) \
+                and loss > self.cfg.spike_factor * min(self.window):  # the median is at least the minimum
             median = statistics.median(self.window)
             if loss > self.cfg.spike_factor * median:
                 return self._bad_step(trainer, f"loss spike ({loss:.4g} > {self.cfg.spike_factor:g} x median {median:.4g})", None)
