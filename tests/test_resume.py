@@ -241,3 +241,20 @@ def test_rerunning_a_completed_run_is_a_no_op(cli, tmp_path):
     again = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert again["status"] == "completed" and again["final_loss"] == first["final_loss"]
     assert (tmp_path / "run" / "checkpoints" / "step_0000006").is_dir()
+
+
+def test_a_run_directory_has_one_writer_and_the_lock_dies_with_it(tmp_path):
+    """A second command on a run directory in use exits 2 naming the holder, and writes nothing
+    there; kill -9 of the holder leaves no stale lock: the same command then resumes."""
+    cfg = write(tmp_path, "hard", hooks=[{"_target_": "tests.toys:Sleep", "seconds": 0.05}])
+    run_dir = tmp_path / "run"
+    proc = start(cfg, run_dir)
+    wait_for(run_dir / "checkpoints" / "step_0000005", proc)
+    code, out = run(cfg, run_dir)
+    assert code == 2 and f"in use by process {proc.pid}" in out and "hint:" in out, out
+    assert not (run_dir / "summary.json").exists(), "the refused command wrote a summary into the other run's directory"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    code, out = run(cfg, run_dir)
+    assert code == 0 and "resumed from" in out, out
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 40

@@ -24,6 +24,7 @@ from trainguard.callbacks.runlog import RunLog
 from trainguard.callbacks.signals import SignalHandler
 from trainguard.callbacks.summary import SummaryWriter, make_summary, write_json_atomic
 from trainguard.callbacks.timing import Timing
+from trainguard.checkpoint import lock as run_lock
 from trainguard.checkpoint import store
 from trainguard.checkpoint.checkpointer import Checkpointer, restore_trainer
 from trainguard.config.instantiate import instantiate
@@ -352,6 +353,12 @@ def train(config: str | Path | dict | Config, overrides: list[str] | None = None
     path = None if isinstance(config, dict) else Path(config)
     cfg, prof, why = resolve_config(path, profile=profile, overrides=overrides, raw=config if isinstance(config, dict) else None)
     rd = Path(run_dir) if run_dir is not None else default_run_dir(path)
+    with run_lock.hold(rd):  # one writer per run directory (exit 2 if another process holds it)
+        return _train(cfg, prof, why, rd, resume, hooks, budget, started)
+
+
+def _train(cfg: Config, prof, why: str, rd: Path, resume: str, hooks: Iterable[Hook], budget: int | None,
+           started: float) -> dict:
     try:
         trainer = build_trainer(cfg, prof, why, run_dir=rd, resume=resume, extra_hooks=hooks, memory_budget=budget,
                                 started=started)

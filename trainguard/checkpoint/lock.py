@@ -1,0 +1,78 @@
+"""One writer per run directory: an exclusive ``flock`` on ``<run_dir>/.lock`` while a run lives.
+
+The kernel drops the lock when its holder exits in any way (kill -9 included), so nothing is left
+stale; the file itself stays, and only says who held it last. A second command on a directory in
+use is refused (exit 2) naming the process. Under torchrun, rank 0 holds it for the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from trainguard.errors import ConfigError
+
+LOCK_NAME = ".lock"
+_HELD: set[int] = set()  # lock file descriptors this process holds
+
+
+def _close_in_child() -> None:
+    # A forked child (a DataLoader worker) shares the parent's lock; if it kept its copy open, a
+    # kill -9 of the parent would leave the lock held until the worker noticed and exited.
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows (no fork there)
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
+def _holder(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _in_use(run_dir: Path, holder: dict) -> ConfigError:
+    pid, host = holder.get("pid", "?"), holder.get("host")
+    where = f" on {host}" if host and host != socket.gethostname() else ""
+    since = f", since {holder['started']}" if holder.get("started") else ""
+    command = f" ({holder['command']}{since})" if holder.get("command") else since
+    return ConfigError(f"run directory {run_dir} is in use by process {pid}{where}{command}",
+                       f"wait for it to end, stop it (kill {pid}: it checkpoints and exits), "
+                       "or pass --run-dir with another directory")
+
+
+@contextlib.contextmanager
+def hold(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for this process (created if missing); ConfigError if another holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform (Windows): one writer is not enforced
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _in_use(run_dir, _holder(fd)) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(["trainguard", *sys.argv[1:]])[:300],
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        _HELD.add(fd)
+        yield
+    finally:
+        _HELD.discard(fd)
+        os.close(fd)  # releases the lock
