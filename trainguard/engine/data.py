@@ -279,10 +279,14 @@ class SampleFetcher(Dataset):
 
 
 class EpochBatchSampler(Sampler):
-    """Yields lists of ``(epoch, index)``: a permutation per epoch from ``(seed, epoch)``, from ``start``."""
+    """Yields lists of ``(epoch, index)``: a permutation per epoch from ``(seed, epoch)``, from
+    batch ``start``. With ``world`` > 1 ranks, batch ``b`` is the same global batch of
+    ``batch_size`` items on every rank, and rank ``r`` takes its ``r``-th equal slice: the data
+    order, and a position, mean the same whatever the number of ranks."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool):
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world = rank, world
         self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
@@ -296,8 +300,10 @@ class EpochBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order, bs = self.order(self.epoch), min(self.batch_size, self.n)
+        share = bs // self.world
         for b in range(self.start, len(self)):
-            yield [(self.epoch, i) for i in order[b * bs:(b + 1) * bs]]
+            first = b * bs + self.rank * share
+            yield [(self.epoch, i) for i in order[first:first + share]]
 
 
 class _Numbered(IterableDataset):
@@ -335,7 +341,8 @@ class DataStream:
     """An endless stream of :class:`Batch` es over epochs, with a resumable position."""
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, shuffle: bool,
-                 num_workers: int, pin_memory: bool, name: str = "train", per_item: bool = False):
+                 num_workers: int, pin_memory: bool, name: str = "train", per_item: bool = False,
+                 rank: int = 0, world: int = 1):
         self.iterable = isinstance(dataset, IterableDataset)
         try:
             n = None if self.iterable else len(dataset)  # type: ignore[arg-type]
@@ -353,7 +360,7 @@ class DataStream:
             self._source = _Numbered(dataset)  # type: ignore[arg-type]
             self.loader = DataLoader(self._source, batch_size=batch_size, num_workers=0, **common)
         else:
-            self.sampler = EpochBatchSampler(n, batch_size, seed, shuffle)  # type: ignore[arg-type]
+            self.sampler = EpochBatchSampler(n, batch_size, seed, shuffle, rank, world)  # type: ignore[arg-type]
             g = torch.Generator().manual_seed(seed)
             self.loader = DataLoader(SampleFetcher(dataset, seed, per_item), batch_sampler=self.sampler,
                                      num_workers=num_workers, worker_init_fn=_seed_worker, generator=g,
