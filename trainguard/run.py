@@ -48,10 +48,10 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 # Config fields that may differ when resuming: they do not change what a step computes.
 # micro_batch_size: accumulation gives the same gradient (up to float rounding), so a run may
-# resume on a smaller card with smaller micro-batches.
+# resume on a smaller card with smaller micro-batches; optim.fused: the same update up to float rounding.
 RESUMABLE_CHANGES = ("hardware", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                     "train.micro_batch_size", "train.compile", "optim.fused", "data.item_seeding", "data.num_workers", "data.pin_memory", "checkpoint.", "log.",
-                     "guard.", "hooks", "memory.")
+                     "train.micro_batch_size", "train.compile", "optim.fused", "data.item_seeding", "data.num_workers",
+                     "data.pin_memory", "checkpoint.", "log.", "guard.", "hooks", "memory.")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
