@@ -98,8 +98,16 @@ def test_profiles_command(cli):
     assert code == 2 and "error:" in out and "hint:" in out
 
 
-def test_planned_commands_say_so(cli):
-    code, out = cli("train", "--config", "configs/quickstart.yaml", "--nproc-per-node", "2")
-    assert code == 2 and "planned" in out
+def test_a_global_batch_that_does_not_split_over_the_processes_is_refused_before_any_starts(cli, tmp_path):
+    code, out = cli("train", "--config", "configs/quickstart.yaml", "--nproc-per-node", "2", "--set", "train.batch_size=33",
+                    "--run-dir", str(tmp_path / "run"))
+    assert code == 2 and "does not split evenly over 2 processes" in out and "hint: set train.batch_size to 32 or 34" in out
+    assert not (tmp_path / "run").exists()
+    code, out = cli("train", "--config", "configs/quickstart.yaml", "--nproc-per-node", "4", "--set", "train.batch_size=48",
+                    "--set", "train.micro_batch_size=8", "--run-dir", str(tmp_path / "run"))
+    assert code == 2 and "micro_batch_size 8 does not divide the 12 samples" in out and "6 or 12" in out
+
+
+def test_autoconfig_needs_a_config(cli):
     code, out = cli("autoconfig")  # built: it needs a config
     assert code == 2 and "--config" in out

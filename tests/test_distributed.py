@@ -62,3 +62,23 @@ def test_a_single_process_is_a_world_of_one(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     assert distributed.current() == distributed.World() and distributed.size() == 1
     assert distributed.init("cpu").size == 1 and not torch.distributed.is_initialized()
+
+
+def _rank_checks(rank: int):
+    from tests.conftest import toy_config
+    from trainguard.config.load import resolve_config
+    from trainguard.diagnose import rank_checks
+
+    same = resolve_config(None, raw=toy_config())[0]
+    differs = resolve_config(None, raw=toy_config(seed=rank))[0]
+    return ({c.name: c.status for c in rank_checks(same, "cpu")},
+            {c.name: (c.status, c.message) for c in rank_checks(differs, "cpu")})
+
+
+def test_diagnose_under_torchrun_checks_that_every_rank_resolved_the_same_config(tmp_path):
+    results = run_ranks(tmp_path, _rank_checks)
+    for rank, (same, differs) in results.items():
+        assert same == {"env.distributed": "pass", "config.ranks": "pass"}
+        assert differs["env.distributed"][0] == "pass"
+        status, message = differs["config.ranks"]
+        assert status == "fail" and message.startswith("ranks [1] resolved a different config than rank 0")

@@ -482,3 +482,38 @@ class ItemsAtOnce(Blobs):
         ItemsAtOnce.calls += 1
         xs, labels = self.x[indices].tolist(), self.labels[indices].tolist()
         return [{"x": x, "label": y, "idx": i} for x, y, i in zip(xs, labels, indices)]
+
+
+# ---- faults for the multi-process tests -------------------------------------------------------
+
+
+class MarkedBlobs(Blobs):
+    """Blobs with chosen samples broken: ``nan_ids`` get a NaN feature; ``heavy_ids`` a marker
+    (feature 1 set to 1000) that :class:`Hog` reacts to. With ``data.shuffle: false`` and a global
+    batch ``B`` over ``W`` ranks, sample ``i`` is in step ``i // B + 1`` on rank ``(i % B) // (B // W)``."""
+
+    def __init__(self, nan_ids: tuple = (), heavy_ids: tuple = (), **kw):
+        super().__init__(**kw)
+        self.nan_ids, self.heavy_ids = set(nan_ids), set(heavy_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        if i in self.nan_ids:
+            item["x"][0] = float("nan")
+        if i in self.heavy_ids:
+            item["x"][1] = 1000.0
+        return item
+
+
+class Hog(MLP):
+    """The MLP, but a micro-batch of more than ``rows`` rows holding a marked sample allocates
+    ``mb`` MiB more: past a ``--memory-budget`` it runs out of memory until the micro-batch is split."""
+
+    def __init__(self, rows: int = 4, mb: int = 64, **kw):
+        super().__init__(**kw)
+        self.rows, self.nbytes = rows, mb * 2**20
+
+    def forward(self, x, label=None):
+        if x.shape[0] > self.rows and bool((x[:, 1] > 500).any()):
+            torch.empty(self.nbytes // 4)
+        return super().forward(x, label)

@@ -3,15 +3,27 @@
 torchrun (``python -m torch.distributed.run``) sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``
 for each process it starts; :func:`current` reads them and :func:`init` joins the group
 (NCCL on CUDA, gloo on CPU). Everything else asks :func:`current` rather than reading the
-environment, so one process is simply a world of size 1. See docs/distributed.md.
+environment, so one process is simply a world of size 1, and every helper here is a no-op in it.
+
+Data parallelism is done here rather than by wrapping the model in ``DistributedDataParallel``:
+DDP reduces gradients from inside the backward, so a rank that runs out of memory mid-step
+leaves the others waiting in its reducer (the deadlock Composer needed three rounds of fixes
+for). Here every rank computes its gradients locally, the ranks agree on the step's flags
+(:func:`trainguard.guards.consensus.exchange`, one small ``all_reduce``), and only then are the
+gradients averaged, by :func:`reduce_gradients`. See docs/distributed.md.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("TRAINGUARD_DIST_TIMEOUT", "600")))
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
 
 
 @dataclass(frozen=True)
@@ -41,7 +53,8 @@ def init(device_type: str) -> World:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(w.local_rank)
-        torch.distributed.init_process_group(backend=backend)
+        kwargs: dict[str, Any] = {"device_id": torch.device("cuda", w.local_rank)} if device_type == "cuda" else {}
+        torch.distributed.init_process_group(backend=backend, timeout=TIMEOUT, **kwargs)
     return w
 
 
@@ -50,3 +63,76 @@ def size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if size() > 1 else 0
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a path, a decision)."""
+    if size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (rare: bad steps, checkpoints)."""
+    if size() == 1:
+        return [obj]
+    out: list[Any] = [None] * size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
+    """Overwrite ``tensors`` (parameters, buffers) on every rank with rank 0's, in place."""
+    if size() == 1 or not tensors:
+        return
+    for bucket in _buckets(tensors):
+        flat = torch._utils._flatten_dense_tensors(bucket)
+        torch.distributed.broadcast(flat, src=0)
+        for t, v in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+            t.copy_(v)
+
+
+def reduce_gradients(params: list[torch.Tensor], weight: float, present: list[bool]) -> None:
+    """Set every parameter's gradient to the sum over ranks of ``weight`` x its local gradient.
+
+    ``weight`` is this rank's share of the step's samples, so the result is the mean over all
+    the samples of all ranks (ranks may hold fewer samples when some failed to load).
+    ``present[i]``: some rank has a gradient for ``params[i]`` (agreed beforehand). A missing
+    gradient counts as zero on its rank; a parameter without one on every rank keeps none, so
+    the optimizer leaves it alone, as in one process.
+    """
+    if size() == 1:
+        return
+    grads = []
+    for p, some in zip(params, present):
+        if some:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    for bucket in _buckets(grads):
+        flat = torch._utils._flatten_dense_tensors(bucket)
+        flat.mul_(weight)
+        torch.distributed.all_reduce(flat)
+        for g, v in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+            g.copy_(v)
+
+
+def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` in groups of one device and dtype, each about ``BUCKET_BYTES`` at most."""
+    groups: dict[tuple, list[list[torch.Tensor]]] = {}
+    filled: dict[tuple, int] = {}
+    for t in tensors:
+        key, nbytes = (t.device, t.dtype), t.numel() * t.element_size()
+        runs = groups.setdefault(key, [[]])
+        if runs[-1] and filled[key] + nbytes > BUCKET_BYTES:
+            runs.append([])
+            filled[key] = 0
+        runs[-1].append(t)
+        filled[key] = filled.get(key, 0) + nbytes
+    return [b for runs in groups.values() for b in runs if b]

@@ -18,6 +18,7 @@ import torch
 import yaml
 from rich.console import Console
 
+from trainguard import distributed
 from trainguard.callbacks.evaluate import Evaluator
 from trainguard.callbacks.logging import ConsoleProgress, MetricsLogger
 from trainguard.callbacks.runlog import RunLog
@@ -84,7 +85,27 @@ def _device(info) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if info.type == "cuda" else torch.device(info.type)
 
 
-def _resolve_runtime(cfg: Config, prof, info) -> tuple[Config, list[str]]:
+def check_world_batch(cfg: Config, world: int) -> None:
+    """micro-batch x accumulation x processes = ``train.batch_size``, exactly (a config error otherwise)."""
+    from trainguard.memory.search import divisor_at_most
+
+    batch, micro = cfg.train.batch_size, cfg.train.micro_batch_size
+    if batch % world:
+        lower, upper = batch // world * world, (batch // world + 1) * world
+        raise ConfigError(f"train.batch_size {batch} does not split evenly over {world} processes "
+                          "(micro-batch x accumulation x processes = batch_size)",
+                          f"set train.batch_size to " + (f"{lower} or {upper}" if lower else f"{upper}"))
+    share = batch // world
+    if micro != "auto" and share % micro:
+        below = divisor_at_most(share, micro)
+        above = next((k for k in range(micro, share + 1) if share % k == 0), None)
+        raise ConfigError(f"train.micro_batch_size {micro} does not divide the {share} samples each of the {world} "
+                          f"processes takes per step (batch_size {batch} / {world})",
+                          f"set train.micro_batch_size to {below}" + (f" or {above}" if above and above != below else "")
+                          + f", or train.batch_size to {world * micro * max(1, round(share / micro))}")
+
+
+def _resolve_runtime(cfg: Config, prof, info, world: int = 1) -> tuple[Config, list[str]]:
     """Replace every `auto` with the value this run uses; returns notes to show the user."""
     notes = []
     precision, note = resolve_precision(cfg.train.precision, info, prof)
@@ -93,10 +114,10 @@ def _resolve_runtime(cfg: Config, prof, info) -> tuple[Config, list[str]]:
     if cfg.train.device in ("cuda", "mps") and info.type != cfg.train.device:
         raise ConfigError(f"train.device is {cfg.train.device} but no {cfg.train.device} device is available",
                           "set train.device: auto (or cpu)")
-    mbs = cfg.train.batch_size if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size
+    mbs = cfg.train.batch_size // world if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size
     workers = cfg.data.num_workers
-    if workers == "auto":
-        workers = max(0, min(prof.num_workers, info.cpu_count - 1))
+    if workers == "auto":  # the node's cores shared by its processes, one left for each main loop
+        workers = max(0, min(prof.num_workers, info.cpu_count // world - 1))
     pin = (info.type == "cuda") if cfg.data.pin_memory == "auto" else (cfg.data.pin_memory and info.type == "cuda")
     compile_ = cfg.train.compile and prof.device == info.type
     if cfg.train.compile and not compile_:
@@ -165,26 +186,32 @@ def build_model(cfg: Config, device: torch.device):
     return model, (instantiate(cfg.loss, "loss") if cfg.loss else None)
 
 
-def build_train_data(cfg: Config) -> DataStream:
-    """The training data stream in the engine-owned order."""
+def build_train_data(cfg: Config, world: distributed.World = distributed.World()) -> DataStream:
+    """The training data stream in the engine-owned order (this rank's share of each batch)."""
     if cfg.data.train is None:
         raise ConfigError("no training data: the config has no `data.train`", "add `data: {train: {_target_: pkg.module:build_dataset}}`")
     train_ds = _build_dataset(cfg.data.train, "data.train")
     return DataStream(train_ds, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
                       num_workers=int(cfg.data.num_workers), pin_memory=bool(cfg.data.pin_memory),
-                      per_item=cfg.data.item_seeding == "always")
+                      per_item=cfg.data.item_seeding == "always", rank=world.rank, world=world.size)
 
 
-def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | None = None) -> Trainer:
+def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | None = None,
+               world: distributed.World = distributed.World()) -> Trainer:
     """Model, loss, training data, optimizer and schedule, each from its own config section, wired
     into a :class:`Trainer` without hooks (what ``trainguard autoconfig`` measures, too).
     ``cfg.train.micro_batch_size`` must be resolved (an int). ``parts``: ``(model, loss_fn, data)``
-    already built by :func:`build_model` and :func:`build_train_data` (``trainguard diagnose``)."""
+    already built by :func:`build_model` and :func:`build_train_data` (``trainguard diagnose``).
+    In a process group (``world``), every rank starts from rank 0's weights, as under DDP."""
     if parts is None:
         model, loss_fn = build_model(cfg, device)
         with host_side(memory):
-            parts = (model, loss_fn, build_train_data(cfg))
+            parts = (model, loss_fn, build_train_data(cfg, world))
     model, loss_fn, data = parts
+    if world.size > 1:
+        distributed.broadcast_tensors([t.detach() for t in (*model.parameters(), *model.buffers())])
+        if world.rank:  # each rank its own dropout stream (rank 0's is that of one process)
+            torch.manual_seed(cfg.seed + 7919 * world.rank)
     optimizer = build_optimizer(model, cfg.optim)
     try:
         try:
@@ -205,7 +232,7 @@ def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | No
     return Trainer(model=model, adapter=ModelAdapter(forward_model, loss_fn, cfg.data.fields), optimizer=optimizer,
                    scheduler=scheduler, scaler=grad_scaler(device.type, cfg.train.precision), data=data, device=device,
                    precision=cfg.train.precision, micro_batch_size=int(cfg.train.micro_batch_size), cfg=cfg.train,
-                   memory=memory)
+                   memory=memory, world=world)
 
 
 def _tune_micro_batch(trainer: Trainer, cfg: Config, info) -> int:
@@ -213,7 +240,9 @@ def _tune_micro_batch(trainer: Trainer, cfg: Config, info) -> int:
     from trainguard.memory.autoconfig import cached_tune
 
     with console.status("[bold]autoconfig[/bold]: searching the largest micro-batch that fits ..."):
-        tuning, cached = cached_tune(trainer, cfg, info.name)
+        tuning, cached = cached_tune(trainer, cfg, info.name, world=trainer.world.size)
+    if trainer.world.size > 1:  # every rank searched its own card: the smallest answer fits them all
+        tuning = min(distributed.gather_objects(tuning), key=lambda t: t.micro_batch_size)
     how = "from the cache (same model, config and device)" if cached else f"measured in {tuning.trials} trial steps"
     console.print(f"[bold]autoconfig[/bold]: micro-batch {tuning.micro_batch_size} x {tuning.grad_accum} accumulation "
                   f"= batch {tuning.batch_size}, peak {fmt_bytes(tuning.predicted_peak_bytes)} of "
@@ -233,8 +262,12 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
     """
     prefer_expandable_segments()
     info = probe(cfg.train.device)
+    world = distributed.init(info.type)
+    if world.size > 1:
+        check_world_batch(cfg, world.size)
+        console.quiet = not world.is_main  # one console: rank 0's
     auto_micro = cfg.train.micro_batch_size == "auto"
-    cfg, notes = _resolve_runtime(cfg, prof, info)
+    cfg, notes = _resolve_runtime(cfg, prof, info, world.size)
     console.print(f"[bold]trainguard[/bold]: device {info.name} ({info.type}), profile [bold]{prof.name}[/bold] ({why}), precision {cfg.train.precision}"
                   + (f", memory budget {fmt_bytes(memory_budget)}" if memory_budget else ""))
     for n in notes:
@@ -243,8 +276,14 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-    found, rejected = _find_resume(resume, run_dir / "checkpoints")
+    found, rejected = distributed.broadcast_object(_find_resume(resume, run_dir / "checkpoints") if world.is_main else None)
     old = yaml.safe_load((found / "config.yaml").read_text()) if found is not None else None
+    if found is not None and store.world_size(found) != world.size:  # per-rank RNG streams: not an exact resume
+        saved = store.world_size(found)
+        procs = lambda n: f"{n} process{'es' if n > 1 else ''}"  # noqa: E731
+        raise ConfigError(f"cannot resume from {found}: it was saved by {procs(saved)}, this run has {world.size}",
+                          f"run with {procs(saved)} (--nproc-per-node {saved}) to continue it exactly, "
+                          "or start afresh with --resume never")
     if old is not None and auto_micro:  # resume as it ran, without searching again
         cfg.train.micro_batch_size = old["train"]["micro_batch_size"]
 
@@ -252,7 +291,7 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
     if memory is not None:
         memory.start()
     try:
-        trainer = build_core(cfg, device, memory)
+        trainer = build_core(cfg, device, memory, world=world)
         if auto_micro and old is None and memory is not None:
             cfg.train.micro_batch_size = trainer.micro_batch_size = _tune_micro_batch(trainer, cfg, info)
         _attach_run(trainer, cfg, prof, info, run_dir, found, old, rejected, extra_hooks, started or time.time())
@@ -266,14 +305,15 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
 def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found: Path | None, old: dict | None,
                 rejected: list, extra_hooks: Iterable[Hook], started: float) -> None:
     """The run directory, the hooks, the resume and the preflight around a built core."""
-    mbs = int(cfg.train.micro_batch_size)
+    mbs, world = int(cfg.train.micro_batch_size), trainer.world
     val_ds = _build_dataset(cfg.data.val, "data.val") if cfg.data.val else None
-    val = (DataStream(val_ds, mbs, shuffle=False, name="val", seed=cfg.seed, num_workers=int(cfg.data.num_workers),
-                      pin_memory=bool(cfg.data.pin_memory), per_item=cfg.data.item_seeding == "always")
+    val = (DataStream(val_ds, mbs * world.size, shuffle=False, name="val", seed=cfg.seed,
+                      num_workers=int(cfg.data.num_workers), pin_memory=bool(cfg.data.pin_memory),
+                      per_item=cfg.data.item_seeding == "always", rank=world.rank, world=world.size)
            if val_ds is not None else None)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = RunLog(run_dir)
+    writer = world.is_main  # one writer per run directory: rank 0 of a process group
+    log = RunLog(run_dir, enabled=writer)
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     ckpt_root = run_dir / "checkpoints"
     if found is not None:
@@ -281,21 +321,25 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
         if diff:
             raise ConfigError(f"cannot resume from {found}: training-relevant config differs:\n  " + "\n  ".join(diff),
                               "restore those values, or start afresh with --resume never (or another --run-dir)")
-    elif any((run_dir / n).exists() for n in PREVIOUS_RUN_FILES):
+    elif writer and any((run_dir / n).exists() for n in PREVIOUS_RUN_FILES):
         aside = _set_aside(run_dir)  # starting afresh: the earlier files are kept, not mixed in
         console.print(f"[yellow]note[/yellow]: starting afresh; moved the earlier run's files to {aside}")
     for bad, reason in rejected:
         console.print(f"[yellow]warning[/yellow]: skipping checkpoint {bad}: {reason}; falling back to an older one")
         log.event(store.step_of(bad), "checkpoint_corrupt", reason, path=str(bad))
-    (run_dir / "config.yaml").write_text(config_yaml)
+    if writer:
+        (run_dir / "config.yaml").write_text(config_yaml)
 
-    metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, cfg.log.tensorboard, memory=trainer.memory)
-    hooks: list[Hook] = [Timing(started), metrics, ConsoleProgress(metrics, cfg.train.max_steps, cfg.log.progress)]
+    metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, cfg.log.tensorboard and writer,
+                            memory=trainer.memory)
+    checkpointer = Checkpointer(ckpt_root, cfg.checkpoint, config_yaml, log)
+    hooks: list[Hook] = [Timing(started), metrics]
+    if writer:  # one progress display: rank 0's
+        hooks.append(ConsoleProgress(metrics, cfg.train.max_steps, cfg.log.progress))
+    hooks += [Guard(cfg.guard, cfg.train.max_steps * cfg.train.batch_size, log, checkpointer),
+              OomRecovery(cfg.guard.on_oom, cfg.train.batch_size // world.size, log, mbs)]
     if val is not None and cfg.train.eval_every:
         hooks.append(Evaluator(val, cfg.train.eval_every, cfg.train.eval_batches))
-    checkpointer = Checkpointer(ckpt_root, cfg.checkpoint, config_yaml, log)
-    hooks.insert(3, Guard(cfg.guard, cfg.train.max_steps * cfg.train.batch_size, log, checkpointer))
-    hooks.insert(4, OomRecovery(cfg.guard.on_oom, cfg.train.batch_size, log, mbs))
     hooks.append(checkpointer)
     hooks += [instantiate(h, f"hooks[{i}]") for i, h in enumerate(cfg.hooks)]
     hooks += list(extra_hooks)
@@ -303,7 +347,9 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
         if not isinstance(h, Hook):
             raise ConfigError(f"hook {type(h).__name__} is not a trainguard.Hook", "subclass trainguard.Hook")
     info_fields = {"precision": cfg.train.precision, "device": info.name, "profile": prof.name, "run_dir": str(run_dir)}
-    hooks += [SignalHandler(log), SummaryWriter(run_dir, info_fields, log)]
+    if world.size > 1:
+        info_fields["world_size"] = world.size
+    hooks += [SignalHandler(log), SummaryWriter(run_dir, info_fields, log, write=writer)]
     trainer.hooks = hooks
 
     if found is not None:
@@ -315,8 +361,9 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
         console.print(f"resumed from {found} at step {trainer.state.step}"
                       + (f" (micro-batch {trainer.micro_batch_size})" if trainer.micro_batch_size != mbs else ""))
     else:
-        log.event(0, "start", f"device {info.name}, profile {prof.name}, precision {cfg.train.precision}",
-                  micro_batch_size=mbs)
+        log.event(0, "start", f"device {info.name}, profile {prof.name}, precision {cfg.train.precision}"
+                  + (f", {world.size} processes" if world.size > 1 else ""), micro_batch_size=mbs,
+                  **({"world_size": world.size} if world.size > 1 else {}))
     checks = preflight(trainer)
     for c in checks:
         if c.name == "data.fields" and c.status == "pass" and trainer.adapter.dropped:  # said once at start
@@ -325,6 +372,13 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
             console.print(f"[yellow]preflight[/yellow]: {c.message}" + (f" (hint: {c.hint})" if c.hint else ""))
             log.event(trainer.state.step, "preflight", c.message, check=c.name)
     require(checks)
+
+
+def check_config(config: str | Path, overrides: list[str] | None = None, *, profile: str | None = None,
+                 world: int = 1) -> None:
+    """Resolve ``config`` as :func:`train` will, for ``world`` processes; raises ConfigError if it is bad."""
+    cfg, _, _ = resolve_config(Path(config), profile=profile, overrides=overrides)
+    check_world_batch(cfg, world)
 
 
 def train(config: str | Path | dict | Config, overrides: list[str] | None = None, *, profile: str | None = None,
@@ -353,6 +407,8 @@ def train(config: str | Path | dict | Config, overrides: list[str] | None = None
     path = None if isinstance(config, dict) else Path(config)
     cfg, prof, why = resolve_config(path, profile=profile, overrides=overrides, raw=config if isinstance(config, dict) else None)
     rd = Path(run_dir) if run_dir is not None else default_run_dir(path)
+    if not distributed.current().is_main:  # rank 0 holds the run directory for the whole job
+        return _train(cfg, prof, why, rd, resume, hooks, budget, started)
     with run_lock.hold(rd):  # one writer per run directory (exit 2 if another process holds it)
         return _train(cfg, prof, why, rd, resume, hooks, budget, started)
 
@@ -363,6 +419,8 @@ def _train(cfg: Config, prof, why: str, rd: Path, resume: str, hooks: Iterable[H
         trainer = build_trainer(cfg, prof, why, run_dir=rd, resume=resume, extra_hooks=hooks, memory_budget=budget,
                                 started=started)
     except Exception as e:  # summary.json is written at every end, a failed setup included
+        if not distributed.current().is_main:
+            raise
         rd.mkdir(parents=True, exist_ok=True)
         write_json_atomic(rd / "summary.json", make_summary(
             profile=prof.name, error=getattr(e, "message", None) or f"{type(e).__name__}: {e}",

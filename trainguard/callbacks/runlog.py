@@ -16,22 +16,26 @@ def _clean(v: Any) -> Any:
 
 
 class RunLog:
-    """Writes one JSON object per line, flushed at once so a killed run loses nothing logged."""
+    """Writes one JSON object per line, flushed at once so a killed run loses nothing logged.
+    ``enabled=False`` (the ranks of a process group other than 0) writes nothing."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.events_path = self.run_dir / "events.jsonl"
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop metric lines logged after ``step`` (they will be logged again)."""
-        if not self.metrics_path.exists():
+        if not self.enabled or not self.metrics_path.exists():
             return
         keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
         self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
 
     def _append(self, path: Path, row: dict) -> None:
+        if not self.enabled:
+            return
         with path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
 

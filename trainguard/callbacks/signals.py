@@ -2,7 +2,9 @@
 
 The checkpoint is then saved by the Checkpointer at FIT_END (never from inside the handler),
 ``summary.json`` says ``interrupted``, and the process exits 128 + the signal number.
-A second Ctrl-C exits at once.
+A second Ctrl-C exits at once. In a process group a signal stops every rank at the same step:
+the next step's exchange carries it (``state.agreed.signal``), so torchrun delivering it to the
+ranks at slightly different moments does not matter.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class SignalHandler(Hook):
     def __init__(self, log=None):
         self.log = log
         self.received: int | None = None
+        self.state = None
         self._old: dict = {}
 
     def _handler(self, signum, frame):
@@ -26,17 +29,22 @@ class SignalHandler(Hook):
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt  # second Ctrl-C: leave now
         self.received = signum
+        if self.state is not None:
+            self.state.received_signal = signum
 
     def on_fit_start(self, trainer) -> None:
+        self.state = trainer.state
         if threading.current_thread() is not threading.main_thread():
             return  # signals can only be handled on the main thread
         for s in (signal.SIGINT, signal.SIGTERM):
             self._old[s] = signal.signal(s, self._handler)
 
     def on_step_end(self, trainer) -> None:
-        if self.received is not None and not trainer.state.stop:
-            name = signal.Signals(self.received).name
-            trainer.state.request_stop("interrupted", f"stopped by {name}", 128 + self.received)
+        agreed = trainer.state.agreed
+        received = agreed.signal if agreed is not None else self.received  # a process group: any rank's
+        if received is not None and not trainer.state.stop:
+            name = signal.Signals(received).name
+            trainer.state.request_stop("interrupted", f"stopped by {name}", 128 + received)
             if self.log:
                 self.log.event(trainer.state.step, "stop", f"{name} received; saving a checkpoint and exiting")
 

@@ -35,8 +35,8 @@ def write_json_atomic(path: Path, data: dict) -> None:
 class SummaryWriter(Hook):
     """Writes ``summary.json`` at FIT_END with the contract's fields (and a few more)."""
 
-    def __init__(self, run_dir: Path, info: dict, log=None):
-        self.path = Path(run_dir) / "summary.json"
+    def __init__(self, run_dir: Path, info: dict, log=None, write: bool = True):
+        self.path, self.write = Path(run_dir) / "summary.json", write  # write: rank 0 of a process group
         self.info = info  # micro_batch_size, grad_accum, precision, device, profile ...
         self.t0 = time.time()
         self.summary: dict = {}
@@ -56,6 +56,8 @@ class SummaryWriter(Hook):
 
     def on_fit_end(self, trainer) -> None:
         self.summary = self.build(trainer)
+        if not self.write:
+            return
         write_json_atomic(self.path, self.summary)
         if self.log is not None:
             st = trainer.state

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from trainguard import distributed
 from trainguard.checkpoint import rng, store
 from trainguard.config.schema import CheckpointConfig
 from trainguard.engine.events import Event, Hook
@@ -18,10 +19,12 @@ def params_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def trainer_state(trainer) -> dict:
-    """Everything but the weights that resume needs, as tensors and plain values."""
+def trainer_state(trainer, rngs: list[dict] | None = None) -> dict:
+    """Everything but the weights that resume needs, as tensors and plain values. ``rngs``: every
+    rank's RNG states, in rank order (a process group); one process keeps only ``rng``."""
     hooks = {type(h).__name__: h.state_dict() for h in trainer.hooks if hasattr(h, "state_dict")}
     return {
+        "rng_ranks": rngs or [],
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict(),
@@ -54,7 +57,7 @@ def restore_trainer(trainer, ckpt: Path) -> dict:
         if hasattr(h, "load_state_dict") and type(h).__name__ in ts["hooks"]:
             h.load_state_dict(ts["hooks"][type(h).__name__])
     trainer.data.seek(trainer.state.epoch, trainer.state.position)
-    rng.restore(ts["rng"])
+    rng.restore(ts["rng_ranks"][trainer.world.rank] if trainer.world.size > 1 else ts["rng"])
     return ts
 
 
@@ -77,7 +80,8 @@ class Checkpointer(Hook):
         self.best_value, self.best_step = d["best_value"], d["best_step"]
 
     def on_fit_start(self, trainer) -> None:
-        store.clean_temporaries(self.root)
+        if trainer.world.is_main:
+            store.clean_temporaries(self.root)
         self.last_saved = trainer.state.step if trainer.state.step else -1
 
     def on_eval_end(self, trainer) -> None:
@@ -100,19 +104,29 @@ class Checkpointer(Hook):
             self.save(trainer)
 
     def save(self, trainer) -> Path | None:
-        """Commit a checkpoint of the current step, then prune old ones."""
+        """Commit a checkpoint of the current step, then prune old ones.
+
+        In a process group every rank calls this at the same step: the weights and optimizer are
+        the same on all, so rank 0 writes them, with every rank's RNG states gathered to it; a
+        checkpoint is therefore whole or absent for all ranks at once."""
         st = trainer.state
         if not params_finite(trainer.model):
             if self.log:
                 self.log.event(st.step, "checkpoint_refused", "parameters are not finite; the last good checkpoint is kept")
             return None
-        files = {"model.pt": trainer.model.state_dict(), "trainer.pt": trainer_state(trainer), "config.yaml": self.config_yaml}
-        path = store.write_checkpoint(self.root, st.step, files)
+        rngs = distributed.gather_objects(rng.capture()) if trainer.world.size > 1 else None
+        if trainer.world.is_main:
+            files = {"model.pt": trainer.model.state_dict(), "trainer.pt": trainer_state(trainer, rngs),
+                     "config.yaml": self.config_yaml}
+            path = store.write_checkpoint(self.root, st.step, files, {"world_size": trainer.world.size})
+        else:
+            path = self.root / store.step_dir_name(st.step)
         self.last_saved, self._best_pending = st.step, False
         st.last_checkpoint = str(path)
         if self.log:
             self.log.event(st.step, "checkpoint", "saved", path=str(path))
-        self._prune()
+        if trainer.world.is_main:
+            self._prune()
         trainer.fire(Event.CHECKPOINT_SAVED)
         return path
 

@@ -5,7 +5,7 @@
     model.pt        plain state_dict, torch.load(path, weights_only=True)
     trainer.pt      optimizer, scheduler, GradScaler, RNG states, data position, counters, hook state
     config.yaml     the resolved config of the run
-    manifest.json   {"step": N, "files": {name: sha256}}, written last
+    manifest.json   {"step": N, "files": {name: sha256}, "world_size": W}, written last
 
 A checkpoint is written into a hidden temporary directory, every file fsynced, the manifest
 written last, and the directory renamed into place atomically. A directory without a
@@ -133,6 +133,11 @@ def latest_valid(root: Path, before: int | None = None) -> tuple[Path | None, li
             return p, rejected
         rejected.append((p, why))
     return None, rejected
+
+
+def world_size(ckpt: Path) -> int:
+    """How many processes wrote ``ckpt`` (1 for checkpoints from before multi-process training)."""
+    return int(json.loads((ckpt / MANIFEST).read_text()).get("world_size", 1))
 
 
 def load_file(ckpt: Path, name: str) -> Any:

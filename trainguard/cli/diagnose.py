@@ -37,7 +37,11 @@ def diagnose_command(
         with err.status("[bold]diagnose[/bold]: environment") as status:
             say = (lambda what: status.update(f"[bold]diagnose[/bold]: {what} ...")) if err.is_terminal else (lambda _: None)
             report = diagnose(config, profile=profile, overrides=set_ or [], memory_budget=budget, run_dir=run_dir, say=say)
-        if json_:
+        import os
+
+        if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports (every rank's checks agree)
+            pass
+        elif json_:
             print(json.dumps(report.as_json(), indent=2))
         else:
             print_table(report)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 from typing import Annotated
 
-from trainguard.cli._errors import fail, user_errors
+from trainguard.cli._errors import user_errors
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Run config YAML.", show_default=False)]
 ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="Hardware profile: NAME, PATH to a profile YAML, or auto. Overrides `hardware:`.")]
@@ -23,12 +24,26 @@ def train_command(
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run directory (default runs/<config stem>).")] = None,
     resume: Annotated[str, typer.Option("--resume", help="auto: continue from the newest valid checkpoint in the run dir; never; or a checkpoint PATH.")] = "auto",
     memory_budget: BudgetOpt = None,
-    nproc_per_node: Annotated[Optional[int], typer.Option("--nproc-per-node", help="Processes (GPUs) per node via torchrun. (planned: not built yet)")] = None,
+    nproc_per_node: Annotated[Optional[int], typer.Option("--nproc-per-node", min=1, help="Train in N processes on this node (one per GPU; gloo on CPU), started through torchrun. train.batch_size stays the global batch. For several nodes, run `torchrun ... -m trainguard train` on each.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Train a model from a YAML config. Re-running the same command resumes the run."""
-    if nproc_per_node not in (None, 1):
-        raise fail("--nproc-per-node > 1 (DDP) is planned but not built yet", "train on one device for now", 2)
+    if nproc_per_node is not None and "RANK" not in os.environ:  # under torchrun already: its environment wins
+        with user_errors(debug):
+            from trainguard.launch import launch
+            from trainguard.run import check_config
+
+            check_config(config, set_ or [], profile=profile, world=nproc_per_node)  # one error, before any process starts
+            argv = ["train", "--config", str(config), "--resume", resume]
+            for flag, value in (("--profile", profile), ("--run-dir", run_dir), ("--memory-budget", memory_budget)):
+                if value is not None:
+                    argv += [flag, str(value)]
+            for s in set_ or []:
+                argv += ["--set", s]
+            code = launch(nproc_per_node, argv + (["--debug"] if debug else []), debug)
+        if code:
+            raise typer.Exit(code)
+        return
     with user_errors(debug):
         from trainguard import cli
         from trainguard.memory.sizes import fmt_bytes, parse_size
@@ -38,7 +53,9 @@ def train_command(
         summary = train(config, set_ or [], profile=profile, run_dir=run_dir, resume=resume, memory_budget=budget,
                         started=cli.STARTED)
         code = int(summary.get("exit_code") or 0)
-        if summary.get("status") == "interrupted":
+        if os.environ.get("RANK", "0") != "0":  # one process group, one report: rank 0's
+            pass
+        elif summary.get("status") == "interrupted":
             print(f"interrupted at step {summary['steps']}; checkpoint {summary.get('last_checkpoint')}; "
                   "re-run the same command to resume", flush=True)
         else:

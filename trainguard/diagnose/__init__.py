@@ -90,6 +90,12 @@ def diagnose(config: str | Path | None = None, *, profile: str | None = None, ov
     except ConfigError as e:
         report.add(Check("config.valid", "fail", e.message, e.hint))
         report.config_error = True
+        cfg = None
+    from trainguard import distributed
+
+    if distributed.current().size > 1:  # under torchrun: every rank must agree before anything else
+        report.add(*rank_checks(cfg, probe(cfg.train.device if cfg else "auto").type))
+    if cfg is None:
         return report
     report.add(Check("config.valid", "pass", f"{config}: valid"))
     info = probe(cfg.train.device)
@@ -126,7 +132,57 @@ def profile_check(prof, why: str, info, name: str = "config.profile") -> Check:
     return Check(name, "warn", msg, f"set hardware: auto (or --profile {mine}) for this machine; keep {prof.name} for its card")
 
 
+def rank_checks(cfg, device_type: str) -> list[Check]:
+    """Under torchrun: the process group initialises (NCCL on CUDA, gloo otherwise), every rank
+    resolved the same config, and the global batch splits over the ranks."""
+    import hashlib
+    import json
+
+    from trainguard import distributed
+
+    world = distributed.current()
+    try:
+        distributed.init(device_type)
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        return [Check("env.distributed", "fail", f"rank {world.rank} of {world.size}: the process group did not "
+                      f"initialise: {type(e).__name__}: {e}",
+                      "check MASTER_ADDR/MASTER_PORT (or the rendezvous endpoint) and that every node reaches it")]
+    backend = torch_backend()
+    checks = [Check("env.distributed", "pass", f"{world.size} processes joined ({backend}); this is rank {world.rank}")]
+    digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12] if cfg else "invalid"
+    digests = distributed.gather_objects(digest)
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        checks.append(Check("config.ranks", "fail", f"ranks {differ} resolved a different config than rank 0 "
+                            f"({', '.join(f'{r}: {d}' for r, d in enumerate(digests))})",
+                            "give every node the same config file, --set overrides and profile (hardware: auto can "
+                            "resolve differently on different machines)"))
+    else:
+        checks.append(Check("config.ranks", "pass", f"every rank resolved the same config ({digests[0]})"))
+    return checks
+
+
+def torch_backend() -> str:
+    import torch
+
+    return torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+
+
 def batch_check(cfg) -> Check:
+    from trainguard import distributed
+    from trainguard.errors import ConfigError
+    from trainguard.run import check_world_batch
+
+    world = distributed.current().size
+    if world > 1:
+        try:
+            check_world_batch(cfg, world)
+        except ConfigError as e:
+            return Check("config.batch", "fail", e.message, e.hint)
+        bs, m = cfg.train.batch_size, cfg.train.micro_batch_size
+        share = bs // world
+        return Check("config.batch", "pass", f"batch_size {bs} = {world} processes x {share}"
+                     + (f" (micro-batch {m} x {share // m} accumulation)" if m != "auto" else "; micro_batch_size auto"))
     bs, m = cfg.train.batch_size, cfg.train.micro_batch_size
     if m == "auto":
         return Check("config.batch", "pass", f"batch_size {bs}; micro_batch_size auto (see memory.fit): accumulation "

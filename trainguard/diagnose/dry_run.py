@@ -54,7 +54,9 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
 
     checks: list[Check] = []
     auto_micro = cfg.train.micro_batch_size == "auto"
-    rcfg, _ = _resolve_runtime(cfg, prof, info)  # precision errors were reported by hardware.precision
+    from trainguard import distributed
+
+    rcfg, _ = _resolve_runtime(cfg, prof, info, distributed.current().size)  # precision errors were reported by hardware.precision
     device = _device(info)
     workers = int(rcfg.data.num_workers)
     checks.append(cpu_check(info, workers))

@@ -329,7 +329,10 @@ def _seed_worker(worker_id: int) -> None:
 
 
 class DataStream:
-    """An endless stream of :class:`Batch` es over epochs, with a resumable position."""
+    """An endless stream of :class:`Batch` es over epochs, with a resumable position.
+
+    ``batch_size`` is the global batch; with ``world`` ranks each yields its ``rank``-th share
+    (``self.batch_size``, the samples this process sees per step)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, shuffle: bool,
                  num_workers: int, pin_memory: bool, name: str = "train", per_item: bool = False,
@@ -343,7 +346,12 @@ class DataStream:
         if n == 0:
             raise RunFailed(f"data.{name} is empty (0 samples)",
                             "check the dataset's path and split name (e.g. `train` vs `Train`) and its filters")
-        self.dataset, self.seed, self.batch_size = dataset, seed, batch_size
+        if world > 1 and (self.iterable or batch_size % world):
+            raise RunFailed(f"data.{name}: " + ("an IterableDataset cannot be sharded over ranks exactly" if self.iterable
+                                                else f"batch {batch_size} does not split evenly over {world} ranks"),
+                            "use a map-style dataset (__len__ and __getitem__) for multi-process training"
+                            if self.iterable else f"a batch size that is a multiple of {world}")
+        self.dataset, self.seed, self.batch_size = dataset, seed, batch_size // world
         self.epoch, self.position = 0, 0
         common: dict[str, Any] = dict(collate_fn=_collate, pin_memory=pin_memory)
         if self.iterable:

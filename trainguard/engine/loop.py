@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainguard import distributed
 from trainguard.config.schema import TrainConfig
 from trainguard.engine.batch import ModelAdapter, extract_logits, split_batch, to_device
 from trainguard.engine.data import Batch, DataStream
@@ -21,6 +22,7 @@ from trainguard.engine.events import Event, Hook, hook_method
 from trainguard.engine.precision import autocast
 from trainguard.engine.state import OutOfMemory, RunState
 from trainguard.errors import first_line
+from trainguard.guards import consensus
 
 
 def handlers(hooks: list[Hook]) -> dict[Event, list]:
@@ -55,6 +57,7 @@ class Trainer:
     cfg: TrainConfig
     hooks: list[Hook] = field(default_factory=list)
     memory: Any = None  # a trainguard.memory.meter.DeviceMemory when memory is measured (CUDA, or a budget)
+    world: distributed.World = field(default_factory=distributed.World)  # this process's place in the job
     state: RunState = field(default_factory=RunState)
     batch: Batch | None = None
     at_boundary: bool = False  # True once fit() left the loop between steps (safe to checkpoint)
@@ -62,9 +65,11 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]  # what the optimizer updates
+        self.buffers = list(self.model.buffers())
 
     @property
     def grad_accum(self) -> int:
+        """Micro-batches per optimizer step on each rank (``data.batch_size`` is this rank's share)."""
         return max(1, math.ceil(self.data.batch_size / self.micro_batch_size))
 
     def fire(self, event: Event) -> None:
@@ -116,6 +121,8 @@ class Trainer:
         st.lr = opt.param_groups[0]["lr"]
         if not self.model.training:  # not every step: train() walks every module
             self.model.train()
+        if self.world.size > 1 and self.buffers:  # as DDP does: rank 0's buffers (BatchNorm statistics) everywhere
+            distributed.broadcast_tensors(self.buffers)
         if not self.gradients(batch):
             return False
         self.fire(Event.AFTER_BACKWARD)
@@ -127,7 +134,7 @@ class Trainer:
         self.scaler.update()
         opt.zero_grad(set_to_none=True)
         st.step += 1
-        st.samples += len(batch) + len(batch.bad)
+        st.samples += (len(batch) + len(batch.bad)) * self.world.size  # every rank's share is the same size
         return True
 
     def gradients(self, batch: Batch) -> bool:
@@ -177,13 +184,20 @@ class Trainer:
         gradient equals that of one big batch whatever the micro-batch size. Out of device
         memory, the attempt is undone (partial gradients dropped, RNG streams restored, the
         exception and the activations its traceback holds released) and ``state.oom`` says so.
+        In a process group the ranks then agree (:meth:`_agree`): one rank's out-of-memory is
+        every rank's, and the gradients are averaged only once none ran out.
         """
         rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if self.device.type == "cuda" else None)
+        oom = loss = None
         try:
-            return self._accumulate(batch)
+            loss = self._accumulate(batch)
         except torch.OutOfMemoryError as e:
             oom = OutOfMemory(self.state.step + 1, self.micro_batch_size, first_line(e, 300))
         # outside the except block: the exception and its frames are gone, so memory is free again
+        if self.world.size > 1:
+            loss, oom = self._agree(batch, loss, oom)
+        if oom is None:
+            return loss
         self.optimizer.zero_grad(set_to_none=True)
         torch.set_rng_state(rng[0])
         if rng[1] is not None:
@@ -192,6 +206,21 @@ class Trainer:
             oom.in_use, oom.limit = self.memory.release()
         self.state.oom = oom
         return None
+
+    def _agree(self, batch: Batch, loss: torch.Tensor | None, oom: OutOfMemory | None):
+        """In a process group: the step's one exchange (:func:`consensus.exchange`), then, unless
+        some rank ran out of memory, the gradients averaged over every sample of every rank.
+        Returns ``(loss, oom)``: the agreed mean loss, or every rank's out-of-memory."""
+        st = self.state
+        st.agreed = ag = consensus.exchange(loss, self.params, len(batch), len(batch.bad), oom is not None,
+                                            st.received_signal)
+        if ag.oom_ranks:  # every rank undoes the step and splits, not only those that ran out
+            if oom is None:
+                oom = OutOfMemory(st.step + 1, self.micro_batch_size, "out of device memory on another rank")
+            oom.ranks = ag.oom_ranks
+            return None, oom
+        distributed.reduce_gradients(self.params, len(batch) / ag.samples if ag.samples else 0.0, ag.present)
+        return torch.tensor(ag.loss, device=self.device), None
 
     def _accumulate(self, batch: Batch) -> torch.Tensor:
         n = len(batch)
@@ -217,8 +246,12 @@ class Trainer:
     def evaluate(self, data: DataStream, max_batches: int = 0) -> dict[str, float]:
         """Loss (and accuracy, when the output has logits and the batch has labels) on ``data``.
 
-        Runs in eval mode under no_grad and restores train mode afterwards.
+        Runs in eval mode under no_grad and restores train mode afterwards. In a process group
+        each rank evaluates its share of every batch with rank 0's buffers, and the sums are
+        reduced: every rank gets the metrics of the whole pass.
         """
+        if self.world.size > 1 and self.buffers:
+            distributed.broadcast_tensors(self.buffers)
         was_training = self.model.training
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -244,7 +277,12 @@ class Trainer:
                         counted += mask.sum()
         finally:
             self.model.train(was_training)
-        metrics = {"loss": (loss_sum / max(1, n_samples)).item()}
-        if counted.item() > 0:
-            metrics["accuracy"] = (correct.double() / counted).item()
+        sums = torch.stack([loss_sum, torch.tensor(float(n_samples), device=self.device, dtype=torch.float64),
+                            correct.double(), counted.double()])
+        if self.world.size > 1:
+            torch.distributed.all_reduce(sums)
+        loss_total, n, right, judged = sums.tolist()
+        metrics = {"loss": loss_total / max(1.0, n)}
+        if judged > 0:
+            metrics["accuracy"] = right / judged
         return metrics

@@ -16,9 +16,11 @@ class OutOfMemory:
     message: str                       # the exception's first line
     in_use: int | None = None          # bytes the device had in use after the failed attempt was undone
     limit: int | None = None           # the device's (or the budget's) size in bytes
+    ranks: list[int] = field(default_factory=list)  # in a process group: the ranks that ran out
 
     def describe(self) -> str:
-        return f"out of device memory at step {self.step} with micro-batch {self.micro_batch_size}: {self.message}"
+        on = f" on rank {', '.join(map(str, self.ranks))}" if self.ranks else ""
+        return f"out of device memory{on} at step {self.step} with micro-batch {self.micro_batch_size}: {self.message}"
 
 
 @dataclass
@@ -37,6 +39,8 @@ class RunState:
     grad_norm: Any = None
     lr: float = 0.0
     input_wait_s: float = 0.0          # seconds fit() has waited for batches from the loader (this process)
+    agreed: Any = None                 # in a process group: this step's guards.consensus.Agreed
+    received_signal: int | None = None  # SIGINT/SIGTERM received by this process (SignalHandler)
     # flags hooks set to change the run
     skip_step: bool = False            # skip this step's optimizer update
     stop: bool = False                 # stop after this step

@@ -10,11 +10,19 @@ import math
 import statistics
 from collections import Counter, deque
 
+from trainguard import distributed
 from trainguard.checkpoint import store
 from trainguard.config.schema import GuardConfig
 from trainguard.engine.events import Hook
-from trainguard.guards.consensus import step_signals
+from trainguard.guards.consensus import verdict
 from trainguard.guards.localize import Finding, find_nonfinite
+
+# Per rank, on a bad step: (its finding or None, its samples present, their ids). One process: one entry.
+Found = list[tuple[Finding | None, int, list[int]]]
+
+
+def _first(found: Found | None) -> Finding | None:
+    return next((f for f, _, _ in found if f is not None), None) if found else None
 
 
 class Guard(Hook):
@@ -56,7 +64,11 @@ class Guard(Hook):
             self.checkpointer.save(trainer)  # something to roll back to before step 1
 
     def on_step_start(self, trainer) -> None:
-        bad = trainer.batch.bad
+        if trainer.world.size == 1:
+            self._load_failures(trainer, trainer.batch.bad)
+
+    def _load_failures(self, trainer, bad) -> None:
+        """Record samples that failed to load (every rank's, in a process group)."""
         if not bad:
             return
         by_reason: dict[str, list[int]] = {}
@@ -70,10 +82,10 @@ class Guard(Hook):
         trainer.state.skipped_samples += len(bad)
 
     def on_before_optimizer_step(self, trainer) -> None:
-        st, batch = trainer.state, trainer.batch
-        if len(batch) == 0:
+        st, batch, agreed = trainer.state, trainer.batch, trainer.state.agreed
+        if (agreed.samples if agreed is not None else len(batch)) == 0:
             return self._bad_step(trainer, "every sample of the batch failed to load", None)
-        bad, loss = step_signals(st.loss, st.grad_norm)
+        bad, loss = verdict(trainer)
         if bad and trainer.scaler.is_enabled() and math.isfinite(loss):
             # fp16 overflow in the backward: the GradScaler skips the step and lowers its scale
             self.overflow_steps += 1
@@ -84,10 +96,13 @@ class Guard(Hook):
                 return
             return self._bad_step(trainer, "the fp16 loss scale collapsed (gradients overflow at any scale)", None)
         if bad:
-            finding = find_nonfinite(trainer.model, trainer.adapter, batch, trainer.micro_batch_size, trainer.device, trainer.precision)
-            if finding is not None and self._drop_culprits(trainer, finding):
+            here = agreed is None or agreed.local_bad  # a rank whose own step was finite has nothing to find
+            mine = find_nonfinite(trainer.model, trainer.adapter, batch, trainer.micro_batch_size, trainer.device,
+                                  trainer.precision) if here else None
+            found = distributed.gather_objects((mine, len(batch), batch.ids))
+            if self._drop_culprits(trainer, found):
                 return
-            return self._bad_step(trainer, "non-finite loss or gradient", finding)
+            return self._bad_step(trainer, "non-finite loss or gradient", found)
         if self.cfg.spike_factor and len(self.window) >= min(10, self.window.maxlen or 10) \
                 and loss > self.cfg.spike_factor * min(self.window):  # the median is at least the minimum
             median = statistics.median(self.window)
@@ -97,6 +112,9 @@ class Guard(Hook):
         self.consecutive = 0
 
     def on_step_end(self, trainer) -> None:
+        agreed = trainer.state.agreed
+        if agreed is not None and agreed.failed_to_load:  # every rank's, named in rank 0's events
+            self._load_failures(trainer, [b for bad in distributed.gather_objects(trainer.batch.bad) for b in bad])
         if self._rollback_pending is not None:
             self._rollback(trainer, self._rollback_pending)
         st = trainer.state
@@ -108,7 +126,7 @@ class Guard(Hook):
 
     def on_fit_end(self, trainer) -> None:
         st = trainer.state
-        if self.reasons or self.overflow_steps or self.rollbacks:
+        if (self.reasons or self.overflow_steps or self.rollbacks) and trainer.world.is_main:
             from rich.console import Console
             from rich.table import Table
 
@@ -128,22 +146,30 @@ class Guard(Hook):
         }
 
     # ---- decisions -----------------------------------------------------------------------
-    def _drop_culprits(self, trainer, finding: Finding) -> bool:
-        """If only some samples make the step non-finite, redo the step without them.
+    def _drop_culprits(self, trainer, found: Found) -> bool:
+        """If only some samples make the step non-finite, redo the step without them (on every
+        rank together: each drops its own culprits).
 
         Returns True when the step is healthy without them (they are recorded as skipped).
-        Not under an fp16 GradScaler (one unscale per step), nor when a parameter is bad.
+        Not under an fp16 GradScaler (one unscale per step), nor when a parameter is bad, nor
+        when some bad rank could not name its culprits or would be left with no sample.
         """
-        st, batch = trainer.state, trainer.batch
-        culprits = set(finding.sample_ids)
-        if not culprits or len(culprits) >= len(batch) or finding.kind == "parameter" or trainer.scaler.is_enabled():
+        st, batch, agreed = trainer.state, trainer.batch, trainer.state.agreed
+        bad_ranks = agreed.bad_ranks if agreed is not None else [0]
+        if trainer.scaler.is_enabled() or not bad_ranks:
             return False
-        if not trainer.retry_step(batch.without(culprits)):
+        for f, n, _ in (found[r] for r in bad_ranks):
+            if f is None or f.kind == "parameter" or not 0 < len(set(f.sample_ids)) < n:
+                return False
+        mine = found[distributed.rank()][0]
+        if not trainer.retry_step(batch.without(set(mine.sample_ids) if mine is not None else set())):
             st.skip_step = True  # out of memory and the run stops: nothing of this step is applied
             return True
-        bad, loss = step_signals(st.loss, st.grad_norm)
+        bad, loss = verdict(trainer)
         if bad:
             return False
+        finding = _first(found)
+        culprits = sorted({i for f, _, _ in found if f is not None for i in f.sample_ids})
         reason = "non-finite loss"
         self.reasons[reason] += len(culprits)
         self.reason_steps[reason] += 1
@@ -151,10 +177,17 @@ class Guard(Hook):
         self.last_finding = finding
         self.places[finding.place()] += 1
         self.log.event(st.step + 1, "skip", f"{reason}: {finding.describe()}; the step went on without these samples",
-                       sample_ids=sorted(culprits), module=finding.where)
+                       sample_ids=culprits, module=finding.where, **self._ranks(found))
         self.window.append(loss)
         self.consecutive = 0
         return True
+
+    @staticmethod
+    def _ranks(found: Found | None) -> dict:
+        """``{"ranks": [...]}``: the ranks a finding came from, in a process group."""
+        if not found or len(found) == 1:
+            return {}
+        return {"ranks": [r for r, (f, _, _) in enumerate(found) if f is not None]}
 
     def _reason_text(self) -> str:
         return "; ".join(f"{n} x {r}" for r, n in self.reasons.most_common(3))
@@ -178,22 +211,25 @@ class Guard(Hook):
         trainer.state.request_stop("failed", error + source + "; details in events.jsonl", exit_code=1, hint=hint)
         self.log.event(trainer.state.step, "stop", error + source)
 
-    def _bad_step(self, trainer, reason: str, finding: Finding | None) -> None:
-        st, batch = trainer.state, trainer.batch
+    def _bad_step(self, trainer, reason: str, found: Found | None) -> None:
+        st, batch, agreed = trainer.state, trainer.batch, trainer.state.agreed
+        finding = _first(found)
+        samples = agreed.samples if agreed is not None else len(batch)
         st.skip_step = True
         st.skipped_steps += 1
-        st.skipped_samples += len(batch)
+        st.skipped_samples += samples
         self.consecutive += 1
-        self.reasons[reason] += len(batch)
+        self.reasons[reason] += samples
         self.reason_steps[reason] += 1
         if finding is not None:
             self.last_finding = finding
             self.places[finding.place()] += 1
             self.every_sample[finding.place()] += finding.every_sample
         where = f"; {finding.describe()}" if finding else ""
-        ids = finding.sample_ids if finding and finding.sample_ids else batch.ids
-        self.log.event(st.step + 1, "skip", reason + where, sample_ids=ids, batch_ids=batch.ids[:1000],
-                       module=finding.where if finding else None)
+        batch_ids = [i for _, _, ids in found for i in ids] if found else batch.ids
+        culprits = sorted({i for f, _, _ in found if f is not None for i in f.sample_ids}) if found else []
+        self.log.event(st.step + 1, "skip", reason + where, sample_ids=culprits or batch_ids, batch_ids=batch_ids[:1000],
+                       module=finding.where if finding else None, **self._ranks(found))
         step = st.step + 1
         if self.cfg.on_nonfinite == "stop":
             return self._stop(trainer, f"step {step}: {reason}{where} (guard.on_nonfinite=stop)")
@@ -214,6 +250,7 @@ class Guard(Hook):
             return self._stop(trainer, f"still diverging after {self.rollbacks} rollbacks (guard.max_rollbacks): {why}")
         streak_start = st.step - self.consecutive + 1  # a checkpoint from inside the bad streak is not good
         ckpt = store.latest_valid(self.checkpointer.root, before=streak_start)[0] if self.checkpointer else None
+        ckpt = distributed.broadcast_object(ckpt)  # rank 0's choice: every rank loads the same one
         if ckpt is None:
             return self._stop(trainer, f"cannot roll back: no valid checkpoint: {why}")
         from_step = st.step

@@ -65,7 +65,8 @@ class OomRecovery(Hook):
     def on_out_of_memory(self, trainer) -> None:
         st, oom = trainer.state, trainer.state.oom
         if self.on_oom == "stop":
-            self.log.event(st.step + 1, "oom", oom.message, micro_batch_size=oom.micro_batch_size, action="stop")
+            self.log.event(st.step + 1, "oom", oom.message, micro_batch_size=oom.micro_batch_size, action="stop",
+                           **({"ranks": oom.ranks} if oom.ranks else {}))
             st.request_stop("failed", oom.describe() + " (guard.on_oom: stop)",
                             hint=f"set train.micro_batch_size below {oom.micro_batch_size}, or guard.on_oom: split; "
                                  "re-running resumes from the last checkpoint")
@@ -74,7 +75,8 @@ class OomRecovery(Hook):
         smaller = divisor_at_most(self.batch_size, m // 2) if m > 1 else 0
         if smaller < 1:
             need = one_sample_need(trainer, trainer.batch)
-            self.log.event(st.step + 1, "oom", oom.message, micro_batch_size=1, action="stop", one_sample_bytes=need)
+            self.log.event(st.step + 1, "oom", oom.message, micro_batch_size=1, action="stop", one_sample_bytes=need,
+                           **({"ranks": oom.ranks} if oom.ranks else {}))
             avail = f"{fmt_bytes(oom.limit)} available" if oom.limit else "more than the device has"
             message, hint = one_sample_does_not_fit(need, f"{avail} (step {oom.step})")
             st.request_stop("failed", message, hint=hint)
@@ -84,10 +86,11 @@ class OomRecovery(Hook):
         self.splits.append({"step": oom.step, "from": m, "to": smaller})
         self.log.event(st.step + 1, "oom", f"{oom.message}; the step is redone with micro-batch {smaller}",
                        micro_batch_size=m, new_micro_batch_size=smaller, grad_accum=trainer.grad_accum,
-                       sample_ids=trainer.batch.ids, in_use_bytes=oom.in_use, limit_bytes=oom.limit)
+                       sample_ids=trainer.batch.ids, in_use_bytes=oom.in_use, limit_bytes=oom.limit,
+                       **({"ranks": oom.ranks} if oom.ranks else {}))
 
     def on_fit_end(self, trainer) -> None:
-        if self.splits:
+        if self.splits and trainer.world.is_main:
             from rich.console import Console
 
             Console(stderr=True, soft_wrap=True, highlight=False).print(

@@ -123,13 +123,14 @@ def _read_cache() -> dict:
         return {}
 
 
-def cached_tune(trainer, cfg, device_name: str, on_trial=None) -> tuple[Tuning, bool]:
-    """:func:`tune`, or its remembered answer for the same model, config and device. Returns (tuning, from_cache)."""
-    key = cache_key(cfg, device_name, trainer.memory.limit)
+def cached_tune(trainer, cfg, device_name: str, on_trial=None, world: int = 1) -> tuple[Tuning, bool]:
+    """:func:`tune`, or its remembered answer for the same model, config and device. Returns (tuning, from_cache).
+    With ``world`` ranks each takes ``batch_size / world`` samples a step: the search is for that share."""
+    key = cache_key(cfg, device_name, trainer.memory.limit) + (f"/world{world}" if world > 1 else "")
     hit = _read_cache().get(key)
     if hit:
         return Tuning(**{**hit, "method": "cached"}), True
-    tuning = tune(trainer, cfg.train.batch_size, cfg.memory.headroom, on_trial)
+    tuning = tune(trainer, cfg.train.batch_size // world, cfg.memory.headroom, on_trial)
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,140 @@
+"""Whole multi-process runs through the CLI (``--nproc-per-node 2``: torchrun, gloo on CPU), each
+with a timeout so a hang fails. See docs/distributed.md."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, read_jsonl, toy_config
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
+
+
+def command(config: Path, run_dir: Path, nproc: int | None, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "trainguard", "train", "--config", str(config), "--run-dir", str(run_dir), *extra]
+    return cmd + (["--nproc-per-node", str(nproc)] if nproc else [])
+
+
+def train(config: Path, run_dir: Path, nproc: int | None = 2, *extra: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRAINGUARD_DIST_TIMEOUT": "60"}  # a hang inside a collective fails within a minute
+    return subprocess.run(command(config, run_dir, nproc, *extra), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write(tmp_path: Path, name: str, **sections) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(toy_config(**sections), sort_keys=False))
+    return path
+
+
+def weights(run_dir: Path) -> dict:
+    ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
+    return torch.load(ckpt / "model.pt", weights_only=True)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "train"]
+
+
+def test_two_processes_follow_the_loss_curve_of_one(tmp_path):
+    """The same global batch over 2 ranks (each with 2 micro-batches) trains as one process does:
+    the same losses and weights up to float rounding. Only rank 0 writes the run directory."""
+    cfg = write(tmp_path, "toy", data={"shuffle": True, "num_workers": 0},
+                train={"max_steps": 30, "batch_size": 16, "log_every": 1, "eval_every": 10})
+    one, two = train(cfg, tmp_path / "one", None), train(cfg, tmp_path / "two", 2, "--set", "train.micro_batch_size=4")
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, _ in a] == [s for s, _ in b] and len(a) == 30
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    summary = yaml.safe_load((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["micro_batch_size"] == 4 and summary["grad_accum"] == 2
+    assert summary["samples"] == 30 * 16
+    assert two.stdout.count("done:") == 1  # one report
+    events = read_jsonl(tmp_path / "two" / "events.jsonl")
+    assert [e["type"] for e in events].count("start") == 1 and events[0]["world_size"] == 2
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline and not (metrics.exists() and any(r["step"] >= step for r in read_jsonl(metrics))):
+        time.sleep(0.05)
+
+
+def test_sigterm_and_kill_9_of_a_two_process_run_resume_to_the_same_weights(tmp_path):
+    """SIGTERM to the launcher: both ranks stop at the same step, save, exit 143. kill -9 of every
+    process: nothing is saved past the last checkpoint. Each time the same command resumes, and
+    the run ends bitwise equal to an uninterrupted one (dropout on: per-rank RNG streams)."""
+    cfg = write(tmp_path, "toy", model={"_target_": "tests.toys:DropoutMLP"}, data={"num_workers": 0},
+                train={"max_steps": 60, "batch_size": 16, "log_every": 1},
+                hooks=[{"_target_": "tests.toys:Sleep", "seconds": 0.05}])
+    ref = train(cfg, tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    run_dir = tmp_path / "run"
+
+    proc = subprocess.Popen(command(cfg, run_dir, 2), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run_dir, 8)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=150)
+    assert proc.returncode == 143, err
+    summary = yaml.safe_load((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["last_checkpoint"].endswith(f"step_{summary['steps']:07d}")
+    stopped = summary["steps"]
+
+    proc = subprocess.Popen(command(cfg, run_dir, 2), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(run_dir, 35)
+    everyone = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert len(everyone) >= 3  # the launcher and the two ranks (torchrun gives each a session of its own)
+    for pid in everyone:  # all at once, as a lost node would
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert yaml.safe_load((run_dir / "summary.json").read_text())["status"] == "interrupted"  # the first stop's
+
+    again = train(cfg, run_dir)
+    assert again.returncode == 0, again.stderr
+    resumed = [e["step"] for e in read_jsonl(run_dir / "events.jsonl") if e["type"] == "resume"]
+    assert resumed[0] == stopped and 30 <= resumed[1] < 60
+    wa, wb = weights(tmp_path / "ref"), weights(run_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    one = train(cfg, run_dir, None, "--set", "train.max_steps=70")  # a different number of processes
+    assert one.returncode == 2 and "saved by 2 processes, this run has 1" in one.stderr and "hint:" in one.stderr
+
+
+def test_nan_on_rank_1_and_oom_on_rank_0_are_handled_by_both_ranks_together(tmp_path):
+    """A NaN sample that only rank 1 sees, and an out-of-memory that only rank 0 hits (a simulated
+    budget): both ranks drop the sample and split the micro-batch together, nothing hangs, the
+    events name the rank, and the run ends where one process with the same faults ends."""
+    # global batch 16 over 2 ranks, in order: step 2 holds samples 16..31 (rank 1: 24..31), step 3 32..47 (rank 0: 32..39)
+    data = {"train": {"_target_": "tests.toys:MarkedBlobs", "n": 256, "nan_ids": [26], "heavy_ids": [36]},
+            "shuffle": False, "num_workers": 0}
+    cfg = write(tmp_path, "toy", model={"_target_": "tests.toys:Hog", "rows": 4, "mb": 64}, data=data,
+                train={"max_steps": 20, "batch_size": 16, "log_every": 1})
+    one = train(cfg, tmp_path / "one", None, "--memory-budget", "32MB")
+    two = train(cfg, tmp_path / "two", 2, "--memory-budget", "32MB")
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    events = read_jsonl(tmp_path / "two" / "events.jsonl")
+    skip = [e for e in events if e["type"] == "skip"]
+    assert [e["step"] for e in skip] == [2, 18]  # 16 steps an epoch: sample 26 comes again at step 18
+    assert all(e["sample_ids"] == [26] and e["ranks"] == [1] for e in skip)
+    oom = [e for e in events if e["type"] == "oom"]
+    assert len(oom) == 1 and oom[0]["step"] == 3 and oom[0]["ranks"] == [0]
+    assert oom[0]["micro_batch_size"] == 8 and oom[0]["new_micro_batch_size"] == 4
+    summary = yaml.safe_load((tmp_path / "two" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["skipped_samples"] == 2 and summary["micro_batch_size"] == 4
+    assert [e["type"] for e in read_jsonl(tmp_path / "one" / "events.jsonl")].count("skip") == 2
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
