@@ -105,3 +105,21 @@ def test_healthy_steps_sync_the_host_once_at_most(tmp_path):
     syncs = [w for w in counter.syncs if "synchroniz" in str(w.message)]
     print(f"{len(syncs)} host syncs in 10 healthy steps:", *sorted({str(w.filename) + ':' + str(w.lineno) for w in syncs}), sep="\n  ")
     assert len(syncs) <= 10, [str(w.message) for w in syncs]
+
+
+def test_nccl_smoke_one_process(tmp_path):
+    """`--nproc-per-node 1` on a GPU: torchrun starts one process, which joins an NCCL group of one
+    and trains to the end (the multi-process path, on the card)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    path = tmp_path / "nccl.yaml"
+    path.write_text(yaml.safe_dump(toy_config(hardware="auto", train={"max_steps": 20, "batch_size": 16}), sort_keys=False))
+    done = subprocess.run([sys.executable, "-m", "trainguard", "train", "--config", str(path), "--run-dir",
+                           str(tmp_path / "run"), "--nproc-per-node", "1"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 20 and summary["device"] != "cpu"
