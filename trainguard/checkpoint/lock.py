@@ -76,3 +76,27 @@ def hold(run_dir: Path) -> Iterator[None]:
     finally:
         _HELD.discard(fd)
         os.close(fd)  # releases the lock
+
+
+def holder(run_dir: Path) -> dict | None:
+    """Who holds ``run_dir`` now (pid, host, command, started), or None if no process does.
+
+    Probes with a shared, non-blocking lock released at once (a ``train`` starting at that very
+    instant would be refused once; re-running it works)."""
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd) or {"pid": "?"}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from trainguard.cli import autoconfig, diagnose, profiles, train
+from trainguard.cli import autoconfig, diagnose, profiles, report, train
 
 app = typer.Typer(
     name="trainguard",
@@ -18,6 +18,7 @@ app.command("train")(train.train_command)
 app.command("diagnose")(diagnose.diagnose_command)
 app.command("autoconfig")(autoconfig.autoconfig_command)
 app.command("profiles")(profiles.profiles_command)
+app.command("report")(report.report_command)
 
 
 STARTED: float | None = None  # when this command's process started (summary.json's startup_s counts from it)

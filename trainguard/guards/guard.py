@@ -60,8 +60,8 @@ class Guard(Hook):
     def on_fit_start(self, trainer) -> None:
         self.orig_lrs = [b / self.lr_scale for b in trainer.scheduler.base_lrs]
         if self.cfg.on_nonfinite == "rollback" and self.checkpointer is not None \
-                and not store.list_checkpoints(self.checkpointer.root):
-            self.checkpointer.save(trainer)  # something to roll back to before step 1
+                and distributed.broadcast_object(not store.list_checkpoints(self.checkpointer.root)):
+            self.checkpointer.save(trainer)  # something to roll back to before step 1 (rank 0 decides)
 
     def on_step_start(self, trainer) -> None:
         if trainer.world.size == 1:

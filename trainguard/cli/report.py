@@ -1,0 +1,94 @@
+"""`trainguard report`: a thin wrapper over :mod:`trainguard.report`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from trainguard.cli._errors import user_errors
+
+
+def report_command(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run directories (several: curves overlaid).", show_default=False)],
+    json_: Annotated[bool, typer.Option("--json", help="Print {runs: [...], plot: PATH|null} as JSON (for scripts).")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where the PNG goes (default RUN_DIR/report.png; several runs: ./report-A-vs-B.png).")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """What happened in a run (finished, failed, killed or still running): a table of status, steps,
+    time, skips by reason, OOM splits, rollbacks, peak memory and input wait, and the loss / val /
+    learning-rate curves with those events marked, as a PNG (with matplotlib: pip install
+    'trainguard[plot]') or a compact curve in the terminal."""
+    with user_errors(debug):
+        from trainguard.report import plot, read_run, sparkline, summarize
+
+        runs = [read_run(d) for d in run_dirs]
+        rows = [summarize(r) for r in runs]
+        if out is None:
+            out = runs[0].run_dir / "report.png" if len(runs) == 1 else Path(f"report-{'-vs-'.join(r.name for r in runs)}.png")
+        try:
+            png: Path | None = plot(runs, out) if any(r.train for r in runs) else None
+        except ImportError:
+            png = None
+        if json_:
+            print(json.dumps({"runs": rows, "plot": str(png) if png else None}, indent=2))
+            return
+        print_table(rows)
+        if png is not None:
+            print(f"curves: {png}")
+        else:
+            for r in runs:
+                print(f"{r.name}:")
+                for line in sparkline(r):
+                    print(f"  {line}")
+            if any(r.train for r in runs):
+                print("(pip install 'trainguard[plot]' for the curves as a PNG)")
+
+
+def _fmt_bytes(n) -> str:
+    from trainguard.memory.sizes import fmt_bytes
+
+    return fmt_bytes(n) if n else "-"
+
+
+def _cells(row: dict) -> dict[str, str]:
+    skips = "; ".join(f"{k}: {v['samples']} samples in {v['steps']} steps" for k, v in row["skips"].items()) or "-"
+    val = ", ".join(f"{k} {v:.4g}" for k, v in (row["val"] or {}).items() if isinstance(v, (int, float))) or "-"
+    running = row["running"]
+    status = row["status"] + (f" (pid {running.get('pid')})" if running else "")
+    return {
+        "status": status,
+        "steps": f"{row['steps']}" + (f" / {row['max_steps']}" if row["max_steps"] else ""),
+        "wall time": f"{row['wall_s']:.1f} s" if isinstance(row["wall_s"], (int, float)) else "-",
+        "final loss": f"{row['final_loss']:.4f}" if isinstance(row["final_loss"], (int, float)) else "-",
+        "validation": val,
+        "skipped": f"{row['skipped_samples']} samples" + (f", {row['skipped_steps']} steps" if row["skipped_steps"] is not None else ""),
+        "skips by reason": skips,
+        "OOM splits": ", ".join(f"step {o['step']}: micro {o['from']}->{o['to']}" for o in row["oom_splits"]) or "-",
+        "rollbacks": ", ".join(f"{r['from_step']}->{r['to_step']}" for r in row["rollbacks"]) or "-",
+        "fp16 overflow steps": str(row["overflow_steps"]),
+        "resumes": str(row["resumes"]),
+        "peak memory": _fmt_bytes(row["peak_memory_bytes"]),
+        "input wait": f"{row['input_wait_fraction']:.0%} of step time" if row["input_wait_fraction"] is not None else "-",
+        "micro-batch": str(row["micro_batch_size"] or "-"),
+        "device": f"{row['device'] or '-'}, {row['precision'] or '-'}",
+        "error": row["error"] or "-",
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(box=None, padding=(0, 2), show_header=True, header_style="bold")
+    t.add_column("", style="bold", no_wrap=True)
+    for row in rows:
+        t.add_column(Path(row["run_dir"]).name or row["run_dir"], overflow="fold")
+    cells = [_cells(r) for r in rows]
+    for key in cells[0]:
+        if key == "error" and all(c[key] == "-" for c in cells):
+            continue
+        t.add_row(key, *(c[key] for c in cells))
+    Console(highlight=False).print(t)
