@@ -101,3 +101,19 @@ def test_report_of_a_running_run_then_of_one_killed_with_kill_9(cli, tmp_path):
 def test_report_of_a_directory_that_is_not_a_run(cli, tmp_path):
     code, out = cli("report", str(tmp_path))
     assert code == 2 and "is not a run directory" in out and "hint:" in out
+
+
+def test_tensorboard_gets_the_guard_events(cli, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    code, out = _train(cli, tmp_path, "tb", "--memory-budget", "32MB", log={"tensorboard": True}, **FAULTS)
+    assert code == 0, out
+    acc = EventAccumulator(str(tmp_path / "tb" / "tb"), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    scalars, tensors = acc.Tags()["scalars"], acc.Tags()["tensors"]
+    assert {"train/loss", "val/loss", "guard/skips", "guard/skipped_samples", "guard/ooms", "guard/micro_batch_size"} <= set(scalars)
+    assert [(e.step, e.value) for e in acc.Scalars("guard/micro_batch_size")] == [(3, 8), (3, 4)]
+    assert [e.step for e in acc.Scalars("guard/skipped_samples")] == [2, 18]
+    texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors("guard/skip/text_summary")]
+    assert "guard/skip/text_summary" in tensors and any("samples [26]" in t for t in texts)

@@ -33,7 +33,7 @@ class MetricsLogger(Hook):
 
                 raise ConfigError(f"log.tensorboard needs the tensorboard package ({e})",
                                   "pip install 'trainguard[tensorboard]', or set log.tensorboard: false") from None
-            self.tb = SummaryWriter(str(log.run_dir / "tb"))
+            self.tb = log.tb = SummaryWriter(str(log.run_dir / "tb"))  # the log mirrors guard events there
         self.last: dict = {}
         self.logged_step = -1
 
@@ -84,6 +84,7 @@ class MetricsLogger(Hook):
             trainer.state.report["peak_memory_bytes"] = self.memory.run_peak
             trainer.state.report["memory_limit_bytes"] = self.memory.limit
         if self.tb is not None:
+            self.log.tb = None  # events after this point (the final checkpoint) go to events.jsonl only
             self.tb.close()
 
 

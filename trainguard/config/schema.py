@@ -142,7 +142,7 @@ class LogConfig(Section):
     """Console and metrics logging."""
 
     progress: Union[bool, Literal["auto"]] = Field("auto", description="Show a progress bar; `auto` = when stderr is a terminal.")
-    tensorboard: bool = Field(False, description="Also write TensorBoard scalars to `<run_dir>/tb` (needs the `tensorboard` extra).")
+    tensorboard: bool = Field(False, description="Also write to `<run_dir>/tb` for TensorBoard: the train and val scalars, and the guard events (skips, OOM splits, rollbacks, stops) as text and running counts under `guard/` (needs the `tensorboard` extra).")
 
 
 class MemoryConfig(Section):
