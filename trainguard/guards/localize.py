@@ -78,55 +78,73 @@ def preserved_state(model: nn.Module):
 
 
 def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, device: torch.device, precision: str) -> Finding | None:
-    """Locate the first non-finite value of a bad step. Call before the gradients are dropped."""
+    """Locate the first non-finite value of a bad step. Call before the gradients are dropped.
+
+    Every micro-batch is examined: the finding is the first one's place, with the culprit samples
+    of all of them (so that dropping them can heal the step whichever micro-batches they were in)."""
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             return Finding("parameter", name)
+    first: Finding | None = None
     with preserved_state(model), torch.no_grad():
         offset = 0
         for micro, k in split_batch(batch.data, micro_batch_size):
             ids = batch.ids[offset:offset + k]
             offset += k
-            micro = to_device(micro, device)
-            for fname, t in (micro.items() if isinstance(micro, dict) else enumerate(_tensors(micro))):
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-                    rows = _bad_rows(t, k)
-                    return Finding("input", str(fname), [ids[r] for r in rows] if rows else ids)
-            found: list[Finding] = []
-
-            def hook(mod, args, out, name):
-                if found:
-                    return
-                for t in _tensors(out):
-                    if t.is_floating_point() and not torch.isfinite(t).all():
-                        rows = _bad_rows(t, k)
-                        found.append(Finding("output", module_name(name), [ids[r] for r in rows] if rows else ids))
-                        return
-
-            modules = list(model.named_modules())
-            if isinstance(adapter.loss_fn, nn.Module):
-                modules.append(("loss", adapter.loss_fn))
-            handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in modules]
-            try:
-                with autocast(device.type, precision):
-                    _, loss, _ = adapter(micro)
-            finally:
-                for h in handles:
-                    h.remove()
-            if found and (len(found[0].sample_ids) < k or k == 1):
-                found[0].every_sample = len(found[0].sample_ids) == k
-                return found[0]
-            if found or not torch.isfinite(loss):
-                # the bad values are not per-row (a reduced loss, a mixing layer): try each sample alone
-                culprits = _per_sample(adapter, micro, ids, device, precision)
-                finding = found[0] if found else Finding("loss", "loss", ids)
-                if culprits:
-                    finding.sample_ids = culprits
-                finding.every_sample = culprits == []  # each sample alone is non-finite too
-                return finding
+            found = _in_micro_batch(model, adapter, to_device(micro, device), ids, k, device, precision)
+            if found is None:
+                continue
+            if first is None:
+                first = found
+            else:
+                first.sample_ids = first.sample_ids + [i for i in found.sample_ids if i not in first.sample_ids]
+                first.every_sample = first.every_sample and found.every_sample
+    if first is not None:
+        return first
     for name, p in model.named_parameters():
         if p.grad is not None and not torch.isfinite(p.grad).all():
             return Finding("gradient", name)
+    return None
+
+
+def _in_micro_batch(model: nn.Module, adapter, micro, ids: list[int], k: int, device, precision: str) -> Finding | None:
+    """The first non-finite input, module output or loss of one micro-batch (on the device), and its samples."""
+    for fname, t in (micro.items() if isinstance(micro, dict) else enumerate(_tensors(micro))):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            rows = _bad_rows(t, k)
+            return Finding("input", str(fname), [ids[r] for r in rows] if rows else ids)
+    found: list[Finding] = []
+
+    def hook(mod, args, out, name):
+        if found:
+            return
+        for t in _tensors(out):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                rows = _bad_rows(t, k)
+                found.append(Finding("output", module_name(name), [ids[r] for r in rows] if rows else ids))
+                return
+
+    modules = list(model.named_modules())
+    if isinstance(adapter.loss_fn, nn.Module):
+        modules.append(("loss", adapter.loss_fn))
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in modules]
+    try:
+        with autocast(device.type, precision):
+            _, loss, _ = adapter(micro)
+    finally:
+        for h in handles:
+            h.remove()
+    if found and (len(found[0].sample_ids) < k or k == 1):
+        found[0].every_sample = len(found[0].sample_ids) == k
+        return found[0]
+    if found or not torch.isfinite(loss):
+        # the bad values are not per-row (a reduced loss, a mixing layer): try each sample alone
+        culprits = _per_sample(adapter, micro, ids, device, precision)
+        finding = found[0] if found else Finding("loss", "loss", ids)
+        if culprits:
+            finding.sample_ids = culprits
+        finding.every_sample = culprits == []  # each sample alone is non-finite too
+        return finding
     return None
 
 
