@@ -1,6 +1,7 @@
 """Crash safety through the real CLI: kill -9 and rerun, corrupt checkpoints, SIGTERM, config changes."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -133,6 +134,25 @@ def test_sigterm_saves_and_exits_143_then_resumes(tmp_path):
     assert summary["status"] == "completed" and summary["steps"] == 200
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["type"] == "resume"] == [step]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_whole_process_group_still_checkpoints(tmp_path, sig):
+    """Ctrl-C in a terminal, and SLURM's scancel, signal every process of the job, the DataLoader
+    workers included: the workers leave the stop to the trainer, which saves and exits 128+N."""
+    cfg = write(tmp_path, "long", hooks=[{"_target_": "tests.toys:Sleep", "seconds": 0.02}], data={"num_workers": 2},
+                train={"max_steps": 400, "batch_size": 16, "log_every": 10}, checkpoint={"every_steps": 50, "keep_last": 2})
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "trainguard", "train", "--config", str(cfg), "--run-dir", str(run_dir)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for(run_dir / "metrics.jsonl", proc)
+    time.sleep(1.0)
+    os.killpg(proc.pid, sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary["error"]
+    assert (run_dir / "checkpoints" / f"step_{summary['steps']:07d}" / "manifest.json").is_file()
 
 
 def test_changed_lr_on_resume_is_refused(cli, tmp_path):

@@ -31,6 +31,11 @@ class SignalHandler(Hook):
         self.received = signum
         if self.state is not None:
             self.state.received_signal = signum
+        if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self._old:
+            # Ctrl-C and a job scheduler's SIGTERM reach the data loader's workers too, which may die
+            # of it: the DataLoader's SIGCHLD check would then fail the run mid-step. The run is
+            # stopping at this step's end anyway, so that check is switched off until fit ends.
+            self._old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     def on_fit_start(self, trainer) -> None:
         self.state = trainer.state

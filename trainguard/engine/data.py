@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import pickle
 import random
+import signal
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -323,6 +324,10 @@ def _collate(pairs: list) -> Batch:
 
 
 def _seed_worker(worker_id: int) -> None:
+    # Ctrl-C reaches every process in the terminal's foreground group: the trainer stops at a step
+    # boundary, saves, and shuts its workers down itself. (SIGTERM keeps its default: the DataLoader
+    # ends a stuck worker with it; the loop handles a worker that a job scheduler's SIGTERM ended.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     s = torch.initial_seed() % 2**31
     random.seed(s)
     np.random.seed(s)
