@@ -58,6 +58,13 @@ def init(device_type: str) -> World:
     return w
 
 
+def shutdown() -> None:
+    """Leave the process group (end of a run). Without it, the backend's threads can abort the
+    process at exit ("terminate called without an active exception"), which fails the job."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def size() -> int:
     """Processes taking part in collectives now (1 outside an initialised group)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

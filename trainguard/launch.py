@@ -31,8 +31,9 @@ def launch(nproc: int, argv: list[str], debug: bool = False) -> int:
         torchrun.run(args)
         return 0
     except ChildFailedError as e:
-        failures = sorted(e.failures.items())
-        _, first = min(failures, key=lambda kv: (kv[0] != 0, kv[0]))  # rank 0's, else the lowest rank's
+        # the cause, not a victim: when one process fails, torchrun ends the others with SIGTERM
+        victim = (128 + signal.SIGTERM, -signal.SIGTERM)
+        _, first = min(e.failures.items(), key=lambda kv: (kv[1].exitcode in victim, kv[0] != 0, kv[0]))
         code = first.exitcode
         if code < 0:  # killed by a signal
             name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)

@@ -407,10 +407,13 @@ def train(config: str | Path | dict | Config, overrides: list[str] | None = None
     path = None if isinstance(config, dict) else Path(config)
     cfg, prof, why = resolve_config(path, profile=profile, overrides=overrides, raw=config if isinstance(config, dict) else None)
     rd = Path(run_dir) if run_dir is not None else default_run_dir(path)
-    if not distributed.current().is_main:  # rank 0 holds the run directory for the whole job
-        return _train(cfg, prof, why, rd, resume, hooks, budget, started)
-    with run_lock.hold(rd):  # one writer per run directory (exit 2 if another process holds it)
-        return _train(cfg, prof, why, rd, resume, hooks, budget, started)
+    try:
+        if not distributed.current().is_main:  # rank 0 holds the run directory for the whole job
+            return _train(cfg, prof, why, rd, resume, hooks, budget, started)
+        with run_lock.hold(rd):  # one writer per run directory (exit 2 if another process holds it)
+            return _train(cfg, prof, why, rd, resume, hooks, budget, started)
+    finally:
+        distributed.shutdown()
 
 
 def _train(cfg: Config, prof, why: str, rd: Path, resume: str, hooks: Iterable[Hook], budget: int | None,

@@ -95,6 +95,7 @@ def diagnose(config: str | Path | None = None, *, profile: str | None = None, ov
 
     if distributed.current().size > 1:  # under torchrun: every rank must agree before anything else
         report.add(*rank_checks(cfg, probe(cfg.train.device if cfg else "auto").type))
+        distributed.shutdown()  # the rest is checked by each rank alone
     if cfg is None:
         return report
     report.add(Check("config.valid", "pass", f"{config}: valid"))
