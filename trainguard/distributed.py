@@ -58,10 +58,14 @@ def init(device_type: str) -> World:
     return w
 
 
-def shutdown() -> None:
+def shutdown(together: bool = False) -> None:
     """Leave the process group (end of a run). Without it, the backend's threads can abort the
-    process at exit ("terminate called without an active exception"), which fails the job."""
+    process at exit ("terminate called without an active exception"), which fails the job.
+    ``together``: every rank got here (a run that ended normally): wait for all of them first, so
+    that no rank tears the group down while another still finishes its last collective."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if together:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

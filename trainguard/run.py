@@ -407,13 +407,20 @@ def train(config: str | Path | dict | Config, overrides: list[str] | None = None
     path = None if isinstance(config, dict) else Path(config)
     cfg, prof, why = resolve_config(path, profile=profile, overrides=overrides, raw=config if isinstance(config, dict) else None)
     rd = Path(run_dir) if run_dir is not None else default_run_dir(path)
+    ended = False
     try:
         if not distributed.current().is_main:  # rank 0 holds the run directory for the whole job
-            return _train(cfg, prof, why, rd, resume, hooks, budget, started)
-        with run_lock.hold(rd):  # one writer per run directory (exit 2 if another process holds it)
-            return _train(cfg, prof, why, rd, resume, hooks, budget, started)
+            summary = _train(cfg, prof, why, rd, resume, hooks, budget, started)
+        else:
+            with run_lock.hold(rd):  # one writer per run directory (exit 2 if another process holds it)
+                summary = _train(cfg, prof, why, rd, resume, hooks, budget, started)
+        ended = True
+        return summary
+    except RunFailed as e:
+        ended = getattr(e, "after_fit", False)  # a guard's stop: every rank stopped at the same step
+        raise
     finally:
-        distributed.shutdown()
+        distributed.shutdown(together=ended)
 
 
 def _train(cfg: Config, prof, why: str, rd: Path, resume: str, hooks: Iterable[Hook], budget: int | None,
@@ -440,5 +447,7 @@ def _train(cfg: Config, prof, why: str, rd: Path, resume: str, hooks: Iterable[H
             trainer.memory.stop()
     summary = next(h for h in trainer.hooks if isinstance(h, SummaryWriter)).summary
     if trainer.state.status == "failed":
-        raise RunFailed(trainer.state.error or "training failed", trainer.state.hint or "see events.jsonl in the run directory")
+        failed = RunFailed(trainer.state.error or "training failed", trainer.state.hint or "see events.jsonl in the run directory")
+        failed.after_fit = True  # every rank of a process group ends here at the same step
+        raise failed
     return summary
