@@ -2,6 +2,10 @@
 a GTX 1650 and an H100; `--set` shrinks them), and does what its README says."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,24 @@ TINY = {  # example -> the --set overrides that make it a few seconds on a CPU
                    "model.input_size=64", "model.width=8", "train.eval_every=12"],
     "captioning": ["train.max_steps=30", "data.train.n=400", "data.val.n=64", "model.width=16", "model.hidden=64",
                    "train.eval_every=15"],
+    "video_deblur": ["train.max_steps=10", "data.train.n=64", "data.val.n=16", "data.train.size=32", "data.val.size=32",
+                     "data.train.frames=4", "data.val.frames=4", "model.width=8", "model.blocks=2", "train.eval_every=10",
+                     "train.precision=fp32"],  # fp16 autocast on a CPU is ~30x slower for Conv3d
+    "text_classification": ["train.max_steps=20", "model.hidden=32", "model.layers=1", "model.heads=2", "model.max_length=32",
+                            "data.train.max_length=32", "data.val.max_length=32", "train.eval_every=10",
+                            "train.precision=fp32", "data.train.sizes={train: 640, validation: 64}",
+                            "data.val.sizes={train: 640, validation: 64}"],
 }
+NEEDS = {"text_classification": ("transformers", "datasets")}  # the `examples` extra
+
+
+def _needs(name: str) -> None:
+    """Skip, with the reason, where an example's library is not installed (or does not import)."""
+    for module in NEEDS.get(name, ()):
+        try:
+            __import__(module)
+        except Exception as e:  # noqa: BLE001 - a broken install skips with its own message
+            pytest.skip(f"examples/{name} needs `{module}` (pip install -e '.[examples]'): {type(e).__name__}: {e}")
 
 
 def test_every_example_has_its_readme_and_both_configs():
@@ -28,13 +49,23 @@ def test_every_example_has_its_readme_and_both_configs():
     for name in folders:
         readme = (EXAMPLES / name / "README.md").read_text()
         assert readme.count("\n- **") == 3 and f"examples/{name}/config_gtx1650.yaml" in readme
-        for card, profile in (("gtx1650", "gtx1650"), ("h100", "h100-80gb")):
+        for card, profile in (("gtx1650", "gtx1650"), ("h100", "h100-80gb")):  # resolving builds nothing
             cfg, prof, _ = resolve_config(EXAMPLES / name / f"config_{card}.yaml")
             assert prof.name == profile
 
 
-def _train(cli, tmp_path, name, *extra):
+def _args(tmp_path, name) -> list[str]:
     args = [a for kv in TINY[name] for a in ("--set", kv)] + ["--set", "data.num_workers=0"]
+    if name == "video_deblur":  # its clips are written on first use
+        args += ["--set", f"data.train.root={tmp_path / 'clips'}", "--set", f"data.val.root={tmp_path / 'clips'}"]
+    if name == "text_classification":  # its JSON files and tokenizer too
+        args += [a for key in ("data.train", "data.val", "model") for a in ("--set", f"{key}.root={tmp_path / 'reviews'}")]
+    return args
+
+
+def _train(cli, tmp_path, name, *extra):
+    _needs(name)
+    args = _args(tmp_path, name)
     code, out = cli("train", "--config", EXAMPLES / name / "config_gtx1650.yaml", "--run-dir", tmp_path / name, *args, *extra)
     summary = json.loads((tmp_path / name / "summary.json").read_text())
     return code, out, summary, read_jsonl(tmp_path / name / "events.jsonl")
@@ -80,3 +111,69 @@ def test_captioning_tokenizer_is_built_from_the_captions_and_the_model_trains(cl
     assert code == 0, out
     metrics = [m for m in read_jsonl(tmp_path / "captioning" / "metrics.jsonl") if m["split"] == "train"]
     assert metrics[-1]["loss"] < metrics[0]["loss"] * 0.7 and "left out: text" in out
+
+
+def test_video_deblur_compile_fallback_is_said_channels_last_is_named_and_a_wrong_split_stops(cli, tmp_path):
+    config = EXAMPLES / "video_deblur" / "config_gtx1650.yaml"
+    # a machine without a working C++ compiler (inductor's CPU backend needs one): the run says so, and trains eager
+    cmd = [sys.executable, "-m", "trainguard", "train", "--config", str(config), "--run-dir", str(tmp_path / "eager"),
+           "--profile", "cpu", *_args(tmp_path, "video_deblur")]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "CXX": "/nonexistent/g++"}, capture_output=True, text=True, timeout=300)
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 0, out
+    assert "torch.compile failed (InductorError: InvalidCxxCompiler" in out and "training runs the eager model" in out
+    events = read_jsonl(tmp_path / "eager" / "events.jsonl")
+    assert [e["check"] for e in events if e["type"] == "preflight"] == ["model.compile"]
+    eager = json.loads((tmp_path / "eager" / "summary.json").read_text())
+
+    if shutil.which("g++") or shutil.which("c++"):  # where inductor can build, the compiled model trains, and says so
+        code, out, summary, _ = _train(cli, tmp_path, "video_deblur", "--profile", "cpu")
+        assert code == 0 and "note: torch.compile: the model compiled and ran one forward/backward" in out, out
+        assert summary["steps"] == eager["steps"] == 10
+        assert abs(summary["final_loss"] - eager["final_loss"]) < 1e-3 * eager["final_loss"]
+
+    code, out = cli("diagnose", "--config", config, *_args(tmp_path, "video_deblur"))
+    out = " ".join(out.split())
+    assert code == 0 and "Conv3d layers take 5-D inputs: channels_last (4-D only) does not apply" in out
+    assert "gradient checkpointing is on" in out
+
+    code, out = cli("train", "--config", config, "--run-dir", tmp_path / "split", *_args(tmp_path, "video_deblur"),
+                    "--set", "data.train.split=Train")
+    out = " ".join(out.split())
+    assert code == 1 and "data.train is empty (0 samples)" in out and "`train` vs `Train`" in out and "Traceback" not in out
+
+
+def test_text_classification_rows_reach_the_transformers_model_as_it_takes_them(cli, tmp_path):
+    """Field report 000 on the real libraries: `datasets` rows with `idx`, `sentence`, `label` and
+    token ids as lists of ints, into a transformers BERT, with no custom collate or filter."""
+    _needs("text_classification")
+    from examples.text_classification.reviews import reviews
+
+    rows = reviews(root=str(tmp_path / "reviews"), split="train", max_length=32, sizes={"train": 640, "validation": 64})
+    row = rows[0]
+    assert isinstance(row["input_ids"], list) and isinstance(row["idx"], int) and isinstance(row["sentence"], str)
+    assert rows.features["label"].dtype == "int64" and len(rows) == 640
+    code, out, summary, events = _train(cli, tmp_path, "text_classification")
+    assert code == 0, out
+    assert "left out: idx, sentence (not named by BertForSequenceClassification.forward())" in " ".join(out.split())
+    assert summary["steps"] == 20 and summary["skipped_steps"] == 0 and 0 <= summary["eval"]["accuracy"] <= 1
+    assert not [e for e in events if e["type"] in ("skip", "oom", "stop")]
+
+
+def test_image_size_with_torchvision_vit_stops_on_its_size_check(cli, tmp_path):
+    """The optional torchvision variant: a VisionTransformer built for one size. Skips where torchvision
+    is absent or does not import (the registry's wheels need the CUDA torch: "operator
+    torchvision::nms does not exist" beside a CPU build)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - the import error is the reason
+        pytest.skip(f"torchvision does not import here ({type(e).__name__}: {e}); pip install the build made for this torch")
+    config = EXAMPLES / "image_size" / "config_torchvision.yaml"
+    tiny = ["model.image_size=32", "model.num_layers=1", "model.num_heads=2", "model.hidden_dim=32", "model.mlp_dim=64",
+            "data.train.n=128", "data.val.n=32", "data.train.size=32", "data.val.size=32", "train.max_steps=5",
+            "train.eval_every=5", "train.precision=fp32", "data.num_workers=0"]
+    args = [a for kv in tiny for a in ("--set", kv)]
+    code, out = cli("diagnose", "--config", config, *args, "--set", "data.train.size=64")
+    assert code == 1 and "Wrong image height! Expected 32 but got 64!" in " ".join(out.split())
+    code, out = cli("train", "--config", config, "--run-dir", tmp_path / "vit", *args)
+    assert code == 0, out

@@ -252,3 +252,23 @@ def test_a_cuda_forecast_stores_attention_as_a_fused_kernel_does():
     assert peaks[512, True] < peaks[512, False] and peaks[256, True] < peaks[256, False]
     assert peaks[512, False] / peaks[256, False] > 3      # quadratic attention on the CPU kernel
     assert peaks[512, True] / peaks[256, True] < 2.2      # linear, as flash attention on the card
+
+
+def test_checkpointed_blocks_are_forecast_under_autocast_and_save_memory():
+    """Gradient checkpointing re-runs each block's forward inside the backward. The forecast follows
+    it there (fake parameters, the CUDA autocast policy), and a checkpointed model is forecast
+    lower than the same model storing its activations; fp32 agrees with a real step's tracker."""
+    from examples.video_deblur.model import VideoDeblur
+    from trainguard.memory.predict import fake_step
+
+    item = {"blurry": torch.zeros(3, 5, 32, 32), "sharp": torch.zeros(3, 5, 32, 32)}
+    opt = lambda params: torch.optim.AdamW(params, lr=1e-3)  # noqa: E731
+    peaks = {}
+    for ck in (True, False):
+        build = lambda: VideoDeblur(width=16, blocks=4, drop_path=0.0, checkpointing=ck)  # noqa: E731
+        for precision in ("fp16", "fp32"):
+            peaks[ck, precision] = fake_step(build(), None, {}, opt, item, 8, precision).peak
+        measured = _real_phases(build, item, 8, opt)
+        assert abs(peaks[ck, "fp32"] - measured) / measured < 0.10, (ck, peaks[ck, "fp32"], measured)
+    assert peaks[True, "fp16"] < peaks[True, "fp32"]
+    assert peaks[True, "fp32"] < 0.8 * peaks[False, "fp32"] and peaks[True, "fp16"] < 0.8 * peaks[False, "fp16"]

@@ -366,8 +366,8 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
                   **({"world_size": world.size} if world.size > 1 else {}))
     checks = preflight(trainer)
     for c in checks:
-        if c.name == "data.fields" and c.status == "pass" and trainer.adapter.dropped:  # said once at start
-            console.print(f"note: {c.message}")
+        if c.status == "pass" and (c.name == "model.compile" or c.name == "data.fields" and trainer.adapter.dropped):
+            console.print(f"note: {c.message}")  # said once at start: what was left out, that compiling worked
         if c.status == "warn":
             console.print(f"[yellow]preflight[/yellow]: {c.message}" + (f" (hint: {c.hint})" if c.hint else ""))
             log.event(trainer.state.step, "preflight", c.message, check=c.name)

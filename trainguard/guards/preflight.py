@@ -9,6 +9,7 @@ It leaves no trace: RNG streams, buffers and gradients are as they were.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +155,7 @@ def compile_or_fall_back(trainer, micro_batch) -> Check:
         trainer.adapter.model = trainer.model
         return Check("model.compile", "skip", "torch.compile is not used under a simulated --memory-budget (dynamo does not "
                      "trace through the memory tracker): the run is eager", "drop --memory-budget on a CPU to run compiled")
+    start = time.perf_counter()
     try:
         with preserved_state(trainer.model):
             micro = to_device(micro_batch, trainer.device)
@@ -169,7 +171,8 @@ def compile_or_fall_back(trainer, micro_batch) -> Check:
                      "the reason above is torch's (a graph break, an op without a fake/meta kernel, ...)")
     finally:
         trainer.optimizer.zero_grad(set_to_none=True)
-    return Check("model.compile", "pass", "torch.compile: the model compiled and ran one forward/backward")
+    return Check("model.compile", "pass", f"torch.compile: the model compiled and ran one forward/backward "
+                 f"({time.perf_counter() - start:.1f} s)")
 
 
 def require(checks: list[Check]) -> None:

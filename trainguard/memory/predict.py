@@ -123,15 +123,17 @@ class CudaAttention(TorchFunctionMode):
 
 # ---- the fake step ---------------------------------------------------------------------------------
 class _Call(nn.Module):
-    """Lets ``functional_call`` swap the parameters of the model an adapter calls."""
+    """Lets ``functional_call`` swap the parameters of the model an adapter calls. ``step`` runs
+    inside the swap, the backward included: a checkpointed block's recompute in the backward must
+    see the same (fake) parameters as its forward did."""
 
-    def __init__(self, adapter: ModelAdapter):
+    def __init__(self, adapter: ModelAdapter, step: Callable[[Any], None]):
         super().__init__()
         self.inner = adapter.model
-        self.adapter = adapter
+        self.step = step
 
     def forward(self, data):
-        return self.adapter(data)
+        return self.step(data)
 
 
 def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[[list], torch.optim.Optimizer],
@@ -145,8 +147,24 @@ def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[
     one = worst_case_batch(item, 1)  # real shapes of one sample; the fake batch gets m rows without the data
     fm = FakeTensorMode(allow_non_fake_inputs=False)
     tracker = TensorMemory(None)
-    call = _Call(ModelAdapter(model, loss_fn, fields))
+    adapter = ModelAdapter(model, loss_fn, fields)
     phases: dict[str, int] = {}
+    low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+
+    def forward_backward(data) -> None:
+        cast = CudaAutocast(low) if low is not None else contextlib.nullcontext()
+        with CudaAttention() if cuda else contextlib.nullcontext(), cast:
+            _, loss, _ = adapter(data)
+        if low is not None:
+            cast.cache.clear()  # autocast frees its weight casts when the region ends
+        phases["forward"] = tracker.peak + extra
+        tracker.reset_peak()
+        with _modes_in_recompute(lambda: ([CudaAttention()] if cuda else []) + ([CudaAutocast(low)] if low else [])):
+            loss.backward()
+        del loss
+        phases["backward"] = tracker.peak + extra
+
+    call = _Call(adapter, forward_backward)
     with fm:
         def fake(t: torch.Tensor, grad: bool, rows: int | None = None) -> torch.Tensor:
             shape = t.shape if rows is None else (rows, *t.shape[1:])
@@ -164,21 +182,46 @@ def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[
                     if p.requires_grad:
                         p.grad = torch.zeros_like(p)
             tracker.reset_peak()
-            low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-            cast = CudaAutocast(low) if low is not None else contextlib.nullcontext()
-            with CudaAttention() if cuda else contextlib.nullcontext(), cast:
-                _, loss, _ = torch.func.functional_call(call, {**params, **buffers}, (data,))
-            if low is not None:
-                cast.cache.clear()  # autocast frees its weight casts when the region ends
-            phases["forward"] = tracker.peak + extra
-            tracker.reset_peak()
-            loss.backward()
-            del loss
-            phases["backward"] = tracker.peak + extra
+            torch.func.functional_call(call, {**params, **buffers}, (data,))
             tracker.reset_peak()
             opt.step()
             phases["optimizer"] = tracker.peak + extra
     return Trial(m, False, phases)
+
+
+@contextlib.contextmanager
+def _modes_in_recompute(make_modes: Callable[[], list]):
+    """Checkpointed blocks (``torch.utils.checkpoint``) run their forward again inside the backward.
+    Real autocast is re-entered there by checkpoint itself, but the autograd engine runs Python
+    code with an empty torch-function mode stack, so the modes standing in for CUDA (autocast's
+    casts, fused attention) are lost. While the backward runs, the outermost module forward
+    entered with no mode on the stack gets fresh ones, closed when that forward returns."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+    from torch.overrides import _get_current_function_mode_stack
+
+    open_: list[tuple[nn.Module, list]] = []
+
+    def enter(module, args):
+        if not _get_current_function_mode_stack():
+            modes = make_modes()
+            for mode in modes:
+                mode.__enter__()
+            open_.append((module, modes))
+
+    def leave(module, args, out):
+        if open_ and open_[-1][0] is module:
+            for mode in reversed(open_.pop()[1]):
+                mode.__exit__(None, None, None)
+
+    hooks = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
+    try:
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):  # early stop leaves by an exception
+            yield
+    finally:
+        for h in hooks:
+            h.remove()
+        while open_:  # a forward that raised: its modes are gone with the engine's thread state
+            open_.pop()
 
 
 def _fake_batch(x: Any, fake, m: int) -> Any:
