@@ -187,16 +187,25 @@ def test_failure_writes_summary(cli, tmp_path):
     assert summary["status"] == "failed" and "a bug in the user's model" in summary["error"]
 
 
-def test_best_checkpoint_is_kept_beside_the_last_n(cli, tmp_path):
+@pytest.mark.parametrize("metric", ["loss", "accuracy"])
+def test_best_checkpoint_is_kept_beside_the_last_n(cli, tmp_path, metric):
+    """The best is the lowest loss but the highest accuracy (`best_mode: auto`), kept and named in summary.json."""
     cfg = write(tmp_path, "best", train={"max_steps": 30, "batch_size": 16, "eval_every": 5}, data={"num_workers": 0},
-                checkpoint={"every_steps": 5, "keep_last": 1, "best_metric": "loss"}, optim={"lr": 0.5})
+                checkpoint={"every_steps": 5, "keep_last": 1, "best_metric": metric},
+                optim={"lr": 0.5 if metric == "loss" else 0.01})  # loss: a bumpy curve; accuracy: one that climbs
     code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "run")
     assert code == 0, out
     val = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [m for m in val if m["split"] == "val"]
-    best_step = min(val, key=lambda m: m["loss"])["step"]
+    sign = -1 if metric == "accuracy" else 1
+    best = min(val, key=lambda m: (sign * m[metric], m["step"]))  # the first step at the best value
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
-    assert f"step_{best_step:07d}" in kept and "step_0000030" in kept and len(kept) <= 2
+    assert f"step_{best['step']:07d}" in kept and "step_0000030" in kept and len(kept) <= 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best"]["step"] == best["step"] and summary["best"]["value"] == pytest.approx(best[metric])
+    assert summary["best"]["checkpoint"].endswith(f"step_{best['step']:07d}")
+    if metric == "accuracy":
+        assert max(m["accuracy"] for m in val) > min(m["accuracy"] for m in val)  # the order mattered
 
 
 def test_setup_failure_still_writes_summary(cli, tmp_path):

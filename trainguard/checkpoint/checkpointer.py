@@ -61,6 +61,16 @@ def restore_trainer(trainer, ckpt: Path) -> dict:
     return ts
 
 
+_HIGHER_IS_BETTER = ("acc", "f1", "auc", "precision", "recall", "bleu", "rouge", "map", "iou", "dice", "score")
+
+
+def higher_is_better(metric: str, mode: str = "auto") -> bool:
+    """``best_mode``: ``max``/``min`` as said; ``auto`` reads the metric's name (``accuracy`` up, ``loss`` down)."""
+    if mode != "auto":
+        return mode == "max"
+    return any(word in metric.lower() for word in _HIGHER_IS_BETTER)
+
+
 class Checkpointer(Hook):
     """Saves every ``every_steps`` steps, after a new best evaluation, and when the loop ends at a
     step boundary (completed, interrupted, or stopped by a guard); keeps the newest ``keep_last``
@@ -87,7 +97,10 @@ class Checkpointer(Hook):
     def on_eval_end(self, trainer) -> None:
         metric = self.cfg.best_metric
         value = trainer.state.eval_metrics.get(metric) if metric else None
-        if value is not None and (self.best_value is None or value < self.best_value):
+        if value is None or value != value:  # absent, or NaN: never the best
+            return
+        sign = 1 if higher_is_better(metric, self.cfg.best_mode) else -1
+        if self.best_value is None or sign * value > sign * self.best_value:
             self.best_value, self.best_step, self._best_pending = value, trainer.state.step, True
 
     def on_step_end(self, trainer) -> None:
@@ -102,6 +115,9 @@ class Checkpointer(Hook):
         ended = trainer.at_boundary and trainer.state.status in ("completed", "interrupted", "failed")
         if ended and trainer.state.step != self.last_saved:
             self.save(trainer)
+        if self.best_step is not None and (self.root / store.step_dir_name(self.best_step)).is_dir():
+            trainer.state.report["best"] = {"metric": self.cfg.best_metric, "value": self.best_value, "step": self.best_step,
+                                            "checkpoint": str(self.root / store.step_dir_name(self.best_step))}
 
     def save(self, trainer) -> Path | None:
         """Commit a checkpoint of the current step, then prune old ones.

@@ -135,7 +135,8 @@ class CheckpointConfig(Section):
 
     every_steps: int = Field(100, ge=0, description="Save a checkpoint every N optimizer steps (0 = only at the end). A completed run always saves its last step.")
     keep_last: int = Field(3, gt=0, description="Keep the newest N checkpoints (plus the best one, if `best_metric` is set).")
-    best_metric: str | None = Field(None, description="Keep the checkpoint with the lowest value of this validation metric (e.g. `loss`).")
+    best_metric: str | None = Field(None, description="Keep the checkpoint with the best value of this validation metric (e.g. `loss`, `accuracy`); `summary.json`'s `best` names it.")
+    best_mode: Literal["auto", "min", "max"] = Field("auto", description="Whether lower or higher `best_metric` is better. `auto`: higher for accuracy-like names (containing acc, f1, auc, precision, recall, bleu, rouge, map, iou, dice or score), lower otherwise (loss, perplexity, error, ...).")
 
 
 class LogConfig(Section):
