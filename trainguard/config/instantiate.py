@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from trainguard.errors import ConfigError
+from trainguard.errors import ConfigError, RunFailed, TrainguardError, first_line
 
 
 def _split(target: str) -> tuple[str, str]:
@@ -78,7 +78,14 @@ def instantiate(spec: Any, where: str = "config", **extra: Any) -> Any:
         except TypeError as e:
             raise ConfigError(f"{where}: cannot call `{spec['_target_']}` with {sorted(kwargs)}: {e}",
                               f"its signature is {getattr(fn, '__name__', 'target')}{sig}; fix the keys under `{where}`") from None
-    return fn(**kwargs)
+    try:
+        return fn(**kwargs)
+    except TrainguardError:
+        raise
+    except Exception as e:  # the user's constructor: say which one, keep the cause for --debug
+        raise RunFailed(f"{where}: `{spec['_target_']}` raised {type(e).__name__}: {first_line(e)}",
+                        "the error is in that code or in what it reads (a path, a split name, a download); "
+                        "re-run with --debug for the traceback") from e
 
 
 def _signature(fn: Any) -> inspect.Signature | None:
