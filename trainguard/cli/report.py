@@ -20,7 +20,7 @@ def report_command(
     """What happened in a run (finished, failed, killed or still running): a table of status, steps,
     time, skips by reason, OOM splits, rollbacks, peak memory and input wait, and the loss / val /
     learning-rate curves with those events marked, as a PNG (with matplotlib: pip install
-    'trainguard[plot]') or a compact curve in the terminal."""
+    the `plot` extra) or a compact curve in the terminal."""
     with user_errors(debug):
         from trainguard.report import plot, read_run, sparkline, summarize
 
@@ -44,7 +44,7 @@ def report_command(
                 for line in sparkline(r):
                     print(f"  {line}")
             if any(r.train for r in runs):
-                print("(pip install 'trainguard[plot]' for the curves as a PNG)")
+                print("(pip install matplotlib, or the plot extra: pip install -e '.[plot]' in a clone, for the curves as a PNG)")
 
 
 def _fmt_bytes(n) -> str:
