@@ -140,7 +140,8 @@ def test_sigterm_saves_and_exits_143_then_resumes(tmp_path):
 def test_a_signal_to_the_whole_process_group_still_checkpoints(tmp_path, sig):
     """Ctrl-C in a terminal, and SLURM's scancel, signal every process of the job, the DataLoader
     workers included: the workers leave the stop to the trainer, which saves and exits 128+N."""
-    cfg = write(tmp_path, "long", hooks=[{"_target_": "tests.toys:Sleep", "seconds": 0.02}], data={"num_workers": 2},
+    # each step ends in a long C call, as a heavy backward does: the workers' SIGCHLD and the stop signal arrive together
+    cfg = write(tmp_path, "long", hooks=[{"_target_": "tests.toys:BusyC", "seconds": 0.2}], data={"num_workers": 2},
                 train={"max_steps": 400, "batch_size": 16, "log_every": 10}, checkpoint={"every_steps": 50, "keep_last": 2})
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "trainguard", "train", "--config", str(cfg), "--run-dir", str(run_dir)],
@@ -150,6 +151,7 @@ def test_a_signal_to_the_whole_process_group_still_checkpoints(tmp_path, sig):
     os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, out
+    assert "Traceback" not in out and "race condition" not in out, out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted", summary["error"]
     assert (run_dir / "checkpoints" / f"step_{summary['steps']:07d}" / "manifest.json").is_file()

@@ -61,6 +61,22 @@ class Sleep(Hook):
         time.sleep(self.seconds)
 
 
+class BusyC(Hook):
+    """Slows each step down inside one long C call (no Python bytecode runs, so signals that arrive
+    meanwhile are all handled together when it returns), as a heavy backward does."""
+
+    def __init__(self, seconds: float = 0.1):
+        self.seconds = seconds
+
+    def on_step_end(self, trainer) -> None:
+        import time
+
+        x = torch.randn(256, 256)
+        end = time.perf_counter() + self.seconds
+        while time.perf_counter() < end:
+            torch.linalg.matrix_power(x / 256, 4000)  # ~tens of ms in C per call
+
+
 class Recorder(Hook):
     """Appends every event it receives to a file, one name per line."""
 

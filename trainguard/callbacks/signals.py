@@ -15,6 +15,10 @@ import threading
 from trainguard.engine.events import Hook
 
 
+def _ignore(signum, frame) -> None:
+    pass
+
+
 class SignalHandler(Hook):
     """Turns SIGINT/SIGTERM into ``state.request_stop("interrupted")`` at the next step end."""
 
@@ -34,8 +38,10 @@ class SignalHandler(Hook):
         if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self._old:
             # Ctrl-C and a job scheduler's SIGTERM reach the data loader's workers too, which may die
             # of it: the DataLoader's SIGCHLD check would then fail the run mid-step. The run is
-            # stopping at this step's end anyway, so that check is switched off until fit ends.
-            self._old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # stopping at this step's end anyway, so that check is switched off until fit ends. A
+            # Python no-op, not SIG_DFL: a SIGCHLD already pending would otherwise be reported by
+            # Python as "Signal 17 ignored due to race condition", with a traceback.
+            self._old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _ignore)
 
     def on_fit_start(self, trainer) -> None:
         self.state = trainer.state
