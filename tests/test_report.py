@@ -33,7 +33,7 @@ def _report(cli, *run_dirs, extra=()):
 
 def test_report_of_runs_with_skips_oom_splits_and_a_rollback(cli, tmp_path):
     pytest.importorskip("matplotlib")
-    code, out = _train(cli, tmp_path, "faults", "--memory-budget", "32MB", **FAULTS)
+    code, out = _train(cli, tmp_path, "faults", "--memory-budget", "32MB", checkpoint={"best_metric": "loss"}, **FAULTS)
     assert code == 0, out
     code, out = _train(cli, tmp_path, "rollback", guard={"on_nonfinite": "rollback", **BUDGET}, **DIVERGE)
     assert code == 0, out
@@ -45,6 +45,8 @@ def test_report_of_runs_with_skips_oom_splits_and_a_rollback(cli, tmp_path):
     assert row["skips"] == {"non-finite loss": {"samples": 2, "steps": 2}} and row["skipped_samples"] == 2
     assert row["oom_splits"] == [{"step": 3, "from": 16, "to": 8}, {"step": 3, "from": 8, "to": 4}]
     assert row["micro_batch_size"] == 4 and row["peak_memory_bytes"] > 0 and row["val"]["loss"] > 0
+    val = [m for m in read_jsonl(tmp_path / "faults" / "metrics.jsonl") if m["split"] == "val"]
+    assert row["best"]["metric"] == "loss" and row["best"]["value"] == min(m["loss"] for m in val)
     png = tmp_path / "faults" / "report.png"
     assert faults["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
@@ -55,6 +57,7 @@ def test_report_of_runs_with_skips_oom_splits_and_a_rollback(cli, tmp_path):
 
     code, table = cli("report", str(tmp_path / "faults"), str(tmp_path / "rollback"), "--out", str(tmp_path / "cmp.png"))
     assert code == 0 and "step 3: micro 16->8" in table and "rollbacks" in table and "curves:" in table
+    assert f"loss {row['best']['value']:.4g} at step {row['best']['step']}" in table
 
 
 def test_report_of_a_failed_run_names_the_error(cli, tmp_path):
@@ -65,7 +68,7 @@ def test_report_of_a_failed_run_names_the_error(cli, tmp_path):
 
 
 def test_without_matplotlib_the_curve_is_drawn_in_the_terminal(cli, tmp_path, monkeypatch):
-    code, out = _train(cli, tmp_path, "faults", "--memory-budget", "32MB", **FAULTS)
+    code, out = _train(cli, tmp_path, "faults", "--memory-budget", "32MB", checkpoint={"best_metric": "loss"}, **FAULTS)
     assert code == 0, out
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the optional extra were not installed
     code, out = cli("report", str(tmp_path / "faults"))

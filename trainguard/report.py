@@ -123,6 +123,7 @@ def summarize(run: Run) -> dict[str, Any]:
         "wall_s": s["wall_s"] if s else (round(max(times) - min(times), 1) if times else None),
         "final_loss": s["final_loss"] if s else last.get("loss"),
         "val": {k: v for k, v in run.val[-1].items() if k not in ("step", "split")} if run.val else None,
+        "best": (s or {}).get("best"),  # checkpoint.best_metric: metric, value, step, checkpoint
         "skipped_samples": s["skipped_samples"] if s else sum(k["samples"] for k in skips.values()),
         "skipped_steps": s["skipped_steps"] if s else None,
         "skips": skips,

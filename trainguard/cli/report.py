@@ -64,6 +64,8 @@ def _cells(row: dict) -> dict[str, str]:
         "wall time": f"{row['wall_s']:.1f} s" if isinstance(row["wall_s"], (int, float)) else "-",
         "final loss": f"{row['final_loss']:.4f}" if isinstance(row["final_loss"], (int, float)) else "-",
         "validation": val,
+        "best checkpoint": (f"{row['best']['metric']} {row['best']['value']:.4g} at step {row['best']['step']}"
+                            if row.get("best") else "-"),
         "skipped": f"{row['skipped_samples']} samples" + (f", {row['skipped_steps']} steps" if row["skipped_steps"] is not None else ""),
         "skips by reason": skips,
         "OOM splits": ", ".join(f"step {o['step']}: micro {o['from']}->{o['to']}" for o in row["oom_splits"]) or "-",
