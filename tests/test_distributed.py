@@ -14,7 +14,8 @@ def _in_group(rank: int, world: int, store: str, fn, out) -> None:
     try:
         out.put((rank, fn(rank)))
     finally:
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():  # diagnose leaves the group itself
+            torch.distributed.destroy_process_group()
 
 
 def run_ranks(tmp_path, fn, world: int = 2, timeout: float = 60) -> dict:
@@ -82,3 +83,26 @@ def test_diagnose_under_torchrun_checks_that_every_rank_resolved_the_same_config
         assert differs["env.distributed"][0] == "pass"
         status, message = differs["config.ranks"]
         assert status == "fail" and message.startswith("ranks [1] resolved a different config than rank 0")
+
+
+def _diagnose_memory(rank: int, config: str):
+    from trainguard.diagnose import diagnose
+
+    report = diagnose(config, memory_budget=64 * 2**20, overrides=["train.micro_batch_size=auto"])
+    return {c.name: c.message for c in report.checks}
+
+
+def test_diagnose_under_torchrun_sizes_memory_for_each_rank_share_of_the_batch(tmp_path):
+    """Each of 2 ranks steps on half of train.batch_size: the memory check and the micro-batch search are per rank."""
+    import functools
+
+    import yaml
+
+    from tests.conftest import toy_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(toy_config(train={"max_steps": 5, "batch_size": 32}, data={"num_workers": 0})))
+    results = run_ranks(tmp_path, functools.partial(_diagnose_memory, config=str(config)), timeout=120)
+    for checks in results.values():
+        fit = " ".join(checks["memory.fit"].split())
+        assert "micro-batch 16 x 1 accumulation" in fit and "picks micro-batch 16" in fit, fit

@@ -56,7 +56,8 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
     auto_micro = cfg.train.micro_batch_size == "auto"
     from trainguard import distributed
 
-    rcfg, _ = _resolve_runtime(cfg, prof, info, distributed.current().size)  # precision errors were reported by hardware.precision
+    world = distributed.current().size
+    rcfg, _ = _resolve_runtime(cfg, prof, info, world)  # precision errors were reported by hardware.precision
     device = _device(info)
     workers = int(rcfg.data.num_workers)
     checks.append(cpu_check(info, workers))
@@ -94,6 +95,10 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
             data = None
         if data is None or model is None:
             return checks
+        if world > 1:  # from here on, one rank's view: each rank steps on its share of every global batch
+            cfg, rcfg = cfg.model_copy(deep=True), rcfg.model_copy(deep=True)
+            cfg.train.batch_size //= world
+            rcfg.train.batch_size //= world
         say("scanning the data")
         try:
             with host_side(memory):
