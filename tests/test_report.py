@@ -120,3 +120,15 @@ def test_tensorboard_gets_the_guard_events(cli, tmp_path):
     assert [e.step for e in acc.Scalars("guard/skipped_samples")] == [2, 18]
     texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors("guard/skip/text_summary")]
     assert "guard/skip/text_summary" in tensors and any("samples [26]" in t for t in texts)
+
+
+def test_a_skipped_step_of_a_large_batch_counts_all_its_samples(cli, tmp_path):
+    """A batch of 1200 where every sample is NaN: a skipped step of 1200 samples (not a retry without the 256
+    examined one by one, which left 944 counted), its count whole though events.jsonl keeps 1000 of its ids."""
+    code, out = _train(cli, tmp_path, "large", model={"_target_": "tests.toys:BreaksAt", "at": 3},
+                       data={"train": {"_target_": "tests.toys:Blobs", "n": 2400}, "val": None, "num_workers": 0},
+                       train={"max_steps": 3, "batch_size": 1200, "micro_batch_size": 1200}, guard={"max_skip_fraction": 0.5})
+    skips = [e for e in read_jsonl(tmp_path / "large" / "events.jsonl") if e["type"] == "skip"]
+    assert skips and all(e["samples"] == 1200 and len(e["batch_ids"]) == 1000 for e in skips), out
+    row = _report(cli, tmp_path / "large")["runs"][0]
+    assert sum(k["samples"] for k in row["skips"].values()) == 1200 * len(skips) == row["skipped_samples"]

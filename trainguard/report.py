@@ -104,7 +104,8 @@ def summarize(run: Run) -> dict[str, Any]:
     for e in run.events:
         if e.get("type") == "skip":
             k = skips.setdefault(_kind(e.get("reason", "")), {"samples": 0, "steps": 0})
-            k["samples"] += len(e.get("batch_ids") or e.get("sample_ids") or [])  # a skipped step: its whole batch
+            # a skipped step: its whole batch (`samples`; batch_ids is cut at 1000); a drop: its culprits
+            k["samples"] += e.get("samples") or len(e.get("batch_ids") or e.get("sample_ids") or [])
             k["steps"] += 1
     ooms = [{"step": e["step"], "from": e.get("micro_batch_size"), "to": e.get("new_micro_batch_size")}
             for e in run.events if e.get("type") == "oom" and e.get("new_micro_batch_size")]

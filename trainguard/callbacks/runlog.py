@@ -62,7 +62,7 @@ class RunLog:
         self.counts[type] = self.counts.get(type, 0) + 1
         self.tb.add_scalar(f"guard/{type}s", self.counts[type], step)
         if type == "skip":
-            self.counts["skipped_samples"] = self.counts.get("skipped_samples", 0) + len(fields.get("batch_ids") or ids)
+            self.counts["skipped_samples"] = self.counts.get("skipped_samples", 0) + (fields.get("samples") or len(fields.get("batch_ids") or ids))
             self.tb.add_scalar("guard/skipped_samples", self.counts["skipped_samples"], step)
         elif type == "oom" and fields.get("new_micro_batch_size"):
             self.tb.add_scalar("guard/micro_batch_size", fields["new_micro_batch_size"], step)

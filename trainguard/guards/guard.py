@@ -166,7 +166,8 @@ class Guard(Hook):
             st.skip_step = True  # out of memory and the run stops: nothing of this step is applied
             return True
         bad, loss = verdict(trainer)
-        if bad:
+        if bad:  # a skipped step after all: it counts the whole batch, as agreed before the retry
+            st.agreed = agreed
             return False
         finding = _first(found)
         culprits = sorted({i for f, _, _ in found if f is not None for i in f.sample_ids})
@@ -229,6 +230,7 @@ class Guard(Hook):
         batch_ids = [i for _, _, ids in found for i in ids] if found else batch.ids
         culprits = sorted({i for f, _, _ in found if f is not None for i in f.sample_ids}) if found else []
         self.log.event(st.step + 1, "skip", reason + where, sample_ids=culprits or batch_ids, batch_ids=batch_ids[:1000],
+                       samples=len(batch_ids),
                        module=finding.where if finding else None, **self._ranks(found))
         step = st.step + 1
         if self.cfg.on_nonfinite == "stop":

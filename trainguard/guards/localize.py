@@ -154,7 +154,8 @@ def _per_sample(adapter, micro, ids: list[int], device, precision, limit: int = 
     from trainguard.engine.batch import slice_batch
 
     bad = []
-    for i in range(min(len(ids), limit)):
+    examined = min(len(ids), limit)
+    for i in range(examined):
         try:
             with autocast(device.type, precision):
                 _, loss, _ = adapter(slice_batch(micro, i, i + 1))
@@ -162,7 +163,7 @@ def _per_sample(adapter, micro, ids: list[int], device, precision, limit: int = 
             return None
         if not torch.isfinite(loss):
             bad.append(ids[i])
-    return bad if len(bad) < len(ids) else []
+    return bad if len(bad) < examined else []  # all of those examined: read as every sample, not as culprits
 
 
 _EXPECT = {
