@@ -138,3 +138,29 @@ def test_nan_on_rank_1_and_oom_on_rank_0_are_handled_by_both_ranks_together(tmp_
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_kill_9_of_the_launcher_alone_stops_the_ranks_with_a_checkpoint(tmp_path):
+    """torchrun gives each rank a session of its own, so a kill -9 of the launcher alone does not reach
+    them: each rank sees its launcher gone, and they stop together as on SIGTERM (checkpoint, lock
+    released); the same command then resumes instead of finding the run directory in use."""
+    cfg = write(tmp_path, "toy", data={"num_workers": 0}, train={"max_steps": 400, "batch_size": 16, "log_every": 1},
+                hooks=[{"_target_": "tests.toys:Sleep", "seconds": 0.05}])
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(command(cfg, run_dir, 2), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(run_dir, 5)
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    assert len(ranks) >= 2
+    proc.kill()
+    proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(ranks, timeout=60)
+    assert not alive, [p.pid for p in alive]
+    summary = yaml.safe_load((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] < 400, summary
+    assert (run_dir / "checkpoints" / f"step_{summary['steps']:07d}" / "manifest.json").is_file()
+    stop = [e for e in read_jsonl(run_dir / "events.jsonl") if e["type"] == "stop"]
+    assert stop and ("is gone" in stop[-1]["reason"] or "SIGTERM received" in stop[-1]["reason"])  # whichever rank saw it first
+
+    again = train(cfg, run_dir, 2, "--set", "train.max_steps=" + str(summary["steps"] + 5))
+    assert again.returncode == 0, again.stderr
+    assert [e["step"] for e in read_jsonl(run_dir / "events.jsonl") if e["type"] == "resume"] == [summary["steps"]]

@@ -5,10 +5,16 @@ The checkpoint is then saved by the Checkpointer at FIT_END (never from inside t
 A second Ctrl-C exits at once. In a process group a signal stops every rank at the same step:
 the next step's exchange carries it (``state.agreed.signal``), so torchrun delivering it to the
 ranks at slightly different moments does not matter.
+
+torchrun starts each rank in a session of its own, so a kill -9 of the launcher (or of torchrun)
+would leave the ranks training, rank 0 holding the run directory's lock and the same command
+refused until they finish. In a process group each rank therefore watches its launcher: once it
+is gone, the rank stops as on SIGTERM (a checkpoint, then exit 143), and the command resumes.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -27,6 +33,8 @@ class SignalHandler(Hook):
         self.received: int | None = None
         self.state = None
         self._old: dict = {}
+        self._done = threading.Event()  # set at fit end: stop watching the launcher
+        self.launcher_gone: int | None = None  # the launcher's pid, once it has died
 
     def _handler(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
@@ -49,17 +57,31 @@ class SignalHandler(Hook):
             return  # signals can only be handled on the main thread
         for s in (signal.SIGINT, signal.SIGTERM):
             self._old[s] = signal.signal(s, self._handler)
+        if trainer.world.size > 1 and os.name == "posix":
+            self._done.clear()
+            threading.Thread(target=self._watch_launcher, args=(os.getppid(),), daemon=True,
+                             name="trainguard-launcher-watch").start()
+
+    def _watch_launcher(self, launcher: int, every: float = 1.0) -> None:
+        while not self._done.wait(every):
+            if os.getppid() != launcher:  # re-parented: the launcher died without stopping us
+                self.launcher_gone = launcher
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
 
     def on_step_end(self, trainer) -> None:
         agreed = trainer.state.agreed
         received = agreed.signal if agreed is not None else self.received  # a process group: any rank's
         if received is not None and not trainer.state.stop:
             name = signal.Signals(received).name
-            trainer.state.request_stop("interrupted", f"stopped by {name}", 128 + received)
+            why = f"the launcher (pid {self.launcher_gone}) is gone" if self.launcher_gone else f"{name} received"
+            trainer.state.request_stop("interrupted", f"stopped by {name}" + (f" ({why})" if self.launcher_gone else ""),
+                                       128 + received)
             if self.log:
-                self.log.event(trainer.state.step, "stop", f"{name} received; saving a checkpoint and exiting")
+                self.log.event(trainer.state.step, "stop", f"{why}; saving a checkpoint and exiting")
 
     def on_fit_end(self, trainer) -> None:
+        self._done.set()
         for s, old in self._old.items():
             signal.signal(s, old)
         self._old.clear()
