@@ -108,3 +108,28 @@ def test_config_reference_is_current():
     from scripts.gen_config_reference import render
 
     assert (REPO / "docs" / "config.md").read_text() == render(), "run: python scripts/gen_config_reference.py"
+
+
+def test_epochs_set_max_steps_from_the_dataset_and_exclude_it(cli, write_config, tmp_path):
+    """train.epochs: whole batches per epoch (Blobs n=200, batch 16: 12 a pass), rounded up; never with max_steps."""
+    import json
+
+    cfg = write_config("ep", train={"epochs": 1.5, "batch_size": 16}, data={"train": {"_target_": "tests.toys:Blobs", "n": 200},
+                                                                             "num_workers": 0})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["train"].pop("max_steps", None)  # the toy config names max_steps; epochs replaces it
+    cfg.write_text(yaml.safe_dump(raw))
+    code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "ep")
+    assert code == 0, out
+    assert json.loads((tmp_path / "ep" / "summary.json").read_text())["steps"] == 18  # ceil(1.5 x 12)
+    code, out = cli("diagnose", "--config", cfg)
+    assert "train.epochs 1.5 = 18 steps" in " ".join(out.split())
+
+    code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "both", "--set", "train.max_steps=5")
+    assert code == 2 and "both train.max_steps (5) and train.epochs (1.5) are set" in out and "--set train.epochs=null" in out
+    code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "steps", "--set", "train.epochs=null",
+                    "--set", "train.max_steps=5")
+    assert code == 0 and json.loads((tmp_path / "steps" / "summary.json").read_text())["steps"] == 5
+
+    code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "stream", "--set", "data.train={_target_: tests.toys:BlobStream}")
+    assert code == 2 and "train.epochs needs a dataset with a length" in out and "Traceback" not in out

@@ -7,6 +7,7 @@ from their own config sections, resumes from the newest valid checkpoint, and ca
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -50,7 +51,7 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 # Config fields that may differ when resuming: they do not change what a step computes.
 # micro_batch_size: accumulation gives the same gradient (up to float rounding), so a run may
 # resume on a smaller card with smaller micro-batches; optim.fused: the same update up to float rounding.
-RESUMABLE_CHANGES = ("hardware", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
+RESUMABLE_CHANGES = ("hardware", "train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.micro_batch_size", "train.compile", "optim.fused", "data.item_seeding", "data.num_workers",
                      "data.pin_memory", "checkpoint.", "log.", "guard.", "hooks", "memory.")
 
@@ -196,6 +197,14 @@ def build_train_data(cfg: Config, world: distributed.World = distributed.World()
                       per_item=cfg.data.item_seeding == "always", rank=world.rank, world=world.size)
 
 
+def epochs_to_steps(epochs: float, data: DataStream) -> int:
+    """``train.epochs`` as optimizer steps: whole batches per epoch (the last partial one is not used)."""
+    if data.iterable:
+        raise ConfigError("train.epochs needs a dataset with a length; data.train is an IterableDataset",
+                          "set train.max_steps instead")
+    return max(1, math.ceil(epochs * len(data.sampler)))
+
+
 def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | None = None,
                world: distributed.World = distributed.World()) -> Trainer:
     """Model, loss, training data, optimizer and schedule, each from its own config section, wired
@@ -208,6 +217,8 @@ def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | No
         with host_side(memory):
             parts = (model, loss_fn, build_train_data(cfg, world))
     model, loss_fn, data = parts
+    if cfg.train.epochs is not None:
+        cfg.train.max_steps = epochs_to_steps(cfg.train.epochs, data)
     if world.size > 1:
         distributed.broadcast_tensors([t.detach() for t in (*model.parameters(), *model.buffers())])
         if world.rank:  # each rank its own dropout stream (rank 0's is that of one process)

@@ -133,6 +133,11 @@ def format_validation_error(err: ValidationError, source: str) -> ConfigError:
 
 def validate(raw: dict[str, Any], source: str) -> Config:
     """Validate a merged mapping into a :class:`Config`, turning pydantic errors into ConfigError."""
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    if train.get("epochs") is not None and "max_steps" in train:  # as written: a run sets max_steps from epochs later
+        raise ConfigError(f"invalid config {source}: both train.max_steps ({train['max_steps']}) and train.epochs "
+                          f"({train['epochs']}) are set", "set one of them; to override epochs for one run: "
+                          "--set train.epochs=null --set train.max_steps=N")
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

@@ -50,7 +50,7 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
     """Build the run as train does and check data, model and memory. ``cfg`` is resolved but not
     yet runtime-resolved (``auto`` values still there)."""
     from trainguard.memory.meter import host_side, open_memory, prefer_expandable_segments
-    from trainguard.run import _device, _resolve_runtime, build_core, build_model, build_train_data
+    from trainguard.run import _device, _resolve_runtime, build_core, build_model, build_train_data, epochs_to_steps
 
     checks: list[Check] = []
     auto_micro = cfg.train.micro_batch_size == "auto"
@@ -86,7 +86,9 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
             n = None if data.iterable else data.sampler.n
             checks.append(Check("data.build", "pass", f"{type(data.dataset).__name__}: "
                                 + (f"{n:,} samples, {n // rcfg.train.batch_size:,} batches of {rcfg.train.batch_size} per epoch"
-                                   if n is not None else "an iterable stream (length unknown)")))
+                                   if n is not None else "an iterable stream (length unknown)")
+                                + (f"; train.epochs {rcfg.train.epochs:g} = {epochs_to_steps(rcfg.train.epochs, data):,} steps"
+                                   if rcfg.train.epochs is not None and n is not None else "")))
         except TrainguardError as e:
             checks.append(_fail("data.build", e))
             data = None
