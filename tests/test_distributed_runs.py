@@ -164,3 +164,15 @@ def test_kill_9_of_the_launcher_alone_stops_the_ranks_with_a_checkpoint(tmp_path
     again = train(cfg, run_dir, 2, "--set", "train.max_steps=" + str(summary["steps"] + 5))
     assert again.returncode == 0, again.stderr
     assert [e["step"] for e in read_jsonl(run_dir / "events.jsonl") if e["type"] == "resume"] == [summary["steps"]]
+
+
+def test_a_layer_no_rank_uses_is_left_alone_as_in_one_process(tmp_path):
+    """Gradients live in flat buckets under 2 processes, so every parameter has one; a layer the
+    backward never reaches must still get none, or AdamW's weight decay would shrink it."""
+    cfg = write(tmp_path, "unused", model={"_target_": "tests.toys:WithUnused"}, data={"num_workers": 0},
+                optim={"weight_decay": 0.5, "lr": 0.01}, train={"max_steps": 10, "batch_size": 16})
+    one, two = train(cfg, tmp_path / "one", None), train(cfg, tmp_path / "two", 2)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert torch.equal(wa["spare.weight"], wb["spare.weight"])  # untouched on both: the initial weights
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)

@@ -10,7 +10,7 @@ DDP reduces gradients from inside the backward, so a rank that runs out of memor
 leaves the others waiting in its reducer (the deadlock Composer needed three rounds of fixes
 for). Here every rank computes its gradients locally, the ranks agree on the step's flags
 (:func:`trainguard.guards.consensus.exchange`, one small ``all_reduce``), and only then are the
-gradients averaged, by :func:`reduce_gradients`. See docs/distributed.md.
+gradients averaged, in place in their flat buckets (:class:`GradViews`). See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -109,29 +109,64 @@ def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
             t.copy_(v)
 
 
-def reduce_gradients(params: list[torch.Tensor], weight: float, present: list[bool]) -> None:
-    """Set every parameter's gradient to the sum over ranks of ``weight`` x its local gradient.
+class GradViews:
+    """Gradients as views into flat buckets, so averaging them over ranks copies nothing (DDP's
+    ``gradient_as_bucket_view``). :meth:`prepare` gives every parameter a zeroed view as its
+    gradient before a step's first backward, which accumulates into it in place; :meth:`reduce`
+    scales and all-reduces each bucket as it is. Which parameters the backward reached is recorded
+    by a hook (every gradient exists as a view, so ``grad is None`` no longer tells), and a
+    parameter no rank reached gets its gradient back to ``None``, as in one process."""
 
-    ``weight`` is this rank's share of the step's samples, so the result is the mean over all
-    the samples of all ranks (ranks may hold fewer samples when some failed to load).
-    ``present[i]``: some rank has a gradient for ``params[i]`` (agreed beforehand). A missing
-    gradient counts as zero on its rank; a parameter without one on every rank keeps none, so
-    the optimizer leaves it alone, as in one process.
-    """
-    if size() == 1:
-        return
-    grads = []
-    for p, some in zip(params, present):
-        if some:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-    for bucket in _buckets(grads):
-        flat = torch._utils._flatten_dense_tensors(bucket)
-        flat.mul_(weight)
-        torch.distributed.all_reduce(flat)
-        for g, v in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
-            g.copy_(v)
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = [p for p in params if p.requires_grad]
+        self.touched = [False] * len(self.params)
+        index = {id(p): i for i, p in enumerate(self.params)}
+        self.buckets: list[tuple[torch.Tensor, list[int], list[torch.Tensor]]] = []
+        for bucket in _buckets(self.params):
+            flat = torch.zeros(sum(p.numel() for p in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
+            views, offset = [], 0
+            for p in bucket:
+                views.append(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+            self.buckets.append((flat, [index[id(p)] for p in bucket], views))
+        for i, p in enumerate(self.params):
+            p.register_post_accumulate_grad_hook(lambda _p, i=i: self._touch(i))
+
+    def _touch(self, i: int) -> None:
+        self.touched[i] = True
+
+    def prepare(self) -> None:
+        """Zeroed views as the gradients, before a step's (or a retry's) first backward."""
+        self.touched = [False] * len(self.params)
+        for flat, members, views in self.buckets:
+            flat.zero_()
+            for i, v in zip(members, views):
+                self.params[i].grad = v
+
+    def present(self, params: list[torch.Tensor]) -> list[bool]:
+        """Per parameter of ``params``: did this rank's backward reach it?"""
+        where = {id(p): i for i, p in enumerate(self.params)}
+        return [id(p) in where and self.touched[where[id(p)]] for p in params]
+
+    def reduce(self, weight: float, present: list[bool], params: list[torch.Tensor]) -> None:
+        """Every gradient := the sum over ranks of ``weight`` x its local value. ``weight`` is this
+        rank's share of the step's samples, so the result is the mean over all the samples of all
+        ranks (ranks may hold fewer samples when some failed to load). ``present[i]``: some rank's
+        backward reached ``params[i]`` (agreed beforehand); one that none reached keeps no gradient,
+        so the optimizer leaves it alone, as in one process."""
+        for flat, members, views in self.buckets:
+            for i, v in zip(members, views):
+                g = self.params[i].grad
+                if g is None:  # e.g. dropped by a user hook: a zero share
+                    v.zero_()
+                elif g.data_ptr() != v.data_ptr():  # the backward replaced the view (someone held a reference)
+                    v.copy_(g)
+                self.params[i].grad = v
+            flat.mul_(weight)
+            torch.distributed.all_reduce(flat)
+        for p, some in zip(params, present):
+            if not some:
+                p.grad = None
 
 
 def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -66,6 +66,8 @@ class Trainer:
     def __post_init__(self) -> None:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]  # what the optimizer updates
         self.buffers = list(self.model.buffers())
+        # in a process group the gradients live in flat buckets, averaged over ranks without a copy
+        self.grad_views = distributed.GradViews(self.params) if self.world.size > 1 else None
 
     @property
     def grad_accum(self) -> int:
@@ -189,6 +191,8 @@ class Trainer:
         """
         rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if self.device.type == "cuda" else None)
         oom = loss = None
+        if self.grad_views is not None:
+            self.grad_views.prepare()
         try:
             loss = self._accumulate(batch)
         except torch.OutOfMemoryError as e:
@@ -213,13 +217,13 @@ class Trainer:
         Returns ``(loss, oom)``: the agreed mean loss, or every rank's out-of-memory."""
         st = self.state
         st.agreed = ag = consensus.exchange(loss, self.params, len(batch), len(batch.bad), oom is not None,
-                                            st.received_signal)
+                                            st.received_signal, self.grad_views.present(self.params))
         if ag.oom_ranks:  # every rank undoes the step and splits, not only those that ran out
             if oom is None:
                 oom = OutOfMemory(st.step + 1, self.micro_batch_size, "out of device memory on another rank")
             oom.ranks = ag.oom_ranks
             return None, oom
-        distributed.reduce_gradients(self.params, len(batch) / ag.samples if ag.samples else 0.0, ag.present)
+        self.grad_views.reduce(len(batch) / ag.samples if ag.samples else 0.0, ag.present, self.params)
         return torch.tensor(ag.loss, device=self.device), None
 
     def _accumulate(self, batch: Batch) -> torch.Tensor:

@@ -63,7 +63,7 @@ class Agreed:
 
 
 def exchange(loss: torch.Tensor | None, params: list[torch.Tensor], samples: int, failed_to_load: int,
-             oom: bool, received: int | None) -> Agreed:
+             oom: bool, received: int | None, present: list[bool] | None = None) -> Agreed:
     """The step's one ``all_reduce``: every rank's flags and counts, summed (see the module doc)."""
     from trainguard.engine.loop import total_norm
 
@@ -77,7 +77,8 @@ def exchange(loss: torch.Tensor | None, params: list[torch.Tensor], samples: int
     bad_here = torch.zeros(world, device=device)
     bad_here[rank] = (~torch.isfinite(head)).any().float()  # on the device: no host sync
     counts = [samples, failed_to_load, received == signal.SIGINT, received == signal.SIGTERM]
-    flags = torch.tensor(counts + [oom and r == rank for r in range(world)] + [p.grad is not None for p in params],
+    flags = torch.tensor(counts + [oom and r == rank for r in range(world)]
+                         + (present if present is not None else [p.grad is not None for p in params]),
                          dtype=torch.float32).to(device, non_blocking=True)
     values = agree(torch.cat([head, bad_here, flags]))
     loss_sum, norm_sum = values[:2]
