@@ -106,3 +106,37 @@ def test_diagnose_under_torchrun_sizes_memory_for_each_rank_share_of_the_batch(t
     for checks in results.values():
         fit = " ".join(checks["memory.fit"].split())
         assert "micro-batch 16 x 1 accumulation" in fit and "picks micro-batch 16" in fit, fit
+
+
+def check_step_collectives(tmp_path, backend: str, device: str) -> None:
+    """A multi-process step's collectives in a group of one (the most one GPU allows for NCCL): the
+    exchange's flags, and the bucket reduce with gradients as views (a layer the backward never
+    reached keeps no gradient). tests/test_gpu.py runs it on NCCL."""
+    from trainguard import distributed
+    from trainguard.guards.consensus import exchange
+
+    kwargs = {"device_id": torch.device(device, 0)} if device == "cuda" else {}
+    torch.distributed.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1, **kwargs)
+    try:
+        used, spare = torch.nn.Linear(4, 3).to(device), torch.nn.Linear(2, 2).to(device)
+        params = [*used.parameters(), *spare.parameters()]
+        views = distributed.GradViews(params)
+        views.prepare()
+        used(torch.randn(5, 4, device=device)).sum().backward()
+        expected = [p.grad.clone() for p in used.parameters()]
+        assert all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(used.parameters(), views.buckets[0][2]))  # in place
+        present = views.present(params)
+        assert present == [True, True, False, False]
+        agreed = exchange(torch.tensor(1.5, device=device), params, 5, 0, False, None, present)
+        assert not agreed.bad and agreed.samples == 5 and abs(agreed.loss - 1.5) < 1e-6 and agreed.present == present
+        views.reduce(1.0, agreed.present, params)
+        assert all(torch.equal(p.grad, e) for p, e in zip(used.parameters(), expected))
+        assert spare.weight.grad is None and spare.bias.grad is None
+        bad = exchange(torch.tensor(float("nan"), device=device), params, 5, 0, False, None, present)
+        assert bad.bad and bad.bad_ranks == [0]
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_step_collectives_in_a_group_of_one(tmp_path):
+    check_step_collectives(tmp_path, "gloo", "cpu")

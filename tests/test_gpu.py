@@ -108,8 +108,8 @@ def test_healthy_steps_sync_the_host_once_at_most(tmp_path):
 
 
 def test_nccl_smoke_one_process(tmp_path):
-    """`--nproc-per-node 1` on a GPU: torchrun starts one process, which joins an NCCL group of one
-    and trains to the end (the multi-process path, on the card)."""
+    """`--nproc-per-node 1` on a GPU: torchrun starts one process, which initialises NCCL (a group
+    of one) and trains to the end. The step's collectives on NCCL are test_the_step_collectives_on_nccl."""
     import subprocess
     import sys
 
@@ -123,3 +123,10 @@ def test_nccl_smoke_one_process(tmp_path):
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 20 and summary["device"] != "cpu"
+
+
+def test_the_step_collectives_on_nccl(tmp_path):
+    """The exchange and the in-place bucket reduce on CUDA tensors through NCCL (a group of one)."""
+    from tests.test_distributed import check_step_collectives
+
+    check_step_collectives(tmp_path, "nccl", "cuda")

@@ -47,9 +47,12 @@ def current() -> World:
 
 
 def init(device_type: str) -> World:
-    """Join the job's process group (once; NCCL for CUDA, gloo otherwise). A world of 1 joins nothing."""
+    """Join the job's process group (once; NCCL for CUDA, gloo otherwise). A world of 1 joins
+    nothing, except under torchrun (``--nproc-per-node 1``), where the backend is initialised
+    all the same: that is the smoke test of a launch on one GPU."""
     w = current()
-    if w.size > 1 and not torch.distributed.is_initialized():
+    launched = w.size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if launched and not torch.distributed.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(w.local_rank)
