@@ -147,15 +147,22 @@ def _steps_at(events: list[dict], kind: str) -> list[int]:
 
 
 def plot(runs: list[Run], out: Path) -> Path:
-    """Loss (train, and val where evaluated) and learning rate over optimizer steps, one colour per
-    run, with skipped steps (x), OOM splits (dotted) and rollbacks (dashed) marked; a PNG at ``out``.
+    """Loss (train, and val where evaluated), validation accuracy (where there is one) and learning
+    rate over optimizer steps, one colour per run, with skipped steps (x), OOM splits (dotted),
+    rollbacks (dashed) and the best checkpoint (a star) marked; a PNG at ``out``.
     Needs matplotlib (ImportError otherwise)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    has_acc = any(isinstance(m.get("accuracy"), (int, float)) for r in runs for m in r.val)
+    if has_acc:  # validation accuracy gets its own panel, between the losses and the learning rate
+        fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(3, 1, figsize=(10, 8.5), sharex=True,
+                                                     gridspec_kw={"height_ratios": [3, 1.3, 1]})
+    else:
+        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        ax_acc = None
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     marked: set[str] = set()
 
@@ -182,6 +189,16 @@ def plot(runs: list[Run], out: Path) -> Path:
         if run.val:
             ax_loss.plot([m["step"] for m in run.val], [m.get("loss") for m in run.val], color=c, lw=1.2, ls="--",
                          marker="o", ms=4, label=f"{prefix}val loss")
+        if ax_acc is not None:
+            acc = [(m["step"], m["accuracy"]) for m in run.val if isinstance(m.get("accuracy"), (int, float))]
+            if acc:
+                ax_acc.plot([a for a, _ in acc], [b for _, b in acc], color=c, lw=1.2, ls="--", marker="o", ms=4,
+                            label=f"{prefix}val accuracy")
+        best = (run.summary or {}).get("best")  # checkpoint.best_metric: a star where it was taken
+        on = {"loss": ax_loss, "accuracy": ax_acc}.get(best["metric"]) if best else None
+        if on is not None and isinstance(best.get("value"), (int, float)):
+            on.scatter([best["step"]], [best["value"]], marker="*", s=180, color=c, edgecolors="black", zorder=6,
+                       label=label(f"best checkpoint ({best['metric']})"))
         for k, part in enumerate(parts):
             ax_lr.plot([m["step"] for m in part], [m.get("lr") for m in part], color=c, lw=1.2,
                        label=f"{prefix}lr" if k == len(parts) - 1 else None)
@@ -213,6 +230,11 @@ def plot(runs: list[Run], out: Path) -> Path:
     ax_loss.set_title(", ".join(f"{r.name} ({r.status})" for r in runs))
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(fontsize=8, loc="upper right")
+    if ax_acc is not None:
+        ax_acc.set_ylabel("val accuracy")
+        ax_acc.margins(y=0.15)  # room for the best-checkpoint star
+        ax_acc.grid(alpha=0.3)
+        ax_acc.legend(fontsize=8, loc="lower right")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimizer step")
     ax_lr.grid(alpha=0.3)
