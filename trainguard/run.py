@@ -120,9 +120,13 @@ def _resolve_runtime(cfg: Config, prof, info, world: int = 1) -> tuple[Config, l
     if workers == "auto":  # the node's cores shared by its processes, one left for each main loop
         workers = max(0, min(prof.num_workers, info.cpu_count // world - 1))
     pin = (info.type == "cuda") if cfg.data.pin_memory == "auto" else (cfg.data.pin_memory and info.type == "cuda")
-    compile_ = cfg.train.compile and prof.device == info.type
-    if cfg.train.compile and not compile_:
+    sharded = world > 1 and cfg.train.strategy == "fsdp"
+    compile_ = cfg.train.compile and prof.device == info.type and not sharded
+    if cfg.train.compile and prof.device != info.type:
         notes.append(f"train.compile is ignored: profile {prof.name} is for {prof.device}, this run is on {info.type}")
+    elif cfg.train.compile and sharded:
+        notes.append("train.compile is not used with train.strategy: fsdp yet (a compile failure on one rank only "
+                     "would leave the ranks running different models)")
     cfg = cfg.model_copy(deep=True)
     cfg.train.compile = compile_
     cfg.train.precision, cfg.train.micro_batch_size = precision, mbs
@@ -197,6 +201,18 @@ def build_train_data(cfg: Config, world: distributed.World = distributed.World()
                       per_item=cfg.data.item_seeding == "always", rank=world.rank, world=world.size)
 
 
+def check_fsdp(cfg: Config, memory_budget: int | None) -> None:
+    """What the first FSDP2 version does not do. A sharded forward is a collective, so an
+    out-of-memory inside it cannot be undone by all ranks together as under ddp."""
+    if memory_budget:
+        raise ConfigError("--memory-budget is not available with train.strategy: fsdp: an out-of-memory inside a "
+                          "sharded forward cannot be recovered by all ranks together yet",
+                          "drop --memory-budget, or use train.strategy: ddp to try the OOM recovery")
+    if cfg.train.micro_batch_size == "auto" and cfg.train.device != "cpu" and torch.cuda.is_available():
+        raise ConfigError("train.micro_batch_size: auto is not available with train.strategy: fsdp (its search "
+                          "runs out of memory on purpose)", "set train.micro_batch_size to a number")
+
+
 def epochs_to_steps(epochs: float, data: DataStream) -> int:
     """``train.epochs`` as optimizer steps: whole batches per epoch (the last partial one is not used)."""
     if data.iterable:
@@ -223,6 +239,8 @@ def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | No
         distributed.broadcast_tensors([t.detach() for t in (*model.parameters(), *model.buffers())])
         if world.rank:  # each rank its own dropout stream (rank 0's is that of one process)
             torch.manual_seed(cfg.seed + 7919 * world.rank)
+        if cfg.train.strategy == "fsdp":
+            distributed.shard(model, device)
     optimizer = build_optimizer(model, cfg.optim)
     try:
         try:
@@ -277,6 +295,8 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
     if world.size > 1:
         check_world_batch(cfg, world.size)
         console.quiet = not world.is_main  # one console: rank 0's
+        if cfg.train.strategy == "fsdp":
+            check_fsdp(cfg, memory_budget)
     auto_micro = cfg.train.micro_batch_size == "auto"
     cfg, notes = _resolve_runtime(cfg, prof, info, world.size)
     console.print(f"[bold]trainguard[/bold]: device {info.name} ({info.type}), profile [bold]{prof.name}[/bold] ({why}), precision {cfg.train.precision}"

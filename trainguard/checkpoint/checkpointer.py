@@ -19,13 +19,14 @@ def params_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def trainer_state(trainer, rngs: list[dict] | None = None) -> dict:
+def trainer_state(trainer, rngs: list[dict] | None = None, optimizer: dict | None = None) -> dict:
     """Everything but the weights that resume needs, as tensors and plain values. ``rngs``: every
-    rank's RNG states, in rank order (a process group); one process keeps only ``rng``."""
+    rank's RNG states, in rank order (a process group); one process keeps only ``rng``.
+    ``optimizer``: its state, already gathered (sharded parameters)."""
     hooks = {type(h).__name__: h.state_dict() for h in trainer.hooks if hasattr(h, "state_dict")}
     return {
         "rng_ranks": rngs or [],
-        "optimizer": trainer.optimizer.state_dict(),
+        "optimizer": optimizer if optimizer is not None else trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict(),
         "rng": rng.capture(),
@@ -38,9 +39,9 @@ def trainer_state(trainer, rngs: list[dict] | None = None) -> dict:
 
 def restore_weights_and_optimizer(trainer, ckpt: Path) -> dict:
     """Load weights, optimizer, scheduler and GradScaler from ``ckpt``; returns its trainer state."""
-    trainer.model.load_state_dict(store.load_file(ckpt, "model.pt"))
+    distributed.load_model_state(trainer.model, store.load_file(ckpt, "model.pt"))
     ts = store.load_file(ckpt, "trainer.pt")
-    trainer.optimizer.load_state_dict(ts["optimizer"])
+    distributed.load_optimizer_state(trainer.model, trainer.optimizer, ts["optimizer"])
     trainer.scheduler.load_state_dict(ts["scheduler"])
     trainer.scaler.load_state_dict(ts["scaler"])
     return ts
@@ -131,8 +132,10 @@ class Checkpointer(Hook):
                 self.log.event(st.step, "checkpoint_refused", "parameters are not finite; the last good checkpoint is kept")
             return None
         rngs = distributed.gather_objects(rng.capture()) if trainer.world.size > 1 else None
+        weights = distributed.model_state(trainer.model)  # sharded: gathered, every rank taking part
+        optimizer = distributed.optimizer_state(trainer.model, trainer.optimizer)
         if trainer.world.is_main:
-            files = {"model.pt": trainer.model.state_dict(), "trainer.pt": trainer_state(trainer, rngs),
+            files = {"model.pt": weights, "trainer.pt": trainer_state(trainer, rngs, optimizer),
                      "config.yaml": self.config_yaml}
             path = store.write_checkpoint(self.root, st.step, files, {"world_size": trainer.world.size})
         else:

@@ -91,6 +91,7 @@ class TrainConfig(Section):
     eval_batches: int = Field(0, ge=0, description="Limit each evaluation to this many batches; 0 = the whole validation set.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device to train on; `auto` = CUDA, then MPS, then CPU.")
     tf32: bool = Field(False, description="Allow TF32 matmuls on Ampere and newer GPUs (set by the hardware profile).")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="With several processes: `ddp` replicates the model on every rank; `fsdp` shards parameters, gradients and optimizer state over the ranks (FSDP2, `fully_shard`).")
     compile: bool = Field(False, description="Wrap the model in torch.compile (set by the hardware profile; ignored on a device the profile is not for). If compiling fails, the run says why and trains the eager model.")
 
     @field_validator("micro_batch_size")

@@ -67,7 +67,8 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]  # what the optimizer updates
         self.buffers = list(self.model.buffers())
         # in a process group the gradients live in flat buckets, averaged over ranks without a copy
-        self.grad_views = distributed.GradViews(self.params) if self.world.size > 1 else None
+        self.sharded = any(type(p).__name__ == "DTensor" for p in self.params)  # FSDP2: reduced in the backward
+        self.grad_views = distributed.GradViews(self.params) if self.world.size > 1 and not self.sharded else None
 
     @property
     def grad_accum(self) -> int:
@@ -217,13 +218,15 @@ class Trainer:
         Returns ``(loss, oom)``: the agreed mean loss, or every rank's out-of-memory."""
         st = self.state
         st.agreed = ag = consensus.exchange(loss, self.params, len(batch), len(batch.bad), oom is not None,
-                                            st.received_signal, self.grad_views.present(self.params))
+                                            st.received_signal,
+                                            self.grad_views.present(self.params) if self.grad_views else None)
         if ag.oom_ranks:  # every rank undoes the step and splits, not only those that ran out
             if oom is None:
                 oom = OutOfMemory(st.step + 1, self.micro_batch_size, "out of device memory on another rank")
             oom.ranks = ag.oom_ranks
             return None, oom
-        self.grad_views.reduce(len(batch) / ag.samples if ag.samples else 0.0, ag.present, self.params)
+        if self.grad_views is not None:
+            self.grad_views.reduce(len(batch) / ag.samples if ag.samples else 0.0, ag.present, self.params)
         return torch.tensor(ag.loss, device=self.device), None
 
     def _accumulate(self, batch: Batch) -> torch.Tensor:

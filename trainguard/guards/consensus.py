@@ -62,6 +62,12 @@ class Agreed:
         return distributed.rank() in self.bad_ranks
 
 
+def total_norm_local(params: list[torch.Tensor]) -> torch.Tensor:
+    """The norm of this rank's shards of the (DTensor) gradients."""
+    grads = [p.grad.to_local() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float() if grads else torch.zeros(())
+
+
 def exchange(loss: torch.Tensor | None, params: list[torch.Tensor], samples: int, failed_to_load: int,
              oom: bool, received: int | None, present: list[bool] | None = None) -> Agreed:
     """The step's one ``all_reduce``: every rank's flags and counts, summed (see the module doc)."""
@@ -73,6 +79,8 @@ def exchange(loss: torch.Tensor | None, params: list[torch.Tensor], samples: int
         loss_w, norm = torch.zeros((), device=device), torch.zeros((), device=device)
     else:
         loss_w, norm = loss.detach().float() * samples, total_norm(params).float().to(device)
+        if hasattr(norm, "to_local"):  # sharded (FSDP2) gradients: this rank's shards' norm (finite iff they are)
+            norm = norm.to_local() if norm.placements[0].is_replicate() else total_norm_local(params).to(device)
     head = torch.stack([loss_w, norm]).to(device)
     bad_here = torch.zeros(world, device=device)
     bad_here[rank] = (~torch.isfinite(head)).any().float()  # on the device: no host sync

@@ -96,7 +96,9 @@ class Guard(Hook):
                 return
             return self._bad_step(trainer, "the fp16 loss scale collapsed (gradients overflow at any scale)", None)
         if bad:
-            here = agreed is None or agreed.local_bad  # a rank whose own step was finite has nothing to find
+            # a rank whose own step was finite has nothing to find; sharded (FSDP2), a forward is a
+            # collective all ranks must enter alike, so the module is not localised there
+            here = (agreed is None or agreed.local_bad) and not distributed.is_sharded(trainer.model)
             mine = find_nonfinite(trainer.model, trainer.adapter, batch, trainer.micro_batch_size, trainer.device,
                                   trainer.precision) if here else None
             found = distributed.gather_objects((mine, len(batch), batch.ids))
