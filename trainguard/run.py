@@ -480,5 +480,6 @@ def _train(cfg: Config, prof, why: str, rd: Path, resume: str, hooks: Iterable[H
     if trainer.state.status == "failed":
         failed = RunFailed(trainer.state.error or "training failed", trainer.state.hint or "see events.jsonl in the run directory")
         failed.after_fit = True  # every rank of a process group ends here at the same step
+        failed.quiet = not trainer.world.is_main  # the same decision on every rank: rank 0 says it
         raise failed
     return summary

@@ -36,10 +36,18 @@ def user_errors(debug: bool = False):
     except TrainguardError as e:
         if debug_enabled(debug):
             traceback.print_exc()
-        raise fail(e.message, e.hint, e.exit_code) from None
+        if getattr(e, "quiet", False):  # another rank of the job reports the same stop
+            raise typer.Exit(e.exit_code) from None
+        raise fail(_on_rank(e.message), e.hint, e.exit_code) from None
     except KeyboardInterrupt:
         raise fail("interrupted", "re-run the same command to resume from the last checkpoint", 130) from None
     except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback for users
         if debug_enabled(debug):
             traceback.print_exc()
-        raise fail(f"{type(e).__name__}: {e}", "re-run with --debug (or TRAINGUARD_DEBUG=1) for the traceback", 1) from None
+        raise fail(_on_rank(f"{type(e).__name__}: {e}"), "re-run with --debug (or TRAINGUARD_DEBUG=1) for the traceback", 1) from None
+
+
+def _on_rank(message: str) -> str:
+    """In a multi-process job, which rank an error came from (rank 0's is the job's own voice)."""
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else "0"
+    return message if rank == "0" else f"[rank {rank}] {message}"
