@@ -228,3 +228,23 @@ def test_fsdp_skips_a_nan_that_one_rank_sees_and_refuses_a_memory_budget(tmp_pat
 
     refused = train(cfg, tmp_path / "budget", 2, "--memory-budget", "32MB")
     assert refused.returncode == 2 and "--memory-budget is not available with train.strategy: fsdp" in refused.stderr
+
+
+def test_fsdp_rolls_back_to_a_checkpoint_and_recovers(tmp_path):
+    """Divergence under fsdp with guard.on_nonfinite: rollback: every rank loads the same checkpoint
+    back into its shards (the resume path, mid-run), halves the LR and converges, as one process does."""
+    from tests.test_guards import BUDGET, DIVERGE
+
+    cfg = write(tmp_path, "diverge", guard={"on_nonfinite": "rollback", **BUDGET},
+                **{**DIVERGE, "model": {"_target_": "tests.toys:Diverging", "shape": [1]},
+                   "train": {**DIVERGE["train"], "strategy": "fsdp"}})
+    one, two = train(cfg, tmp_path / "one", None), train(cfg, tmp_path / "two", 2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    back = [e for e in read_jsonl(tmp_path / "two" / "events.jsonl") if e["type"] == "rollback"]
+    assert [e["to_step"] for e in back] == [e["to_step"] for e in read_jsonl(tmp_path / "one" / "events.jsonl")
+                                              if e["type"] == "rollback"] == [25]
+    summary = yaml.safe_load((tmp_path / "two" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 40
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert a[-1][1] < 1.0 and abs(a[-1][1] - b[-1][1]) < 1e-5

@@ -220,9 +220,9 @@ class Ones(Dataset):
 
 
 class Scale(nn.Module):
-    def __init__(self):
+    def __init__(self, shape: tuple = ()):
         super().__init__()
-        self.w = nn.Parameter(torch.ones(()))
+        self.w = nn.Parameter(torch.ones(shape))  # FSDP2 shards no 0-d parameter: (1,) there
 
     def forward(self, x):
         return x * self.w
@@ -242,9 +242,9 @@ class Diverging(nn.Module):
     At a lower LR (after a rollback halves it) the same model converges: rollback can fix the cause.
     """
 
-    def __init__(self):
+    def __init__(self, shape: tuple = ()):
         super().__init__()
-        self.encoder = nn.Sequential(Scale(), Fp16Activation())
+        self.encoder = nn.Sequential(Scale(tuple(shape)), Fp16Activation())
 
     def forward(self, x):
         return 0.5 * (self.encoder(x) ** 2).mean()

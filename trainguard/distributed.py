@@ -192,12 +192,18 @@ def shard(model: torch.nn.Module, device: torch.device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from trainguard.errors import RunFailed, first_line
+
     mesh = init_device_mesh(device.type, (size(),))
-    for module in list(model.modules()):
-        if isinstance(module, torch.nn.ModuleList):
-            for block in module:
-                fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    try:
+        for module in list(model.modules()):
+            if isinstance(module, torch.nn.ModuleList):
+                for block in module:
+                    fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise RunFailed(f"train.strategy: fsdp cannot shard {type(model).__name__}: {first_line(e, 200)}",
+                        "use train.strategy: ddp for this model, or change what FSDP2 refuses") from e
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -243,4 +249,8 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if not state.get("state"):  # no per-parameter state (SGD without momentum), which torch 2.13's
+        for group, saved in zip(optimizer.param_groups, state["param_groups"]):  # loader cannot take
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        return
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
