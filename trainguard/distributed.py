@@ -123,7 +123,7 @@ class GradViews:
     def __init__(self, params: list[torch.Tensor]):
         self.params = [p for p in params if p.requires_grad]
         self.touched = [False] * len(self.params)
-        index = {id(p): i for i, p in enumerate(self.params)}
+        self.index = index = {id(p): i for i, p in enumerate(self.params)}
         self.buckets: list[tuple[torch.Tensor, list[int], list[torch.Tensor]]] = []
         for bucket in _buckets(self.params):
             flat = torch.zeros(sum(p.numel() for p in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
@@ -148,8 +148,7 @@ class GradViews:
 
     def present(self, params: list[torch.Tensor]) -> list[bool]:
         """Per parameter of ``params``: did this rank's backward reach it?"""
-        where = {id(p): i for i, p in enumerate(self.params)}
-        return [id(p) in where and self.touched[where[id(p)]] for p in params]
+        return [id(p) in self.index and self.touched[self.index[id(p)]] for p in params]
 
     def reduce(self, weight: float, present: list[bool], params: list[torch.Tensor]) -> None:
         """Every gradient := the sum over ranks of ``weight`` x its local value. ``weight`` is this

@@ -49,5 +49,5 @@ def user_errors(debug: bool = False):
 
 def _on_rank(message: str) -> str:
     """In a multi-process job, which rank an error came from (rank 0's is the job's own voice)."""
-    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else "0"
+    rank = os.environ.get("RANK", "0")  # torchrun's; read here, not through distributed, which imports torch
     return message if rank == "0" else f"[rank {rank}] {message}"

@@ -37,9 +37,9 @@ def diagnose_command(
         with err.status("[bold]diagnose[/bold]: environment") as status:
             say = (lambda what: status.update(f"[bold]diagnose[/bold]: {what} ...")) if err.is_terminal else (lambda _: None)
             report = diagnose(config, profile=profile, overrides=set_ or [], memory_budget=budget, run_dir=run_dir, say=say)
-        import os
+        from trainguard import distributed
 
-        if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports (every rank's checks agree)
+        if not distributed.current().is_main:  # under torchrun: rank 0 reports (every rank's checks agree)
             pass
         elif json_:
             print(json.dumps(report.as_json(), indent=2))

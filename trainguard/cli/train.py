@@ -53,7 +53,9 @@ def train_command(
         summary = train(config, set_ or [], profile=profile, run_dir=run_dir, resume=resume, memory_budget=budget,
                         started=cli.STARTED)
         code = int(summary.get("exit_code") or 0)
-        if os.environ.get("RANK", "0") != "0":  # one process group, one report: rank 0's
+        from trainguard import distributed
+
+        if not distributed.current().is_main:  # one process group, one report: rank 0's
             pass
         elif summary.get("status") == "interrupted":
             print(f"interrupted at step {summary['steps']}; checkpoint {summary.get('last_checkpoint')}; "

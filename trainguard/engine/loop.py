@@ -67,7 +67,7 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]  # what the optimizer updates
         self.buffers = list(self.model.buffers())
         # in a process group the gradients live in flat buckets, averaged over ranks without a copy
-        self.sharded = any(type(p).__name__ == "DTensor" for p in self.params)  # FSDP2: reduced in the backward
+        self.sharded = distributed.is_sharded(self.model)  # FSDP2: gradients reduced in the backward
         self.grad_views = distributed.GradViews(self.params) if self.world.size > 1 and not self.sharded else None
 
     @property

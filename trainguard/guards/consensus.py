@@ -78,9 +78,8 @@ def exchange(loss: torch.Tensor | None, params: list[torch.Tensor], samples: int
     if oom or samples == 0 or loss is None:
         loss_w, norm = torch.zeros((), device=device), torch.zeros((), device=device)
     else:
-        loss_w, norm = loss.detach().float() * samples, total_norm(params).float().to(device)
-        if hasattr(norm, "to_local"):  # sharded (FSDP2) gradients: this rank's shards' norm (finite iff they are)
-            norm = norm.to_local() if norm.placements[0].is_replicate() else total_norm_local(params).to(device)
+        sharded = bool(params) and hasattr(params[0], "to_local")  # FSDP2: this rank's shards (finite iff they are)
+        loss_w, norm = loss.detach().float() * samples, (total_norm_local if sharded else total_norm)(params).float().to(device)
     head = torch.stack([loss_w, norm]).to(device)
     bad_here = torch.zeros(world, device=device)
     bad_here[rank] = (~torch.isfinite(head)).any().float()  # on the device: no host sync

@@ -25,6 +25,11 @@ def _first(found: Found | None) -> Finding | None:
     return next((f for f, _, _ in found if f is not None), None) if found else None
 
 
+def _culprits(found: Found) -> list[int]:
+    """The sample ids every rank's finding named, sorted."""
+    return sorted({i for f, _, _ in found if f is not None for i in f.sample_ids})
+
+
 class Guard(Hook):
     """Decides, per step, whether to skip, roll back or stop; keeps the budgets."""
 
@@ -98,7 +103,7 @@ class Guard(Hook):
         if bad:
             # a rank whose own step was finite has nothing to find; sharded (FSDP2), a forward is a
             # collective all ranks must enter alike, so the module is not localised there
-            here = (agreed is None or agreed.local_bad) and not distributed.is_sharded(trainer.model)
+            here = (agreed is None or agreed.local_bad) and not trainer.sharded
             mine = find_nonfinite(trainer.model, trainer.adapter, batch, trainer.micro_batch_size, trainer.device,
                                   trainer.precision) if here else None
             found = distributed.gather_objects((mine, len(batch), batch.ids))
@@ -172,7 +177,7 @@ class Guard(Hook):
             st.agreed = agreed
             return False
         finding = _first(found)
-        culprits = sorted({i for f, _, _ in found if f is not None for i in f.sample_ids})
+        culprits = _culprits(found)
         reason = "non-finite loss"
         self.reasons[reason] += len(culprits)
         self.reason_steps[reason] += 1
@@ -230,7 +235,7 @@ class Guard(Hook):
             self.every_sample[finding.place()] += finding.every_sample
         where = f"; {finding.describe()}" if finding else ""
         batch_ids = [i for _, _, ids in found for i in ids] if found else batch.ids
-        culprits = sorted({i for f, _, _ in found if f is not None for i in f.sample_ids}) if found else []
+        culprits = _culprits(found) if found else []
         self.log.event(st.step + 1, "skip", reason + where, sample_ids=culprits or batch_ids, batch_ids=batch_ids[:1000],
                        samples=len(batch_ids),
                        module=finding.where if finding else None, **self._ranks(found))

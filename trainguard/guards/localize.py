@@ -97,7 +97,8 @@ def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, devi
             if first is None:
                 first = found
             else:
-                first.sample_ids = first.sample_ids + [i for i in found.sample_ids if i not in first.sample_ids]
+                seen = set(first.sample_ids)
+                first.sample_ids = first.sample_ids + [i for i in found.sample_ids if i not in seen]
                 first.every_sample = first.every_sample and found.every_sample
     if first is not None:
         return first

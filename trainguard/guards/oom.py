@@ -64,9 +64,10 @@ class OomRecovery(Hook):
 
     def on_out_of_memory(self, trainer) -> None:
         st, oom = trainer.state, trainer.state.oom
+        ranks = {"ranks": oom.ranks} if oom.ranks else {}  # in a process group: who ran out
         if self.on_oom == "stop":
             self.log.event(st.step + 1, "oom", oom.message, micro_batch_size=oom.micro_batch_size, action="stop",
-                           **({"ranks": oom.ranks} if oom.ranks else {}))
+                           **ranks)
             st.request_stop("failed", oom.describe() + " (guard.on_oom: stop)",
                             hint=f"set train.micro_batch_size below {oom.micro_batch_size}, or guard.on_oom: split; "
                                  "re-running resumes from the last checkpoint")
@@ -76,7 +77,7 @@ class OomRecovery(Hook):
         if smaller < 1:
             need = one_sample_need(trainer, trainer.batch)
             self.log.event(st.step + 1, "oom", oom.message, micro_batch_size=1, action="stop", one_sample_bytes=need,
-                           **({"ranks": oom.ranks} if oom.ranks else {}))
+                           **ranks)
             avail = f"{fmt_bytes(oom.limit)} available" if oom.limit else "more than the device has"
             message, hint = one_sample_does_not_fit(need, f"{avail} (step {oom.step})")
             st.request_stop("failed", message, hint=hint)
@@ -87,7 +88,7 @@ class OomRecovery(Hook):
         self.log.event(st.step + 1, "oom", f"{oom.message}; the step is redone with micro-batch {smaller}",
                        micro_batch_size=m, new_micro_batch_size=smaller, grad_accum=trainer.grad_accum,
                        sample_ids=trainer.batch.ids, in_use_bytes=oom.in_use, limit_bytes=oom.limit,
-                       **({"ranks": oom.ranks} if oom.ranks else {}))
+                       **ranks)
 
     def on_fit_end(self, trainer) -> None:
         if self.splits and trainer.world.is_main:
