@@ -18,6 +18,8 @@ batch 128). Prints each per-step time, its ratio to the hand loop with the same 
 (the engine's own cost) and to the plain hand loop; docs/benchmarks.md holds the table.
 
     python scripts/bench.py [--rounds 5] [--only tiny]
+    python scripts/bench.py --device cuda [--precision bf16]   # on a card: the hand loops move each
+        batch with pin_memory + non_blocking and run under torch.autocast, as a careful hand loop does
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ from torch.utils.data import DataLoader, Dataset
 WORKLOADS = {  # name: (input, hidden, batch, short run, long run)
     "tiny": (64, 128, 64, 200, 2000),
     "medium": (512, 1024, 128, 30, 230),
+    "large": (2048, 8192, 1024, 30, 230),  # a card's workload: ~1.5 ms of matrix work a step on an H100
 }
 N_SAMPLES = 8192
 LR = 1e-3
+DEVICE, PRECISION = "cpu", "fp32"  # set by --device / --precision
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Regression(Dataset):
@@ -62,17 +67,28 @@ def mlp(dim: int = 64, hidden: int = 128) -> nn.Module:
 
 def run_hand(dim: int, hidden: int, batch: int, steps: int, fused: bool | None = None) -> float:
     torch.manual_seed(0)
-    model, loss_fn = mlp(dim, hidden), nn.MSELoss()
+    dev = torch.device(DEVICE)
+    model, loss_fn = mlp(dim, hidden).to(dev), nn.MSELoss()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=fused)
-    loader = DataLoader(Regression(dim), batch_size=batch, shuffle=True, drop_last=True)
+    cuda = dev.type == "cuda"
+    loader = DataLoader(Regression(dim), batch_size=batch, shuffle=True, drop_last=True, pin_memory=cuda)
+    scaler = torch.amp.GradScaler(enabled=PRECISION == "fp16")
     t = time.perf_counter()
     step = 0
     while step < steps:
         for x, y in loader:
-            loss = loss_fn(model(x), y)
+            if cuda:
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=AMP.get(PRECISION, torch.float32), enabled=PRECISION in AMP):
+                loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler.is_enabled():
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             step += 1
             if step == steps:
                 break
@@ -83,12 +99,13 @@ def run_hand(dim: int, hidden: int, batch: int, steps: int, fused: bool | None =
 def run_trainguard(dim: int, hidden: int, batch: int, steps: int, fused="auto") -> float:
     import trainguard
 
-    cfg = {"hardware": "cpu", "seed": 0,
+    cfg = {"hardware": "cpu" if DEVICE == "cpu" else "auto", "seed": 0,
            "model": {"_target_": "scripts.bench:mlp", "dim": dim, "hidden": hidden},
            "loss": {"_target_": "torch.nn:MSELoss"},
            "data": {"train": {"_target_": "scripts.bench:Regression", "dim": dim}, "num_workers": 0},
            "optim": {"name": "adamw", "lr": LR, "fused": fused}, "schedule": {"name": "constant"},
-           "train": {"max_steps": steps, "batch_size": batch, "micro_batch_size": batch, "grad_clip": 0, "log_every": 50},
+           "train": {"max_steps": steps, "batch_size": batch, "micro_batch_size": batch, "grad_clip": 0, "log_every": 50,
+                     "precision": PRECISION},
            "checkpoint": {"every_steps": 0, "keep_last": 1}, "log": {"progress": False}}
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
@@ -112,9 +129,11 @@ def run_lightning(dim: int, hidden: int, batch: int, steps: int) -> float:
             return torch.optim.AdamW(self.parameters(), lr=LR)
 
     torch.manual_seed(0)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    precision = {"bf16": "bf16-mixed", "fp16": "16-mixed"}.get(PRECISION, "32-true")
+    trainer = L.Trainer(max_steps=steps, accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1, precision=precision,
+                        logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    loader = DataLoader(Regression(dim), batch_size=batch, shuffle=True, drop_last=True)
+    loader = DataLoader(Regression(dim), batch_size=batch, shuffle=True, drop_last=True, pin_memory=DEVICE == "cuda")
     t = time.perf_counter()
     trainer.fit(Module(), loader)
     return time.perf_counter() - t
@@ -139,7 +158,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", choices=sorted(WORKLOADS), default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                    help="fp32 on the CPU; bf16 by default on a card")
     args = ap.parse_args()
+    global DEVICE, PRECISION
+    DEVICE, PRECISION = args.device, args.precision or ("bf16" if args.device == "cuda" else "fp32")
     runners = dict(RUNNERS)
     try:
         import lightning  # noqa: F401
@@ -151,13 +175,14 @@ def main() -> None:
         del runners["lightning"]
         print("lightning is not installed (pip install 'trainguard[bench]'): comparing hand and trainguard only")
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, per-step time from two run lengths")
+    where = torch.cuda.get_device_name() if DEVICE == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {PRECISION}, {args.rounds} rounds, per-step time from two run lengths")
     for k, (_, base, what) in runners.items():
         print(f"  {k:<11} {what}")
     print("ratio: to the hand loop with the same optimizer kernel (per round, then the median); "
           "vs hand: to the plain hand loop")
     for name, (dim, hidden, batch, short, long) in WORKLOADS.items():
-        if args.only and name != args.only:
+        if (args.only and name != args.only) or (not args.only and name == "large" and DEVICE == "cpu"):
             continue
         per_step: dict[str, list[float]] = {k: [] for k in runners}
         for _ in range(args.rounds):

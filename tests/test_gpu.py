@@ -130,3 +130,39 @@ def test_the_step_collectives_on_nccl(tmp_path):
     from tests.test_distributed import check_step_collectives
 
     check_step_collectives(tmp_path, "nccl", "cuda")
+
+
+def test_a_real_cuda_oom_splits_the_micro_batch_and_matches_the_smaller_one(cli, tmp_path):
+    """--memory-budget on a card caps the caching allocator (set_per_process_memory_fraction): the
+    OOM is CUDA's own. Micro-batch 4096 of a 65536-wide MLP needs about 3 GiB and does not fit
+    1.5 GB; the step splits, the run completes under the cap, and its losses are those of a run
+    started at the micro-batch it ended with."""
+    from tests.conftest import read_jsonl
+
+    sections = dict(model={"_target_": "tests.toys:MLP", "hidden": 65536},
+                    data={"train": {"_target_": "tests.toys:Blobs", "n": 8192}, "val": None, "num_workers": 0},
+                    train={"max_steps": 6, "batch_size": 4096, "micro_batch_size": 4096, "precision": "fp32",
+                           "log_every": 1},
+                    checkpoint={"every_steps": 0}, log={"progress": False})
+
+    def run(name, *flags, **over):
+        cfg = toy_config(hardware="auto", **{**sections, **over})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        code, out = cli("train", "--config", path, "--run-dir", tmp_path / name, *flags)
+        run_dir = tmp_path / name
+        return code, out, json.loads((run_dir / "summary.json").read_text()), read_jsonl(run_dir / "events.jsonl"), \
+            [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "train"]
+
+    code, out, summary, events, metrics = run("split", "--memory-budget", "1.5GB")
+    assert code == 0, out
+    ooms = [e for e in events if e["type"] == "oom"]
+    m = summary["micro_batch_size"]
+    assert ooms and m < 4096 and m * summary["grad_accum"] == 4096, out
+    assert summary["peak_memory_bytes"] <= 1.5e9
+    code, out, ref, _, ref_metrics = run("ref", train={**sections["train"], "micro_batch_size": m})
+    assert code == 0, out
+    assert [r["step"] for r in metrics] == [r["step"] for r in ref_metrics]
+    for a, b in zip(metrics, ref_metrics):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(b["loss"])), (a, b)
+    print(f"split 4096 -> {m} after {len(ooms)} CUDA OOM(s); peak {summary['peak_memory_bytes'] / 2**30:.2f} GiB under 1.5 GB")
