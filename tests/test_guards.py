@@ -89,6 +89,45 @@ def test_ctc_infeasible_samples_are_skipped_and_named(cli, tmp_path):
     assert "guards:" in out  # the end-of-run report
 
 
+def test_a_healed_sample_is_left_out_up_front_on_later_epochs_and_after_resume(cli, tmp_path):
+    """guard.remember_bad_samples: the CTC samples found non-finite in epoch 1 are left out of
+    their later batches before the forward (no bad step, no search again; the GPU measurement in
+    docs/guards.md: a search per step made a step 20 times slower). Off, they are found anew every
+    epoch. The memory is part of the checkpoint: a resumed run keeps leaving them out."""
+    import shutil
+
+    sections = dict(model={"_target_": "tests.toys:CTCModel"},
+                    data={"train": {"_target_": "tests.toys:Utterances", "n": 64, "infeasible": [5, 40]}, "val": None},
+                    train={"max_steps": 40, "batch_size": 16, "log_every": 10},  # 10 epochs
+                    checkpoint={"every_steps": 10, "keep_last": 5})
+
+    def kinds(events):
+        found = [e for e in events if e["type"] == "skip" and "went on without" in e["reason"]]
+        known = [e for e in events if e["type"] == "skip" and "known from an earlier step" in e["reason"]]
+        return found, known
+
+    code, out, summary, events, _ = train(cli, tmp_path, "remember", **sections)
+    assert code == 0, out
+    found, known = kinds(events)
+    assert sorted(i for e in found for i in e["sample_ids"]) == [5, 40]  # each found once
+    assert len(known) >= 8 and {i for e in known for i in e["sample_ids"]} == {5, 40}
+    assert summary["skipped_steps"] == 0 and summary["skipped_samples"] == 20  # 2 samples x 10 epochs
+    code, out, off, off_events, _ = train(cli, tmp_path, "forget", **{**sections, "guard": {"remember_bad_samples": False}})
+    assert code == 0, out
+    found, known = kinds(off_events)
+    assert not known and sum(e["sample_ids"].count(5) for e in found) == 10 and off["skipped_samples"] == 20
+    # resumed from step 20 (epoch 5): the two stay out, without being searched for again
+    (tmp_path / "part" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "remember" / "checkpoints" / "step_0000020", tmp_path / "part" / "checkpoints" / "step_0000020")
+    code, out, part, part_events, _ = train(cli, tmp_path, "part", **sections)
+    assert code == 0 and "resumed from" in out, out
+    found, known = kinds([e for e in part_events if e["step"] > 20])
+    assert not found and known and part["skipped_samples"] == 20
+    a = torch.load(tmp_path / "remember" / "checkpoints" / "step_0000040" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoints" / "step_0000040" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_samples_that_raise_or_return_none_are_skipped(cli, tmp_path):
     """Report 004: one bad sample must not kill the run."""
     code, out, summary, events, _ = train(

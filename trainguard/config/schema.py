@@ -122,6 +122,7 @@ class GuardConfig(Section):
     rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="With `rollback`: multiply the learning rate by this after each rollback.")
     spike_factor: float = Field(0.0, ge=0, description="Treat a finite loss above this multiple of the running median as a bad step; 0 = off.")
     spike_window: int = Field(50, ge=5, description="Number of recent finite losses in the running median for spike detection.")
+    remember_bad_samples: bool = Field(True, description="A sample the guard dropped to heal a non-finite step is left out of later batches before the forward (recorded, and counted in the skip budget), instead of making a step bad and being found again each epoch. Map-style datasets only; off: every occurrence is found anew.")
     on_oom: Literal["split", "stop"] = Field("split", description="Out of device memory in a step: `split` redoes it with half the micro-batch (twice the accumulation, same effective batch) and keeps that size; `stop` ends the run before the step.")
 
     @model_validator(mode="after")

@@ -13,9 +13,12 @@ from collections import Counter, deque
 from trainguard import distributed
 from trainguard.checkpoint import store
 from trainguard.config.schema import GuardConfig
+from trainguard.engine.data import BadSample
 from trainguard.engine.events import Hook
 from trainguard.guards.consensus import verdict
 from trainguard.guards.localize import Finding, find_nonfinite
+
+KNOWN_BAD = "non-finite loss, sample known from an earlier step"
 
 # Per rank, on a bad step: (its finding or None, its samples present, their ids). One process: one entry.
 Found = list[tuple[Finding | None, int, list[int]]]
@@ -46,13 +49,15 @@ class Guard(Hook):
         self.places: Counter[str] = Counter()        # where the first non-finite value was -> bad steps
         self.every_sample: Counter[str] = Counter()  # ... of which every sample was non-finite there
         self._rollback_pending: str | None = None
+        self.known_bad: set[int] = set()             # samples found non-finite alone: dropped up front later
 
     # ---- checkpointed state ------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"consecutive": self.consecutive, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
                 "overflow_steps": self.overflow_steps, "window": list(self.window),
                 "reasons": dict(self.reasons), "reason_steps": dict(self.reason_steps),
-                "places": dict(self.places), "every_sample": dict(self.every_sample)}
+                "places": dict(self.places), "every_sample": dict(self.every_sample),
+                "known_bad": sorted(self.known_bad)}
 
     def load_state_dict(self, d: dict) -> None:
         self.consecutive, self.rollbacks, self.lr_scale = d["consecutive"], d["rollbacks"], d["lr_scale"]
@@ -60,6 +65,7 @@ class Guard(Hook):
         self.window = deque(d["window"], maxlen=self.cfg.spike_window)
         self.reasons, self.reason_steps = Counter(d["reasons"]), Counter(d["reason_steps"])
         self.places, self.every_sample = Counter(d.get("places", {})), Counter(d.get("every_sample", {}))
+        self.known_bad = set(d.get("known_bad", []))
 
     # ---- events --------------------------------------------------------------------------
     def on_fit_start(self, trainer) -> None:
@@ -69,19 +75,41 @@ class Guard(Hook):
             self.checkpointer.save(trainer)  # something to roll back to before step 1 (rank 0 decides)
 
     def on_step_start(self, trainer) -> None:
+        if self.known_bad:
+            self._drop_known_bad(trainer)
         if trainer.world.size == 1:
-            self._load_failures(trainer, trainer.batch.bad)
+            self._load_failures(trainer, trainer.batch.bad, trainer.state.step + 1)
 
-    def _load_failures(self, trainer, bad) -> None:
-        """Record samples that failed to load (every rank's, in a process group)."""
+    def _drop_known_bad(self, trainer) -> None:
+        """Samples a step was already healed of (guard.remember_bad_samples) leave the batch before
+        the forward, as samples that failed to load do (and are reported the same way, every
+        rank's together): the step is not made bad again, nor searched again, on a later epoch.
+        Each rank drops its own; all ranks know the same ids. Never a rank's whole batch."""
+        batch = trainer.batch
+        drop = [i for i in batch.ids if i in self.known_bad]
+        if not drop or len(drop) == len(batch):
+            return
+        kept = batch.without(set(drop))
+        kept.bad = batch.bad + [BadSample(i, KNOWN_BAD) for i in drop]
+        trainer.batch = kept
+        trainer.state.batch_ids = kept.ids
+
+    def _load_failures(self, trainer, bad, step: int) -> None:
+        """Record samples that failed to load, and known bad samples left out (every rank's, in a
+        process group)."""
         if not bad:
             return
         by_reason: dict[str, list[int]] = {}
         for b in bad:
             by_reason.setdefault(b.reason, []).append(b.sample_id)
         for reason, ids in by_reason.items():
-            self.log.event(trainer.state.step + 1, "skip", f"sample failed to load: {reason}", sample_ids=ids)
-            kind = f"sample failed to load: {reason.split(':')[0]}"  # e.g. the exception type, for the report
+            if reason == KNOWN_BAD:
+                text = kind = KNOWN_BAD
+                text += ": left out before the forward (guard.remember_bad_samples)"
+            else:
+                text = f"sample failed to load: {reason}"
+                kind = f"sample failed to load: {reason.split(':')[0]}"  # e.g. the exception type, for the report
+            self.log.event(step, "skip", text, sample_ids=ids)
             self.reasons[kind] += len(ids)
             self.reason_steps[kind] += 1
         trainer.state.skipped_samples += len(bad)
@@ -121,7 +149,9 @@ class Guard(Hook):
     def on_step_end(self, trainer) -> None:
         agreed = trainer.state.agreed
         if agreed is not None and agreed.failed_to_load:  # every rank's, named in rank 0's events
-            self._load_failures(trainer, [b for bad in distributed.gather_objects(trainer.batch.bad) for b in bad])
+            # at the step's end: the step that held them has just been counted
+            self._load_failures(trainer, [b for bad in distributed.gather_objects(trainer.batch.bad) for b in bad],
+                                trainer.state.step)
         if self._rollback_pending is not None:
             self._rollback(trainer, self._rollback_pending)
         st = trainer.state
@@ -186,6 +216,8 @@ class Guard(Hook):
         self.places[finding.place()] += 1
         self.log.event(st.step + 1, "skip", f"{reason}: {finding.describe()}; the step went on without these samples",
                        sample_ids=culprits, module=finding.where, **self._ranks(found))
+        if self.cfg.remember_bad_samples and not trainer.data.iterable:  # an iterable's ids are stream positions
+            self.known_bad.update(culprits)
         self.window.append(loss)
         self.consecutive = 0
         return True

@@ -139,14 +139,53 @@ def _in_micro_batch(model: nn.Module, adapter, micro, ids: list[int], k: int, de
         found[0].every_sample = len(found[0].sample_ids) == k
         return found[0]
     if found or not torch.isfinite(loss):
-        # the bad values are not per-row (a reduced loss, a mixing layer): try each sample alone
-        culprits = _per_sample(adapter, micro, ids, device, precision)
+        # the bad values are not per-row (a reduced loss, a mixing layer): halve the micro-batch
+        # down to the samples whose loss is non-finite; or else try each sample alone
+        culprits = _halving(adapter, micro, ids, device, precision)
+        if culprits is None:
+            culprits = _per_sample(adapter, micro, ids, device, precision)
         finding = found[0] if found else Finding("loss", "loss", ids)
         if culprits:
             finding.sample_ids = culprits
         finding.every_sample = culprits == []  # each sample alone is non-finite too
         return finding
     return None
+
+
+def _halving(adapter, micro, ids: list[int], device, precision) -> list[int] | None:
+    """The samples whose loss is non-finite, found by halving: a half whose loss is finite holds
+    none, and when the first half of a bad group is finite the second must be bad (not run). For
+    d culprits in n samples that is about 2 d log2(n / d) forwards of shrinking size, where trying
+    each sample alone takes n (on an H100, 2% of CTC traces too short: 2.5 s a step against 0.13).
+    [] when every sample is non-finite; None when no verdict (the whole micro-batch's loss is
+    finite here, or a part cannot run alone): the caller then tries each sample alone."""
+    from trainguard.engine.batch import slice_batch
+
+    def bad(lo: int, hi: int) -> bool:
+        with autocast(device.type, precision):
+            _, loss, _ = adapter(slice_batch(micro, lo, hi))
+        return not torch.isfinite(loss).all()
+
+    n = len(ids)
+    try:
+        if n < 2 or not bad(0, n):
+            return None
+        culprits: list[int] = []
+        todo = [(0, n)]  # groups known to hold a culprit
+        while todo:
+            lo, hi = todo.pop()
+            if hi - lo == 1:
+                culprits.append(lo)
+                continue
+            mid = (lo + hi) // 2
+            left = bad(lo, mid)
+            if left:
+                todo.append((lo, mid))
+            if not left or bad(mid, hi):
+                todo.append((mid, hi))
+    except Exception:  # noqa: BLE001 - a part that cannot run alone (BatchNorm on one sample): no verdict
+        return None
+    return [ids[i] for i in sorted(culprits)] if len(culprits) < n else []
 
 
 def _per_sample(adapter, micro, ids: list[int], device, precision, limit: int = 256) -> list[int] | None:
