@@ -42,7 +42,7 @@ WORKLOADS = {  # name: (input, hidden, batch, short run, long run)
 }
 N_SAMPLES = 8192
 LR = 1e-3
-DEVICE, PRECISION = "cpu", "fp32"  # set by --device / --precision
+DEVICE, PRECISION, WORKERS = "cpu", "fp32", 0  # set by --device / --precision / --workers
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -71,7 +71,8 @@ def run_hand(dim: int, hidden: int, batch: int, steps: int, fused: bool | None =
     model, loss_fn = mlp(dim, hidden).to(dev), nn.MSELoss()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=fused)
     cuda = dev.type == "cuda"
-    loader = DataLoader(Regression(dim), batch_size=batch, shuffle=True, drop_last=True, pin_memory=cuda)
+    loader = DataLoader(Regression(dim), batch_size=batch, shuffle=True, drop_last=True, pin_memory=cuda,
+                        num_workers=WORKERS, persistent_workers=WORKERS > 0)
     scaler = torch.amp.GradScaler(enabled=PRECISION == "fp16")
     t = time.perf_counter()
     step = 0
@@ -102,10 +103,10 @@ def run_trainguard(dim: int, hidden: int, batch: int, steps: int, fused="auto") 
     cfg = {"hardware": "cpu" if DEVICE == "cpu" else "auto", "seed": 0,
            "model": {"_target_": "scripts.bench:mlp", "dim": dim, "hidden": hidden},
            "loss": {"_target_": "torch.nn:MSELoss"},
-           "data": {"train": {"_target_": "scripts.bench:Regression", "dim": dim}, "num_workers": 0},
+           "data": {"train": {"_target_": "scripts.bench:Regression", "dim": dim}, "num_workers": WORKERS},
            "optim": {"name": "adamw", "lr": LR, "fused": fused}, "schedule": {"name": "constant"},
            "train": {"max_steps": steps, "batch_size": batch, "micro_batch_size": batch, "grad_clip": 0, "log_every": 50,
-                     "precision": PRECISION},
+                     "precision": PRECISION, "compile": False},  # the hand loops are eager too
            "checkpoint": {"every_steps": 0, "keep_last": 1}, "log": {"progress": False}}
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
@@ -133,7 +134,8 @@ def run_lightning(dim: int, hidden: int, batch: int, steps: int) -> float:
     trainer = L.Trainer(max_steps=steps, accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1, precision=precision,
                         logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    loader = DataLoader(Regression(dim), batch_size=batch, shuffle=True, drop_last=True, pin_memory=DEVICE == "cuda")
+    loader = DataLoader(Regression(dim), batch_size=batch, shuffle=True, drop_last=True, pin_memory=DEVICE == "cuda",
+                        num_workers=WORKERS, persistent_workers=WORKERS > 0)
     t = time.perf_counter()
     trainer.fit(Module(), loader)
     return time.perf_counter() - t
@@ -161,9 +163,10 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                     help="fp32 on the CPU; bf16 by default on a card")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes, the same for every loop")
     args = ap.parse_args()
-    global DEVICE, PRECISION
-    DEVICE, PRECISION = args.device, args.precision or ("bf16" if args.device == "cuda" else "fp32")
+    global DEVICE, PRECISION, WORKERS
+    DEVICE, PRECISION, WORKERS = args.device, args.precision or ("bf16" if args.device == "cuda" else "fp32"), args.workers
     runners = dict(RUNNERS)
     try:
         import lightning  # noqa: F401
@@ -176,7 +179,8 @@ def main() -> None:
         print("lightning is not installed (pip install 'trainguard[bench]'): comparing hand and trainguard only")
 
     where = torch.cuda.get_device_name() if DEVICE == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, {PRECISION}, {args.rounds} rounds, per-step time from two run lengths")
+    print(f"torch {torch.__version__}, {where}, {PRECISION}, {WORKERS} data workers, {args.rounds} rounds, "
+          "per-step time from two run lengths")
     for k, (_, base, what) in runners.items():
         print(f"  {k:<11} {what}")
     print("ratio: to the hand loop with the same optimizer kernel (per round, then the median); "

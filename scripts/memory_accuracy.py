@@ -31,6 +31,39 @@ WORKLOADS = {
 }
 
 
+def fixed_costs_here() -> None:
+    """What the card spends beside the tensors, read directly: the CUDA context (device memory in
+    use that the caching allocator did not reserve) and the cuBLAS workspaces, which are allocated
+    through the caching allocator the first time a thread multiplies matrices (the forward's thread,
+    then the autograd engine's own thread for the backward)."""
+    import torch
+
+    from trainguard.memory.sizes import fmt_bytes
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    x = torch.randn(512, 512, device=dev)
+    w = torch.randn(512, 512, device=dev, requires_grad=True)
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info(dev)
+    print(f"total_memory {props.total_memory} B = {fmt_bytes(props.total_memory)}; mem_get_info total {total} B")
+    print(f"CUDA context (used - reserved, after init): {fmt_bytes(total - free - torch.cuda.memory_reserved(dev))}")
+    steps = {}
+    base = torch.cuda.memory_allocated(dev)
+    y = x @ w
+    steps["fp32 matmul, forward thread"] = torch.cuda.memory_allocated(dev) - base - y.nbytes
+    base = torch.cuda.memory_allocated(dev)
+    with torch.autocast("cuda", torch.bfloat16):
+        z = torch.nn.functional.linear(x, w, torch.zeros(512, device=dev))
+    steps["bf16 linear with bias (cublasLt), forward thread"] = torch.cuda.memory_allocated(dev) - base - z.nbytes - 512 * 512 * 2
+    base = torch.cuda.memory_allocated(dev)
+    (y.sum() + z.float().sum()).backward()
+    steps["backward, autograd thread"] = torch.cuda.memory_allocated(dev) - base - w.grad.nbytes
+    for k, v in steps.items():
+        print(f"  {k}: +{fmt_bytes(v)} beside the tensors")
+    print(f"memory_allocated now {fmt_bytes(torch.cuda.memory_allocated(dev))} for {fmt_bytes(3 * 512 * 512 * 4)} of tensors")
+
+
 def main() -> None:
     import torch
 
@@ -46,7 +79,10 @@ def main() -> None:
     ap.add_argument("--profile", default="h100-80gb", help="the profile whose forecast is compared")
     ap.add_argument("--only", action="append", choices=sorted(WORKLOADS))
     ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--fixed", action="store_true", help="only read the card's fixed costs (context, cuBLAS workspaces)")
     args = ap.parse_args()
+    if args.fixed:
+        return fixed_costs_here()
     info = probe()
     print(f"torch {torch.__version__}, {info.name}; forecast for profile {args.profile}, precision {args.precision}")
     print("| workload | micro-batch | measured peak | forecast | forecast / measured | phases measured (f/b/o) |")

@@ -5,7 +5,8 @@ Each process then finds torchrun's environment (``RANK``, ``WORLD_SIZE``, ...) a
 (:func:`trainguard.distributed.init`). The exit code is the job's: rank 0's, or the first failing
 rank's (a config error stays 2, a stop by SIGTERM 143). torchrun starts each process in a session
 of its own, so a Ctrl-C or SIGTERM reaches them through the launcher, which passes it on and
-waits (up to 120 s) for them to checkpoint and exit.
+waits (up to 120 s; 30 s with an older torch whose torchrun has no ``--shutdown-timeout``, such as 2.11)
+for them to checkpoint and exit.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ def launch(nproc: int, argv: list[str], debug: bool = False) -> int:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     if not debug:  # the processes print their own error: and hint: lines; the launcher's report repeats them
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    args = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--shutdown-timeout=120",
-                                "-m", "trainguard", *argv])
+    flags = ["--standalone", f"--nproc-per-node={nproc}"]
+    if "--shutdown-timeout" in torchrun.get_args_parser()._option_string_actions:  # not in 2.11
+        flags.append("--shutdown-timeout=120")
+    args = torchrun.parse_args([*flags, "-m", "trainguard", *argv])
     try:
         torchrun.run(args)
         return 0

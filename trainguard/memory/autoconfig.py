@@ -165,7 +165,8 @@ class ProfileForecast:
         from trainguard.memory import predict
 
         return predict.fake_step(self.model, self.loss_fn, self.cfg.data.fields, lambda ps: build_optimizer(ps, self.cfg.optim),
-                                 self.item, m, self.precision, self.costs.get("cublas_workspace", 0),
+                                 self.item, m, self.precision,
+                                 sum(v for k, v in self.costs.items() if k != "cuda_context"),  # the context is outside the allocator
                                  m < self.cfg.train.batch_size, cuda=self.prof.device == "cuda")
 
 

@@ -32,15 +32,24 @@ from trainguard.memory.tracker import TensorMemory
 from trainguard.memory.trial import Trial, worst_case_batch
 
 MiB = 2**20
-CUDA_CONTEXT = 350 * MiB          # measured range 300-400 MB with CUDA_MODULE_LOADING=LAZY (the default)
+# Measured on an H100 80GB HBM3 (torch 2.11.0+cu130, driver 580, 2026-11-24; scripts/memory_accuracy.py --fixed):
+CUDA_CONTEXT = {"hopper": 530 * MiB, "other": 350 * MiB}  # device memory used beside the allocator's, after init
+# cuBLAS keeps one workspace per thread that multiplies matrices, allocated through the caching allocator
+# (so inside max_memory_allocated): the forward's thread and the autograd engine's device thread, each
+# 32 MiB on Hopper (torch's default ":4096:2:16:8", about 8 MiB, before it), plus 1 MiB for cuBLASLt.
+CUBLAS_PER_THREAD = {"hopper": 33 * MiB, "other": 9 * MiB}
+# What a real step on the card allocated beyond its tensors, the workspaces and the forecast's per-sample
+# slope: 42-55 MiB for four of the example models (docs/memory.md), not attributed to one library yet.
+UNATTRIBUTED = 48 * MiB
 
 
 def fixed_costs(profile) -> dict[str, int]:
     """Device memory a CUDA card spends beside the tensors (zero for CPU/MPS profiles)."""
     if profile.device != "cuda":
         return {}
-    hopper = (profile.compute_capability or (0, 0)) >= (9, 0)
-    return {"cuda_context": CUDA_CONTEXT, "cublas_workspace": 32 * MiB if hopper else 9 * MiB}
+    arch = "hopper" if (profile.compute_capability or (0, 0)) >= (9, 0) else "other"
+    return {"cuda_context": CUDA_CONTEXT[arch], "cublas_workspace": 2 * CUBLAS_PER_THREAD[arch],
+            "unattributed": UNATTRIBUTED}
 
 
 # ---- CUDA autocast, mirrored at the function level ----------------------------------------------
@@ -48,7 +57,10 @@ _LOWER = {F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d
           F.conv_transpose3d, F.prelu, F.scaled_dot_product_attention, torch.matmul, torch.mm, torch.bmm,
           torch.mv, torch.addmm, torch.addmv, torch.addbmm, torch.baddbmm, torch.einsum, torch.chain_matmul,
           torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.Tensor.mm,
-          torch.Tensor.bmm, torch.Tensor.addmm, torch.Tensor.baddbmm}
+          torch.Tensor.bmm, torch.Tensor.addmm, torch.Tensor.baddbmm,
+          # recurrent layers (nn.GRU/LSTM/RNN call these; cuDNN's RNN under autocast casts input and weights)
+          torch.gru, torch.lstm, torch.rnn_tanh, torch.rnn_relu, torch.gru_cell, torch.lstm_cell,
+          torch.rnn_tanh_cell, torch.rnn_relu_cell}
 _FP32 = {F.layer_norm, F.group_norm, F.softmax, F.log_softmax, F.softmin, F.cross_entropy, F.nll_loss,
          F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.binary_cross_entropy_with_logits,
          F.kl_div, F.poisson_nll_loss, F.ctc_loss, F.softplus, F.cosine_similarity, F.normalize,
@@ -62,12 +74,26 @@ class CudaAutocast(TorchFunctionMode):
     """CUDA autocast's cast policy for ``dtype``, applied to torch functions (so autograd sees the
     casts). Functions on neither list run in their inputs' dtype, as under autocast. Limit: a
     Python-level composite (``F.multi_head_attention_forward``) runs as a whole in its inputs'
-    dtype, where CUDA would cast the projections inside it."""
+    dtype, where CUDA would cast the projections inside it.
+
+    CUDA autocast's flag is set while the mode is on, as under a real ``torch.autocast("cuda")``:
+    modules that look at it (``nn.GRU`` refuses a half input beside float weights unless autocast
+    is on) behave as on the card. It changes nothing else here: the fake tensors are CPU tensors."""
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()
         self.dtype = dtype
         self.cache: dict[int, torch.Tensor] = {}
+        self._flag: list[bool] = []
+
+    def __enter__(self):
+        self._flag.append(torch.is_autocast_enabled("cuda"))
+        torch.set_autocast_enabled("cuda", True)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.set_autocast_enabled("cuda", self._flag.pop())
+        return super().__exit__(*exc)
 
     def _cast(self, x: Any, dtype: torch.dtype) -> Any:
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
@@ -121,6 +147,42 @@ class CudaAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _CTCLoss(torch.autograd.Function):
+    """What ``F.ctc_loss`` allocates, without computing it (its output shape depends on the length
+    values, which fake tensors do not have). The kernel saves the float alphas (B, T, 2S+1) and the
+    per-sample losses; its backward adds the betas and a gradient shaped as the log-probs. S is the
+    targets' padded width (or, concatenated, their mean length): the worst case."""
+
+    @staticmethod
+    def forward(ctx, log_probs, targets, reduction: str):
+        t, b = log_probs.shape[0], (log_probs.shape[1] if log_probs.dim() == 3 else 1)
+        s = targets.shape[-1] if targets.dim() == 2 else max(1, targets.numel() // b)
+        ctx.lattice = (b, t, 2 * s + 1)
+        alpha = log_probs.new_empty(ctx.lattice)
+        nll = log_probs.new_empty((b,))
+        ctx.save_for_backward(log_probs, alpha, nll)
+        return nll.clone() if reduction == "none" else nll.new_empty(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_probs, alpha, nll = ctx.saved_tensors
+        beta = log_probs.new_empty(ctx.lattice)  # noqa: F841 - live while the gradient is made
+        return torch.empty_like(log_probs), None, None
+
+
+class ShapeOnlyKernels(TorchFunctionMode):
+    """Operators whose output shape depends on tensor values, replaced for the forecast by what
+    they allocate (:class:`_CTCLoss`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.ctc_loss:
+            names = ("log_probs", "targets", "input_lengths", "target_lengths", "blank", "reduction")
+            bound = {**dict(zip(names, args)), **kwargs}
+            return _CTCLoss.apply(bound["log_probs"], bound["targets"], bound.get("reduction", "mean"))
+        return func(*args, **kwargs)
+
+
 # ---- the fake step ---------------------------------------------------------------------------------
 class _Call(nn.Module):
     """Lets ``functional_call`` swap the parameters of the model an adapter calls. ``step`` runs
@@ -153,13 +215,14 @@ def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[
 
     def forward_backward(data) -> None:
         cast = CudaAutocast(low) if low is not None else contextlib.nullcontext()
-        with CudaAttention() if cuda else contextlib.nullcontext(), cast:
+        with ShapeOnlyKernels(), CudaAttention() if cuda else contextlib.nullcontext(), cast:
             _, loss, _ = adapter(data)
         if low is not None:
             cast.cache.clear()  # autocast frees its weight casts when the region ends
         phases["forward"] = tracker.peak + extra
         tracker.reset_peak()
-        with _modes_in_recompute(lambda: ([CudaAttention()] if cuda else []) + ([CudaAutocast(low)] if low else [])):
+        with _modes_in_recompute(lambda: [ShapeOnlyKernels()] + ([CudaAttention()] if cuda else [])
+                                 + ([CudaAutocast(low)] if low else [])):
             loss.backward()
         del loss
         phases["backward"] = tracker.peak + extra
