@@ -140,3 +140,38 @@ def check_step_collectives(tmp_path, backend: str, device: str) -> None:
 
 def test_the_step_collectives_in_a_group_of_one(tmp_path):
     check_step_collectives(tmp_path, "gloo", "cpu")
+
+
+def test_sharded_optimizer_state_loads_weights_only_and_refuses_foreign_metadata(tmp_path):
+    """An optimizer saved as DCP shards (here one process, no group) loads back equal through the
+    weights-only reader; a .metadata that names anything but DCP's own classes is refused with a
+    one-line error before anything in it runs."""
+    import pickle
+
+    from trainguard.checkpoint import sharded
+    from trainguard.errors import RunFailed
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.8, 0.9))
+    for _ in range(3):
+        model(torch.randn(5, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    sharded.save_optimizer(model, opt, tmp_path / "optimizer")
+    fresh = torch.optim.AdamW(model.parameters(), lr=1.0)
+    sharded.load_optimizer(model, fresh, tmp_path / "optimizer")
+    a, b = opt.state_dict(), fresh.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "optimizer" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(RunFailed, match=r"names (posix|os|nt)\.system") as e:
+        sharded.load_optimizer(model, fresh, tmp_path / "optimizer")
+    assert "not a checkpoint trainguard wrote" in e.value.hint and not marker.exists()

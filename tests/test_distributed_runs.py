@@ -190,7 +190,10 @@ FSDP = dict(model={"_target_": "trainguard.examples.charlm:CharTransformer", "bl
 def test_fsdp_follows_one_process_and_resumes_bitwise(tmp_path):
     """train.strategy: fsdp (FSDP2: each transformer block, then the root, sharded over 2 ranks, with
     accumulation): the loss curve and weights of one process; checkpoints hold the whole model as a
-    plain state_dict (weights-only loadable); a resume from step 5 ends bitwise where the run did."""
+    plain state_dict (weights-only loadable) and the optimizer as one DCP shard file per rank, all
+    under the manifest's checksums; a resume from step 5 (the shards read back) ends bitwise where
+    the run did."""
+    import json
     import shutil
 
     cfg = write(tmp_path, "fsdp", **FSDP)
@@ -204,6 +207,12 @@ def test_fsdp_follows_one_process_and_resumes_bitwise(tmp_path):
     # 1e-4: the attention's key bias gets no gradient in exact arithmetic, only rounding noise, which
     # AdamW scales up to full steps; everything else agrees to ~3e-7
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
+
+    ckpt = tmp_path / "two" / "checkpoints" / "step_0000005"
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert {"optimizer/.metadata", "optimizer/__0_0.distcp", "optimizer/__1_0.distcp", "model.pt"} <= files.keys()
+    assert torch.load(ckpt / "trainer.pt", weights_only=True)["optimizer"] is None
+    assert not list((tmp_path / "two" / "checkpoints").glob(".tmp_*"))
 
     (tmp_path / "part" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "two" / "checkpoints" / "step_0000005", tmp_path / "part" / "checkpoints" / "step_0000005")

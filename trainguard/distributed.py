@@ -224,15 +224,6 @@ def model_state(model: torch.nn.Module) -> dict:
     return get_model_state_dict(model, options=_full())
 
 
-def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's state_dict; over sharded parameters, gathered whole (keyed by parameter name)."""
-    if not is_sharded(model):
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=_full())
-
-
 def load_model_state(model: torch.nn.Module, state: dict) -> None:
     if not is_sharded(model):
         model.load_state_dict(state)
@@ -243,6 +234,8 @@ def load_model_state(model: torch.nn.Module, state: dict) -> None:
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """A whole optimizer state into ``optimizer``; sharded, scattered into its shards (checkpoints of
+    fsdp runs before their optimizer was saved as shards, checkpoint/sharded.py)."""
     if not is_sharded(model):
         optimizer.load_state_dict(state)
         return

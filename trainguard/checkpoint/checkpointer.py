@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from trainguard import distributed
-from trainguard.checkpoint import rng, store
+from trainguard.checkpoint import rng, sharded, store
 from trainguard.config.schema import CheckpointConfig
 from trainguard.engine.events import Event, Hook
 
@@ -19,14 +19,14 @@ def params_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def trainer_state(trainer, rngs: list[dict] | None = None, optimizer: dict | None = None) -> dict:
+def trainer_state(trainer, rngs: list[dict] | None = None) -> dict:
     """Everything but the weights that resume needs, as tensors and plain values. ``rngs``: every
-    rank's RNG states, in rank order (a process group); one process keeps only ``rng``.
-    ``optimizer``: its state, already gathered (sharded parameters)."""
+    rank's RNG states, in rank order (a process group); one process keeps only ``rng``. A sharded
+    run's optimizer is not here (None) but in the checkpoint's shards (:mod:`sharded`)."""
     hooks = {type(h).__name__: h.state_dict() for h in trainer.hooks if hasattr(h, "state_dict")}
     return {
         "rng_ranks": rngs or [],
-        "optimizer": optimizer if optimizer is not None else trainer.optimizer.state_dict(),
+        "optimizer": None if trainer.sharded else trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict(),
         "rng": rng.capture(),
@@ -41,7 +41,10 @@ def restore_weights_and_optimizer(trainer, ckpt: Path) -> dict:
     """Load weights, optimizer, scheduler and GradScaler from ``ckpt``; returns its trainer state."""
     distributed.load_model_state(trainer.model, store.load_file(ckpt, "model.pt"))
     ts = store.load_file(ckpt, "trainer.pt")
-    distributed.load_optimizer_state(trainer.model, trainer.optimizer, ts["optimizer"])
+    if (ckpt / sharded.DIRNAME).is_dir():  # a sharded run's: every rank reads its own shards
+        sharded.load_optimizer(trainer.model, trainer.optimizer, ckpt / sharded.DIRNAME)
+    else:
+        distributed.load_optimizer_state(trainer.model, trainer.optimizer, ts["optimizer"])
     trainer.scheduler.load_state_dict(ts["scheduler"])
     trainer.scaler.load_state_dict(ts["scaler"])
     return ts
@@ -123,21 +126,25 @@ class Checkpointer(Hook):
     def save(self, trainer) -> Path | None:
         """Commit a checkpoint of the current step, then prune old ones.
 
-        In a process group every rank calls this at the same step: the weights and optimizer are
-        the same on all, so rank 0 writes them, with every rank's RNG states gathered to it; a
-        checkpoint is therefore whole or absent for all ranks at once."""
+        In a process group every rank calls this at the same step. Replicated (DDP), the weights and
+        optimizer are the same on all, so rank 0 writes them, with every rank's RNG states gathered
+        to it. Sharded (FSDP2), every rank first writes its shards of the optimizer into the
+        temporary directory rank 0 made, and the model is gathered whole to rank 0. Either way
+        rank 0 commits the directory, so a checkpoint is whole or absent for all ranks at once."""
         st = trainer.state
         if not params_finite(trainer.model):
             if self.log:
                 self.log.event(st.step, "checkpoint_refused", "parameters are not finite; the last good checkpoint is kept")
             return None
         rngs = distributed.gather_objects(rng.capture()) if trainer.world.size > 1 else None
+        tmp = None
+        if trainer.sharded:  # every rank writes its optimizer shards into rank 0's temporary directory
+            tmp = distributed.broadcast_object(store.begin(self.root, st.step) if trainer.world.is_main else None)
+            sharded.save_optimizer(trainer.model, trainer.optimizer, tmp / sharded.DIRNAME)
         weights = distributed.model_state(trainer.model)  # sharded: gathered, every rank taking part
-        optimizer = distributed.optimizer_state(trainer.model, trainer.optimizer)
         if trainer.world.is_main:
-            files = {"model.pt": weights, "trainer.pt": trainer_state(trainer, rngs, optimizer),
-                     "config.yaml": self.config_yaml}
-            path = store.write_checkpoint(self.root, st.step, files, {"world_size": trainer.world.size})
+            files = {"model.pt": weights, "trainer.pt": trainer_state(trainer, rngs), "config.yaml": self.config_yaml}
+            path = store.write_checkpoint(self.root, st.step, files, {"world_size": trainer.world.size}, tmp=tmp)
         else:
             path = self.root / store.step_dir_name(st.step)
         self.last_saved, self._best_pending = st.step, False

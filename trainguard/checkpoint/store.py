@@ -4,8 +4,10 @@
 
     model.pt        plain state_dict, torch.load(path, weights_only=True)
     trainer.pt      optimizer, scheduler, GradScaler, RNG states, data position, counters, hook state
+    optimizer/      sharded runs only (FSDP2): the optimizer's state as DCP shards, one file per
+                    rank, in place of trainer.pt's (see checkpoint/sharded.py)
     config.yaml     the resolved config of the run
-    manifest.json   {"step": N, "files": {name: sha256}, "world_size": W}, written last
+    manifest.json   {"step": N, "files": {relative path: sha256}, "world_size": W}, written last
 
 A checkpoint is written into a hidden temporary directory, every file fsynced, the manifest
 written last, and the directory renamed into place atomically. A directory without a
@@ -55,19 +57,27 @@ def _write_file(path: Path, writer) -> None:
         os.fsync(f.fileno())
 
 
-def write_checkpoint(root: Path, step: int, files: dict[str, Any], extra_meta: dict | None = None) -> Path:
-    """Atomically write a checkpoint of ``files`` (name -> object for torch.save, or str/bytes).
-
-    Returns the committed directory. An existing directory for the same step is replaced
-    only after the new one is complete.
-    """
+def begin(root: Path, step: int) -> Path:
+    """A fresh temporary directory for the checkpoint of ``step`` (removed by :func:`clean_temporaries`
+    if the write never commits)."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
     tmp = root / f".tmp_{step_dir_name(step)}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    sums = {}
+    return tmp
+
+
+def write_checkpoint(root: Path, step: int, files: dict[str, Any], extra_meta: dict | None = None,
+                     tmp: Path | None = None) -> Path:
+    """Atomically write a checkpoint of ``files`` (name -> object for torch.save, or str/bytes).
+
+    ``tmp``: a directory from :func:`begin` that already holds files written by others (every
+    rank's shards); they are checksummed with the rest. Returns the committed directory. An
+    existing directory for the same step is replaced only after the new one is complete.
+    """
+    final = root / step_dir_name(step)
+    tmp = tmp if tmp is not None else begin(root, step)
     for name, obj in files.items():
         p = tmp / name
         if isinstance(obj, (str, bytes)):
@@ -75,7 +85,9 @@ def write_checkpoint(root: Path, step: int, files: dict[str, Any], extra_meta: d
             _write_file(p, lambda f, d=data: f.write(d))
         else:
             _write_file(p, lambda f, o=obj: torch.save(o, f))
-        sums[name] = _sha256(p)
+    sums = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    for sub in {p.parent for p in tmp.rglob("*") if p.is_file()} - {tmp}:
+        _fsync_dir(sub)
     manifest = {"step": step, "files": sums, **(extra_meta or {})}
     _write_file(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
     _fsync_dir(tmp)
