@@ -223,9 +223,41 @@ def test_fsdp_follows_one_process_and_resumes_bitwise(tmp_path):
     assert all(torch.equal(wb[k], wc[k]) for k in wb)
 
 
-def test_fsdp_skips_a_nan_that_one_rank_sees_and_refuses_a_memory_budget(tmp_path):
+def test_fsdp_out_of_memory_restarts_the_job_with_half_the_micro_batch(tmp_path):
+    """Sharded, a rank that runs out of memory (a real torch.OutOfMemoryError under --memory-budget)
+    cannot undo the step with the others, who may be inside the forward's collectives: it records a
+    halved micro-batch and leaves the job; --nproc-per-node restarts the job, which starts over (no
+    checkpoint yet) with micro-batch 4 and then trains exactly as a job started at 4."""
+    cfg = write(tmp_path, "fsdp", **FSDP)  # micro-batch 4 of 8 per rank: peaks at 1.43 MiB; at 8, 2.10 MiB
+    big = train(cfg, tmp_path / "big", 2, "--memory-budget", "1.8MB", "--set", "train.micro_batch_size=8")
+    small = train(cfg, tmp_path / "small", 2, "--memory-budget", "1.8MB")
+    assert big.returncode == 0, big.stdout + big.stderr
+    assert small.returncode == 0, small.stderr
+    assert "restarting the job with a smaller micro-batch" in big.stdout
+    assert "out of device memory on rank" in big.stderr and "error:" not in big.stderr
+    ooms = [e for e in read_jsonl(tmp_path / "big" / "events.jsonl") if e["type"] == "oom"]
+    assert len(ooms) == 1 and ooms[0]["action"] == "restart" and ooms[0]["ranks"]
+    assert (ooms[0]["micro_batch_size"], ooms[0]["new_micro_batch_size"]) == (8, 4)
+    summary = yaml.safe_load((tmp_path / "big" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 10 and summary["micro_batch_size"] == 4
+    assert summary["oom"]["splits"] == 1 and summary["oom"]["configured_micro_batch_size"] == 8
+    assert losses(tmp_path / "big") == losses(tmp_path / "small")
+    assert not list((tmp_path / "big").glob("oom_restart*")) and not list((tmp_path / "big").glob("previous-*"))
+
+    # the same under a bare torchrun, which restarts the workers itself (their group then needs a
+    # store of its own: pytorch issue 167288)
+    env = {**os.environ, "TRAINGUARD_DIST_TIMEOUT": "60"}
+    raw = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "--max-restarts", "1", "-m", "trainguard", "train", "--config", str(cfg), "--run-dir",
+                          str(tmp_path / "raw"), "--memory-budget", "1.8MB", "--set", "train.micro_batch_size=8"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert raw.returncode == 0, raw.stderr
+    assert losses(tmp_path / "raw") == losses(tmp_path / "small")
+
+
+def test_fsdp_skips_a_nan_that_one_rank_sees(tmp_path):
     """A NaN sample only rank 1 sees: both ranks skip the step together (sharded, the module is not
-    localised: a forward is a collective). A simulated memory budget is refused up front."""
+    localised: a forward is a collective)."""
     data = {"train": {"_target_": "tests.toys:MarkedBlobs", "n": 256, "nan_ids": [26]}, "shuffle": False, "num_workers": 0}
     cfg = write(tmp_path, "nan", data=data, train={"max_steps": 6, "batch_size": 16, "log_every": 1, "strategy": "fsdp"},
                 guard={"max_skip_fraction": 0.5})
@@ -236,8 +268,6 @@ def test_fsdp_skips_a_nan_that_one_rank_sees_and_refuses_a_memory_budget(tmp_pat
     summary = yaml.safe_load((tmp_path / "nan" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["skipped_steps"] == 1 and summary["steps"] == 6
 
-    refused = train(cfg, tmp_path / "budget", 2, "--memory-budget", "32MB")
-    assert refused.returncode == 2 and "--memory-budget is not available with train.strategy: fsdp" in refused.stderr
 
 
 def test_fsdp_rolls_back_to_a_checkpoint_and_recovers(tmp_path):

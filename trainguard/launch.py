@@ -7,6 +7,11 @@ rank's (a config error stays 2, a stop by SIGTERM 143). torchrun starts each pro
 of its own, so a Ctrl-C or SIGTERM reaches them through the launcher, which passes it on and
 waits (up to 120 s; 30 s with an older torch whose torchrun has no ``--shutdown-timeout``, such as 2.11)
 for them to checkpoint and exit.
+
+A sharded (fsdp) process that runs out of memory ends with exit 75 after recording a smaller
+micro-batch (trainguard.guards.oom): the launcher then starts the job again, which resumes from
+the newest checkpoint with that micro-batch. The halving bounds the restarts; :data:`MAX_RESTARTS`
+is a backstop.
 """
 
 from __future__ import annotations
@@ -16,8 +21,25 @@ import os
 import signal
 
 
+MAX_RESTARTS = 16  # out-of-memory restarts of one job (each halves the micro-batch, so ~log2 of it happen)
+
+
 def launch(nproc: int, argv: list[str], debug: bool = False) -> int:
     """Run ``trainguard *argv`` in ``nproc`` processes on this node; returns the job's exit code."""
+    from trainguard.guards.oom import RESTART_EXIT
+
+    for restart in range(MAX_RESTARTS + 1):
+        code = _run_once(nproc, argv, debug)
+        if code != RESTART_EXIT:
+            return code
+        if restart < MAX_RESTARTS:
+            print("trainguard: restarting the job with a smaller micro-batch (a sharded process ran out of memory)",
+                  flush=True)
+    print(f"error: the job ran out of memory {MAX_RESTARTS + 1} times in a row", flush=True)
+    return 1
+
+
+def _run_once(nproc: int, argv: list[str], debug: bool) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -35,6 +57,10 @@ def launch(nproc: int, argv: list[str], debug: bool = False) -> int:
         return 0
     except ChildFailedError as e:
         # the cause, not a victim: when one process fails, torchrun ends the others with SIGTERM
+        from trainguard.guards.oom import RESTART_EXIT
+
+        if any(f.exitcode == RESTART_EXIT for f in e.failures.values()):  # a sharded rank left the job out of memory
+            return RESTART_EXIT
         victim = (128 + signal.SIGTERM, -signal.SIGTERM)
         _, first = min(e.failures.items(), key=lambda kv: (kv[1].exitcode in victim, kv[0] != 0, kv[0]))
         code = first.exitcode

@@ -40,7 +40,7 @@ from trainguard.engine.optim import build_optimizer, build_scheduler, materializ
 from trainguard.engine.precision import grad_scaler, resolve_precision
 from trainguard.errors import ConfigError, RunFailed, first_line
 from trainguard.guards.guard import Guard
-from trainguard.guards.oom import OomRecovery
+from trainguard.guards.oom import JobRestart, OomRecovery, restart_pending
 from trainguard.guards.preflight import preflight, require
 from trainguard.hardware.probe import probe
 from trainguard.memory.meter import host_side, open_memory, prefer_expandable_segments
@@ -202,12 +202,8 @@ def build_train_data(cfg: Config, world: distributed.World = distributed.World()
 
 
 def check_fsdp(cfg: Config, memory_budget: int | None) -> None:
-    """What the first FSDP2 version does not do. A sharded forward is a collective, so an
-    out-of-memory inside it cannot be undone by all ranks together as under ddp."""
-    if memory_budget:
-        raise ConfigError("--memory-budget is not available with train.strategy: fsdp: an out-of-memory inside a "
-                          "sharded forward cannot be recovered by all ranks together yet",
-                          "drop --memory-budget, or use train.strategy: ddp to try the OOM recovery")
+    """What FSDP2 does not do here: the micro-batch search, which runs out of memory on purpose (sharded,
+    an out-of-memory restarts the job; see guards/oom.py)."""
     if cfg.train.micro_batch_size == "auto" and cfg.train.device != "cpu" and torch.cuda.is_available():
         raise ConfigError("train.micro_batch_size: auto is not available with train.strategy: fsdp (its search "
                           "runs out of memory on purpose)", "set train.micro_batch_size to a number")
@@ -352,6 +348,8 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
         if diff:
             raise ConfigError(f"cannot resume from {found}: training-relevant config differs:\n  " + "\n  ".join(diff),
                               "restore those values, or start afresh with --resume never (or another --run-dir)")
+    elif writer and restart_pending(run_dir):  # the same job again, after a rank left it out of memory
+        log.truncate_after(0)
     elif writer and any((run_dir / n).exists() for n in PREVIOUS_RUN_FILES):
         aside = _set_aside(run_dir)  # starting afresh: the earlier files are kept, not mixed in
         console.print(f"[yellow]note[/yellow]: starting afresh; moved the earlier run's files to {aside}")
@@ -367,8 +365,8 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
     hooks: list[Hook] = [Timing(started), metrics]
     if writer:  # one progress display: rank 0's
         hooks.append(ConsoleProgress(metrics, cfg.train.max_steps, cfg.log.progress))
-    hooks += [Guard(cfg.guard, cfg.train.max_steps * cfg.train.batch_size, log, checkpointer),
-              OomRecovery(cfg.guard.on_oom, cfg.train.batch_size // world.size, log, mbs)]
+    oom = OomRecovery(cfg.guard.on_oom, cfg.train.batch_size // world.size, log, mbs, run_dir)
+    hooks += [Guard(cfg.guard, cfg.train.max_steps * cfg.train.batch_size, log, checkpointer), oom]
     if val is not None and cfg.train.eval_every:
         hooks.append(Evaluator(val, cfg.train.eval_every, cfg.train.eval_batches))
     hooks.append(checkpointer)
@@ -395,6 +393,7 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
         log.event(0, "start", f"device {info.name}, profile {prof.name}, precision {cfg.train.precision}"
                   + (f", {world.size} processes" if world.size > 1 else ""), micro_batch_size=mbs,
                   **({"world_size": world.size} if world.size > 1 else {}))
+    oom.after_restart(trainer)
     checks = preflight(trainer)
     for c in checks:
         if c.status == "pass" and (c.name == "model.compile" or c.name == "data.fields" and trainer.adapter.dropped):
@@ -469,7 +468,14 @@ def _train(cfg: Config, prof, why: str, rd: Path, resume: str, hooks: Iterable[H
         raise
     try:
         trainer.fit()
-    except torch.OutOfMemoryError:  # outside the forward/backward (optimizer step, evaluation)
+    except Exception as e:
+        if trainer.sharded and not isinstance(e, JobRestart) and restart_pending(rd):  # a collective failed because
+            restart = JobRestart("another rank left the job out of memory; the job restarts")  # a rank left the job
+            restart.quiet = True  # that rank says why
+            raise restart from None
+        if not isinstance(e, torch.OutOfMemoryError):
+            raise
+        # outside the forward/backward (optimizer step, evaluation)
         raise RunFailed(f"out of device memory at step {trainer.state.step + 1} with micro-batch {trainer.micro_batch_size}, "
                         "outside the forward/backward", "lower train.micro_batch_size (accumulation keeps the effective batch); "
                         "re-running resumes from the last checkpoint") from None

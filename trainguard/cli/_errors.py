@@ -16,9 +16,9 @@ def debug_enabled(flag: bool = False) -> bool:
     return flag or os.environ.get("TRAINGUARD_DEBUG", "") not in ("", "0")
 
 
-def fail(message: str, hint: str | None, code: int) -> typer.Exit:
+def fail(message: str, hint: str | None, code: int, label: str = "error") -> typer.Exit:
     first, *rest = message.splitlines() or [""]
-    print(f"error: {first}", file=sys.stderr)
+    print(f"{label}: {first}", file=sys.stderr)
     for line in rest:
         print(f"  {line.strip()}", file=sys.stderr)
     if hint:
@@ -38,7 +38,7 @@ def user_errors(debug: bool = False):
             traceback.print_exc()
         if getattr(e, "quiet", False):  # another rank of the job reports the same stop
             raise typer.Exit(e.exit_code) from None
-        raise fail(_on_rank(e.message), e.hint, e.exit_code) from None
+        raise fail(_on_rank(e.message), e.hint, e.exit_code, getattr(e, "label", "error")) from None
     except KeyboardInterrupt:
         raise fail("interrupted", "re-run the same command to resume from the last checkpoint", 130) from None
     except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback for users

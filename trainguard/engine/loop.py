@@ -188,7 +188,8 @@ class Trainer:
         memory, the attempt is undone (partial gradients dropped, RNG streams restored, the
         exception and the activations its traceback holds released) and ``state.oom`` says so.
         In a process group the ranks then agree (:meth:`_agree`): one rank's out-of-memory is
-        every rank's, and the gradients are averaged only once none ran out.
+        every rank's, and the gradients are averaged only once none ran out. Sharded, a rank that
+        ran out does not enter the exchange (OomRecovery takes it out of the job).
         """
         rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if self.device.type == "cuda" else None)
         oom = loss = None
@@ -199,8 +200,8 @@ class Trainer:
         except torch.OutOfMemoryError as e:
             oom = OutOfMemory(self.state.step + 1, self.micro_batch_size, first_line(e, 300))
         # outside the except block: the exception and its frames are gone, so memory is free again
-        if self.world.size > 1:
-            loss, oom = self._agree(batch, loss, oom)
+        if self.world.size > 1 and not (self.sharded and oom is not None):  # sharded, a rank that ran out
+            loss, oom = self._agree(batch, loss, oom)  # may have left the others inside the forward's collectives
         if oom is None:
             return loss
         self.optimizer.zero_grad(set_to_none=True)

@@ -36,6 +36,12 @@ def agree(values: torch.Tensor) -> list[float]:
     return values.tolist()
 
 
+def from_rank0(decision):
+    """A decision rank 0 read from the run directory (a record left by a rank that left the job),
+    the same on every rank. Single process: as it is."""
+    return distributed.broadcast_object(decision)
+
+
 def step_signals(loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, float]:
     """The fused finite check of a step: ``(bad, loss)`` from one device-to-host copy. ``bad`` if
     any rank's loss or gradient norm is not finite; ``loss`` is the mean over ranks."""

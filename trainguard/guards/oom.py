@@ -6,11 +6,24 @@ batch size at most half of it, so micro x accumulation = batch_size exactly and 
 that of the same batch) and the loop redoes the step on the same samples. The new size is kept
 for the rest of the run, saved in checkpoints, and reported. When one sample does not fit, or
 with ``on_oom: stop``, the run stops before the step, saying how much memory one sample needs.
+
+Sharded (``train.strategy: fsdp``) the step cannot be undone by all ranks together: a forward
+is a sequence of collectives, and a rank that ran out of memory inside it leaves the others
+waiting in the next one. That rank therefore leaves the job instead (exit :data:`RESTART_EXIT`),
+after recording the split in ``oom_restart.rankN.json`` in the run directory. The job is
+restarted (by ``--nproc-per-node`` itself, or torchrun's ``--max-restarts``) and resumes from the
+newest checkpoint, where :meth:`OomRecovery.after_restart` reads the record on rank 0, and every
+rank starts with the smaller micro-batch. The work since that checkpoint is redone; the halving
+bounds the restarts (log2 of the micro-batch), and at one sample the run stops.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from trainguard.engine.events import Hook
+from trainguard.errors import RunFailed
 from trainguard.guards.localize import preserved_state
 from trainguard.memory.search import divisor_at_most
 from trainguard.memory.sizes import fmt_bytes, one_sample_does_not_fit
@@ -48,12 +61,30 @@ def _first_item(x):
     return x[0] if isinstance(x, list) else x
 
 
+RESTART_EXIT = 75  # EX_TEMPFAIL: this process ended so that the job is restarted with a smaller micro-batch
+RECORD_GLOB = "oom_restart.rank*.json"
+
+
+class JobRestart(RunFailed):
+    """A sharded rank ran out of memory: the job must restart with a smaller micro-batch (said as a
+    ``warning:``: the launcher goes on)."""
+
+    exit_code = RESTART_EXIT
+    label = "warning"
+
+
+def restart_pending(run_dir: Path) -> bool:
+    """Some rank of this job recorded an out-of-memory it left the job for."""
+    return any(Path(run_dir).glob(RECORD_GLOB))
+
+
 class OomRecovery(Hook):
     """Splits the micro-batch on OUT_OF_MEMORY (or stops the run), and records each split."""
 
-    def __init__(self, on_oom: str, batch_size: int, log, configured_micro_batch: int):
+    def __init__(self, on_oom: str, batch_size: int, log, configured_micro_batch: int, run_dir: Path | None = None):
         self.on_oom, self.batch_size, self.log = on_oom, batch_size, log
         self.configured = configured_micro_batch
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.splits: list[dict] = []
 
     def state_dict(self) -> dict:
@@ -62,8 +93,61 @@ class OomRecovery(Hook):
     def load_state_dict(self, d: dict) -> None:
         self.splits = list(d["splits"])
 
+    def after_restart(self, trainer) -> None:
+        """Sharded: a restart after some rank left the job out of memory starts with the micro-batch it
+        recorded (rank 0 reads the records; every rank takes the same decision from them). Called
+        once the run is resumed, before the preflight's forward."""
+        if not trainer.sharded or self.run_dir is None:
+            return
+        from trainguard.guards import consensus
+
+        records = consensus.from_rank0(self._take_records() if trainer.world.is_main else [])
+        fit = [r for r in records if r["micro_batch_size"] == trainer.micro_batch_size and r["step"] > trainer.state.step]
+        if not fit:  # none, or stale (another micro-batch, or a step this run is already past)
+            return
+        smaller = min(r["new_micro_batch_size"] for r in fit)
+        step, m = fit[0]["step"], trainer.micro_batch_size
+        trainer.micro_batch_size = smaller
+        self.splits.append({"step": step, "from": m, "to": smaller, "restart": True})
+        self.log.event(trainer.state.step, "oom", f"{fit[0]['message']}; the job was restarted from step "
+                       f"{trainer.state.step} with micro-batch {smaller}", micro_batch_size=m,
+                       new_micro_batch_size=smaller, grad_accum=trainer.grad_accum, oom_step=step,
+                       ranks=sorted({r["rank"] for r in fit}), action="restart")
+
+    def _take_records(self) -> list[dict]:
+        records = []
+        for path in sorted(self.run_dir.glob(RECORD_GLOB)):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                pass
+            path.unlink(missing_ok=True)
+        return records
+
+    def _leave_job(self, trainer, smaller: int) -> None:
+        """Sharded: record the split for the restarted job, and end this process (see the module doc)."""
+        from trainguard.callbacks.summary import write_json_atomic
+
+        st, oom, rank = trainer.state, trainer.state.oom, trainer.world.rank
+        where = f"out of device memory on rank {rank} at step {oom.step} with micro-batch {oom.micro_batch_size}"
+        if self.on_oom == "stop" or smaller < 1:
+            message, hint = (where + " (guard.on_oom: stop)",
+                             f"set train.micro_batch_size below {oom.micro_batch_size}, or guard.on_oom: split"
+                             ) if self.on_oom == "stop" else one_sample_does_not_fit(None, where)
+            raise RunFailed(message, hint + "; re-running resumes from the last checkpoint")
+        write_json_atomic(self.run_dir / f"oom_restart.rank{rank}.json", {
+            "step": oom.step, "rank": rank, "micro_batch_size": trainer.micro_batch_size, "new_micro_batch_size": smaller,
+            "message": oom.message, "in_use_bytes": oom.in_use, "limit_bytes": oom.limit})
+        raise JobRestart(f"{where}; sharded, the ranks cannot undo the step together, so the job restarts from "
+                         f"the last checkpoint with micro-batch {smaller}",
+                         "trainguard train --nproc-per-node restarts it by itself; under torchrun give --max-restarts "
+                         "(or re-run the same command)")
+
     def on_out_of_memory(self, trainer) -> None:
         st, oom = trainer.state, trainer.state.oom
+        if trainer.sharded:  # the others may be inside the forward's collectives: leave the job
+            m = trainer.micro_batch_size
+            self._leave_job(trainer, divisor_at_most(self.batch_size, m // 2) if m > 1 else 0)
         ranks = {"ranks": oom.ranks} if oom.ranks else {}  # in a process group: who ran out
         if self.on_oom == "stop":
             self.log.event(st.step + 1, "oom", oom.message, micro_batch_size=oom.micro_batch_size, action="stop",

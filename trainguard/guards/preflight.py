@@ -82,6 +82,13 @@ def preflight(trainer) -> list[Check]:
                 trainer.optimizer.zero_grad(set_to_none=True)
             if not oom:
                 break
+            if trainer.sharded:  # the others may be inside the forward's collectives: this rank leaves the job
+                from trainguard.engine.events import Event  # (guards/oom.py; diagnose has no such hook)
+                from trainguard.engine.state import OutOfMemory
+
+                trainer.state.oom = OutOfMemory(trainer.state.step + 1, n, "out of device memory in the preflight forward/backward")
+                trainer.fire(Event.OUT_OF_MEMORY)
+                trainer.state.oom = None
             if n == 1:
                 from trainguard.guards.oom import one_sample_need
                 from trainguard.memory.sizes import fmt_bytes, one_sample_does_not_fit
