@@ -255,6 +255,27 @@ def test_fsdp_out_of_memory_restarts_the_job_with_half_the_micro_batch(tmp_path)
     assert losses(tmp_path / "raw") == losses(tmp_path / "small")
 
 
+def test_fsdp_samples_that_fail_to_load_on_one_rank_neither_hang_nor_bias_the_mean(tmp_path):
+    """Sharded, every forward is a collective: 5 of rank 1's 8 samples failing to load at step 2
+    leave it one micro-batch of 4 where rank 0 runs two, so it runs a stand-in (weighted 0) to take
+    part (this hung until the process-group timeout before). The gradient is the mean over the
+    samples present on all ranks (FSDP alone would average the ranks' means), so the run follows
+    one process with the same failures."""
+    data = {"train": {"_target_": "tests.toys:Flaky", "n": 256, "broken_ids": [24, 25, 26, 27, 28]},
+            "shuffle": False, "num_workers": 0}
+    cfg = write(tmp_path, "flaky", data=data, guard={"max_skip_fraction": 0.5},
+                train={"max_steps": 6, "batch_size": 16, "micro_batch_size": 4, "log_every": 1, "strategy": "fsdp"})
+    one, two = train(cfg, tmp_path / "one", None), train(cfg, tmp_path / "two", 2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    skipped = [i for e in read_jsonl(tmp_path / "two" / "events.jsonl") if e["type"] == "skip" for i in e["sample_ids"]]
+    assert sorted(skipped) == [24, 25, 26, 27, 28]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 6 and max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
 def test_fsdp_skips_a_nan_that_one_rank_sees(tmp_path):
     """A NaN sample only rank 1 sees: both ranks skip the step together (sharded, the module is not
     localised: a forward is a collective)."""

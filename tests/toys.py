@@ -191,10 +191,12 @@ class CTCModel(nn.Module):
 class Flaky(Blobs):
     """Blobs where some samples raise and some return None (a corrupt file, a filter that returns None)."""
 
-    def __init__(self, broken_every: int = 0, broken_fraction: float = 0.0, **kw):
+    def __init__(self, broken_every: int = 0, broken_fraction: float = 0.0, broken_ids: tuple = (), **kw):
         super().__init__(**kw)
         n = len(self.labels)
-        if broken_fraction:
+        if broken_ids:
+            self.broken = set(broken_ids)
+        elif broken_fraction:
             g = torch.Generator().manual_seed(123)
             self.broken = set(torch.randperm(n, generator=g)[: int(n * broken_fraction)].tolist())
         else:

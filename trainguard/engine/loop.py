@@ -6,6 +6,7 @@ step itself (logging, evaluation, checkpoints, guards, signals, the summary) is 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -228,10 +229,16 @@ class Trainer:
             return None, oom
         if self.grad_views is not None:
             self.grad_views.reduce(len(batch) / ag.samples if ag.samples else 0.0, ag.present, self.params)
+        elif self.sharded and ag.samples:  # FSDP's mean over ranks of per-sample sums -> the mean over samples
+            with torch.no_grad():
+                torch._foreach_mul_([p.grad.to_local() for p in self.params if p.grad is not None],
+                                    self.world.size / ag.samples)
         return torch.tensor(ag.loss, device=self.device), None
 
     def _accumulate(self, batch: Batch) -> torch.Tensor:
         n = len(batch)
+        if self.sharded:
+            return self._accumulate_sharded(batch)
         if n == 0:  # every sample failed to load: nothing to learn from (the Guard records it)
             return torch.full((), float("nan"), device=self.device)
         if n <= self.micro_batch_size:  # one micro-batch: its loss is the step's
@@ -249,6 +256,40 @@ class Trainer:
             self.scaler.scale(loss * share).backward()
             total += loss.detach().float() * share
         return total
+
+    def _accumulate_sharded(self, batch: Batch) -> torch.Tensor:
+        """FSDP2: each forward and backward is a sequence of collectives, so every rank runs as many
+        micro-batches as a full share of the batch needs, also when samples failed to load (or
+        were left out as culprits) on this rank only. The missing ones are stand-ins: one sample
+        of this rank's, weighted 0 (its RNG draws and buffer updates undone).
+
+        Each micro-batch's loss is weighted by its sample count, not its share: FSDP averages the
+        reduced gradients over ranks, and :meth:`_agree` then scales them by ranks / samples of all
+        ranks, so the gradient is the mean over every sample present, as under ddp and in one
+        process, also when ranks hold different numbers of samples."""
+        from trainguard.engine.batch import slice_batch
+        from trainguard.errors import RunFailed
+        from trainguard.guards.localize import preserved_state
+
+        n = len(batch)
+        parts = split_batch(batch.data, self.micro_batch_size) if n else []
+        if n:
+            self._spare = slice_batch(batch.data, 0, 1)
+        need = math.ceil(self.data.batch_size / self.micro_batch_size)
+        if len(parts) < need and getattr(self, "_spare", None) is None:
+            raise RunFailed("train.strategy: fsdp: every sample of this rank's first batch failed to load, and a "
+                            "sharded step needs one to take part in the other ranks' forwards",
+                            "fix the data (events.jsonl names the samples), or use train.strategy: ddp")
+        parts += [(self._spare, 0)] * (need - len(parts))
+        total = torch.zeros((), device=self.device)
+        for micro, k in parts:
+            micro = to_device(micro, self.device, non_blocking=True)
+            with preserved_state(self.model) if k == 0 else contextlib.nullcontext(), \
+                    autocast(self.device.type, self.precision):
+                _, loss, _ = self.adapter(micro)
+            self.scaler.scale(loss * k).backward()
+            total += loss.detach().float() * (k / n if n else 0.0)
+        return total if n else torch.full((), float("nan"), device=self.device)
 
     @torch.no_grad()
     def evaluate(self, data: DataStream, max_batches: int = 0) -> dict[str, float]:
