@@ -276,19 +276,38 @@ def test_fsdp_samples_that_fail_to_load_on_one_rank_neither_hang_nor_bias_the_me
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_fsdp_skips_a_nan_that_one_rank_sees(tmp_path):
-    """A NaN sample only rank 1 sees: both ranks skip the step together (sharded, the module is not
-    localised: a forward is a collective)."""
-    data = {"train": {"_target_": "tests.toys:MarkedBlobs", "n": 256, "nan_ids": [26]}, "shuffle": False, "num_workers": 0}
-    cfg = write(tmp_path, "nan", data=data, train={"max_steps": 6, "batch_size": 16, "log_every": 1, "strategy": "fsdp"},
-                guard={"max_skip_fraction": 0.5})
-    run = train(cfg, tmp_path / "nan", 2)
-    assert run.returncode == 0, run.stderr
-    skip = [e for e in read_jsonl(tmp_path / "nan" / "events.jsonl") if e["type"] == "skip"]
-    assert [e["step"] for e in skip] == [2]
-    summary = yaml.safe_load((tmp_path / "nan" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["skipped_steps"] == 1 and summary["steps"] == 6
-
+@pytest.mark.parametrize("case", ["nan_input", "ctc_halving"])
+def test_fsdp_drops_bad_samples_that_one_rank_sees_with_both_ranks_together(tmp_path, case):
+    """Bad samples only rank 1 sees, sharded: rank 1 localizes them while rank 0 takes part in each
+    of its forwards (a forward is a collective), both redo the step without them, and the run
+    follows one process with the same samples: the same events, module and losses. ``nan_input``:
+    a NaN feature, named at the input (no forward needed for that micro-batch); ``ctc_halving``:
+    two infeasible CTC targets make the reduced loss inf, found by halving (a dozen forwards on
+    rank 1 alone)."""
+    if case == "nan_input":
+        sections = dict(data={"train": {"_target_": "tests.toys:MarkedBlobs", "n": 256, "nan_ids": [26]},
+                              "shuffle": False, "num_workers": 0})
+        culprits = [26]
+    else:
+        sections = dict(model={"_target_": "tests.toys:CTCModel"},
+                        data={"train": {"_target_": "tests.toys:Utterances", "n": 64, "infeasible": [25, 30]},
+                              "val": None, "shuffle": False, "num_workers": 0})
+        culprits = [25, 30]
+    cfg = write(tmp_path, "bad", **sections, guard={"max_skip_fraction": 0.5},
+                train={"max_steps": 6, "batch_size": 16, "micro_batch_size": 8, "log_every": 1, "strategy": "fsdp"})
+    one, two = train(cfg, tmp_path / "one", None), train(cfg, tmp_path / "two", 2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    skip = [e for e in read_jsonl(tmp_path / "two" / "events.jsonl") if e["type"] == "skip"]
+    ref = [e for e in read_jsonl(tmp_path / "one" / "events.jsonl") if e["type"] == "skip"]
+    assert [(e["step"], e["sample_ids"], e.get("module")) for e in skip] == [(e["step"], e["sample_ids"], e.get("module")) for e in ref]
+    assert skip[0]["step"] == 2 and skip[0]["sample_ids"] == culprits and skip[0]["ranks"] == [1]
+    assert "the step went on without these samples" in skip[0]["reason"]
+    summary = yaml.safe_load((tmp_path / "two" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["skipped_steps"] == 0
+    assert summary["skipped_samples"] == yaml.safe_load((tmp_path / "one" / "summary.json").read_text())["skipped_samples"]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 6 and max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5
 
 
 def test_fsdp_rolls_back_to_a_checkpoint_and_recovers(tmp_path):

@@ -59,7 +59,7 @@ class Agreed:
     failed_to_load: int         # samples that failed to load, over all ranks
     signal: int | None          # SIGINT or SIGTERM if some rank received one (SIGINT first)
     oom_ranks: list[int]        # ranks whose forward/backward ran out of memory
-    bad_ranks: list[int]        # ranks whose own loss or gradient norm is not finite
+    bad_ranks: list[int]        # ranks whose own loss or gradient norm is not finite (sharded: loss)
     present: list[bool]         # per parameter: some rank has a gradient
     local_samples: int          # samples present on this rank
 
@@ -81,14 +81,16 @@ def exchange(loss: torch.Tensor | None, params: list[torch.Tensor], samples: int
 
     world, rank = distributed.size(), distributed.rank()
     device = params[0].device if params else torch.device("cpu")
+    sharded = bool(params) and hasattr(params[0], "to_local")  # FSDP2: this rank's gradient shards
     if oom or samples == 0 or loss is None:
         loss_w, norm = torch.zeros((), device=device), torch.zeros((), device=device)
     else:
-        sharded = bool(params) and hasattr(params[0], "to_local")  # FSDP2: this rank's shards (finite iff they are)
         loss_w, norm = loss.detach().float() * samples, (total_norm_local if sharded else total_norm)(params).float().to(device)
     head = torch.stack([loss_w, norm]).to(device)
     bad_here = torch.zeros(world, device=device)
-    bad_here[rank] = (~torch.isfinite(head)).any().float()  # on the device: no host sync
+    # on the device: no host sync. Sharded, the gradients were reduced in the backward (one rank's NaN
+    # is in every rank's shards by now), so a rank is bad by its own loss only
+    bad_here[rank] = (~torch.isfinite(head[:1] if sharded else head)).any().float()
     counts = [samples, failed_to_load, received == signal.SIGINT, received == signal.SIGTERM]
     flags = torch.tensor(counts + [oom and r == rank for r in range(world)]
                          + (present if present is not None else [p.grad is not None for p in params]),

@@ -16,7 +16,7 @@ from trainguard.config.schema import GuardConfig
 from trainguard.engine.data import BadSample
 from trainguard.engine.events import Hook
 from trainguard.guards.consensus import verdict
-from trainguard.guards.localize import Finding, find_nonfinite
+from trainguard.guards.localize import Finding, find_nonfinite, find_nonfinite_together
 
 KNOWN_BAD = "non-finite loss, sample known from an earlier step"
 
@@ -129,11 +129,16 @@ class Guard(Hook):
                 return
             return self._bad_step(trainer, "the fp16 loss scale collapsed (gradients overflow at any scale)", None)
         if bad:
-            # a rank whose own step was finite has nothing to find; sharded (FSDP2), a forward is a
-            # collective all ranks must enter alike, so the module is not localised there
-            here = (agreed is None or agreed.local_bad) and not trainer.sharded
-            mine = find_nonfinite(trainer.model, trainer.adapter, batch, trainer.micro_batch_size, trainer.device,
-                                  trainer.precision) if here else None
+            # a rank whose own step was finite has nothing to find. Sharded (FSDP2), a forward is a
+            # collective, so every rank takes part in the forwards of those that search; and the
+            # gradients were reduced in the backward, so a rank is bad by its loss alone: when no
+            # rank's loss is, every rank looks (at its own gradient shards, in the end)
+            here = agreed is None or agreed.local_bad
+            if trainer.sharded:
+                mine = find_nonfinite_together(trainer, batch, here or not agreed.bad_ranks)
+            else:
+                mine = find_nonfinite(trainer.model, trainer.adapter, batch, trainer.micro_batch_size, trainer.device,
+                                      trainer.precision) if here else None
             found = distributed.gather_objects((mine, len(batch), batch.ids))
             if self._drop_culprits(trainer, found):
                 return

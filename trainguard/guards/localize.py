@@ -77,13 +77,19 @@ def preserved_state(model: nn.Module):
                     v.copy_(buffers[k])
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2), else the tensor: checking it needs no collective."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, device: torch.device, precision: str) -> Finding | None:
     """Locate the first non-finite value of a bad step. Call before the gradients are dropped.
 
     Every micro-batch is examined: the finding is the first one's place, with the culprit samples
-    of all of them (so that dropping them can heal the step whichever micro-batches they were in)."""
+    of all of them (so that dropping them can heal the step whichever micro-batches they were in).
+    Sharded, see :func:`find_nonfinite_together`."""
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        if not torch.isfinite(_local(p)).all():
             return Finding("parameter", name)
     first: Finding | None = None
     with preserved_state(model), torch.no_grad():
@@ -103,9 +109,64 @@ def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, devi
     if first is not None:
         return first
     for name, p in model.named_parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
+        if p.grad is not None and not torch.isfinite(_local(p.grad)).all():
             return Finding("gradient", name)
     return None
+
+
+class Lockstep:
+    """Sharded (FSDP2), every forward is a sequence of collectives, so the ranks localize in
+    lockstep. Before each forward, every rank says whether it needs one (one small all_reduce).
+    A rank with nothing (more) to examine runs a stand-in forward while any other still does, and
+    when none needs one, all leave together. A rank therefore runs as many forwards as the rank
+    whose search takes most; the search itself is unchanged (:func:`find_nonfinite`)."""
+
+    def __init__(self, filler, device: torch.device):
+        self.filler, self.device = filler, device
+
+    def _round(self, want: bool) -> bool:
+        flag = torch.tensor([float(want)], device=self.device)
+        torch.distributed.all_reduce(flag)
+        return flag.item() > 0
+
+    def adapter(self, inner):
+        """``inner`` (a ModelAdapter) whose every call first takes part in a round."""
+        lock = self
+
+        class Turns:
+            loss_fn = inner.loss_fn
+
+            def __call__(self, data):
+                lock._round(True)
+                return inner(data)
+
+        return Turns()
+
+    def drain(self) -> None:
+        while self._round(False):
+            self.filler()
+
+
+def find_nonfinite_together(trainer, batch, here: bool) -> Finding | None:
+    """:func:`find_nonfinite` on every rank of a sharded model at once (``here``: this rank's own
+    step was non-finite; the others only take part in its forwards). Limit: a forward that raises
+    on one rank only (the halving's parts, e.g. BatchNorm on one sample) leaves the others in a
+    collective until the process group's timeout."""
+    from trainguard.engine.batch import slice_batch
+
+    data = batch.data if len(batch) else getattr(trainer, "_spare", None)
+    m = trainer.micro_batch_size
+
+    def filler() -> None:
+        with preserved_state(trainer.model), torch.no_grad(), autocast(trainer.device.type, trainer.precision):
+            trainer.adapter(to_device(slice_batch(data, 0, m), trainer.device))
+
+    lock = Lockstep(filler, trainer.device)
+    mine = None
+    if here:
+        mine = find_nonfinite(trainer.model, lock.adapter(trainer.adapter), batch, m, trainer.device, trainer.precision)
+    lock.drain()
+    return mine
 
 
 def _in_micro_batch(model: nn.Module, adapter, micro, ids: list[int], k: int, device, precision: str) -> Finding | None:
