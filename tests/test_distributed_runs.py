@@ -260,11 +260,14 @@ def test_fsdp_samples_that_fail_to_load_on_one_rank_neither_hang_nor_bias_the_me
     leave it one micro-batch of 4 where rank 0 runs two, so it runs a stand-in (weighted 0) to take
     part (this hung until the process-group timeout before). The gradient is the mean over the
     samples present on all ranks (FSDP alone would average the ranks' means), so the run follows
-    one process with the same failures."""
+    one process with the same failures. With evaluation every 2 steps and a checkpoint every 3: the
+    evaluation's forwards have no backward, after which FSDP2 leaves the root's parameters gathered
+    whole, and the next checkpoint failed (KeyError) until they were resharded."""
     data = {"train": {"_target_": "tests.toys:Flaky", "n": 256, "broken_ids": [24, 25, 26, 27, 28]},
-            "shuffle": False, "num_workers": 0}
-    cfg = write(tmp_path, "flaky", data=data, guard={"max_skip_fraction": 0.5},
-                train={"max_steps": 6, "batch_size": 16, "micro_batch_size": 4, "log_every": 1, "strategy": "fsdp"})
+            "val": {"_target_": "tests.toys:Blobs", "n": 64, "sample_seed": 1}, "shuffle": False, "num_workers": 0}
+    cfg = write(tmp_path, "flaky", data=data, guard={"max_skip_fraction": 0.5}, checkpoint={"every_steps": 3},
+                train={"max_steps": 6, "batch_size": 16, "micro_batch_size": 4, "log_every": 1, "strategy": "fsdp",
+                       "eval_every": 2})
     one, two = train(cfg, tmp_path / "one", None), train(cfg, tmp_path / "two", 2)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
@@ -274,6 +277,10 @@ def test_fsdp_samples_that_fail_to_load_on_one_rank_neither_hang_nor_bias_the_me
     assert len(a) == len(b) == 6 and max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    ev = [[(r["step"], r["loss"]) for r in read_jsonl(d / "metrics.jsonl") if r["split"] == "val"] for d in
+          (tmp_path / "one", tmp_path / "two")]
+    assert [s for s, _ in ev[1]] == [2, 4, 6] and max(abs(x - y) for (_, x), (_, y) in zip(*ev)) < 1e-5
+    assert [p.name for p in sorted((tmp_path / "two" / "checkpoints").iterdir())] == ["step_0000003", "step_0000006"]
 
 
 @pytest.mark.parametrize("case", ["nan_input", "ctc_halving"])

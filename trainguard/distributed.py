@@ -230,6 +230,16 @@ def shard(model: torch.nn.Module, device: torch.device) -> None:
                         "use train.strategy: ddp for this model, or change what FSDP2 refuses") from e
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """After forwards without a backward (no_grad: evaluation, localization): FSDP2 leaves the root
+    module's parameters gathered whole, expecting a backward, so ``model.parameters()`` would no
+    longer be the sharded ones the optimizer holds (a checkpoint then fails, and the memory is
+    held). Registers the shards again, on every FSDP module; no collective."""
+    for module in model.modules():
+        if hasattr(module, "reshard") and hasattr(module, "unshard"):  # an FSDPModule
+            module.reshard()
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 

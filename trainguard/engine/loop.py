@@ -326,6 +326,8 @@ class Trainer:
                         counted += mask.sum()
         finally:
             self.model.train(was_training)
+            if self.sharded:  # forwards without a backward leave FSDP's root gathered whole
+                distributed.reshard(self.model)
         sums = torch.stack([loss_sum, torch.tensor(float(n_samples), device=self.device, dtype=torch.float64),
                             correct.double(), counted.double()])
         if self.world.size > 1:

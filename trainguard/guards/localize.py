@@ -166,6 +166,9 @@ def find_nonfinite_together(trainer, batch, here: bool) -> Finding | None:
     if here:
         mine = find_nonfinite(trainer.model, lock.adapter(trainer.adapter), batch, m, trainer.device, trainer.precision)
     lock.drain()
+    from trainguard import distributed
+
+    distributed.reshard(trainer.model)  # the search's forwards had no backward
     return mine
 
 
