@@ -259,13 +259,15 @@ def model_state(model: torch.nn.Module) -> dict:
     return get_model_state_dict(model, options=_full())
 
 
-def load_model_state(model: torch.nn.Module, state: dict) -> None:
+def load_model_state(model: torch.nn.Module, state: dict, from_rank0: bool = False) -> None:
+    """A whole state dict into ``model``; sharded, scattered into its shards. ``from_rank0``: only
+    rank 0 passes the state (the others ``{}``); it is broadcast as it is loaded."""
     if not is_sharded(model):
         model.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0))
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -223,20 +223,25 @@ def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | No
     into a :class:`Trainer` without hooks (what ``trainguard autoconfig`` measures, too).
     ``cfg.train.micro_batch_size`` must be resolved (an int). ``parts``: ``(model, loss_fn, data)``
     already built by :func:`build_model` and :func:`build_train_data` (``trainguard diagnose``).
-    In a process group (``world``), every rank starts from rank 0's weights, as under DDP."""
+    In a process group (``world``), every rank starts from rank 0's weights, as under DDP. Sharded
+    (fsdp), the model is built whole in host memory and FSDP2 moves it to the device one block at a
+    time as it shards it, so no rank ever holds the whole model on its device."""
+    sharded = world.size > 1 and cfg.train.strategy == "fsdp"
     if parts is None:
-        model, loss_fn = build_model(cfg, device)
+        model, loss_fn = build_model(cfg, torch.device("cpu") if sharded else device)
         with host_side(memory):
             parts = (model, loss_fn, build_train_data(cfg, world))
     model, loss_fn, data = parts
     if cfg.train.epochs is not None:
         cfg.train.max_steps = epochs_to_steps(cfg.train.epochs, data)
-    if world.size > 1:
+    if sharded:
+        whole = model.state_dict() if world.is_main else {}  # rank 0's weights, on the host
+        distributed.shard(model, device)
+        distributed.load_model_state(model, whole, from_rank0=True)  # into every rank's shards
+    elif world.size > 1:
         distributed.broadcast_tensors([t.detach() for t in (*model.parameters(), *model.buffers())])
-        if world.rank:  # each rank its own dropout stream (rank 0's is that of one process)
-            torch.manual_seed(cfg.seed + 7919 * world.rank)
-        if cfg.train.strategy == "fsdp":
-            distributed.shard(model, device)
+    if world.rank:  # each rank its own dropout stream (rank 0's is that of one process)
+        torch.manual_seed(cfg.seed + 7919 * world.rank)
     optimizer = build_optimizer(model, cfg.optim)
     try:
         try:
