@@ -201,7 +201,7 @@ def build_train_data(cfg: Config, world: distributed.World = distributed.World()
                       per_item=cfg.data.item_seeding == "always", rank=world.rank, world=world.size)
 
 
-def check_fsdp(cfg: Config, memory_budget: int | None) -> None:
+def check_fsdp(cfg: Config) -> None:
     """What FSDP2 does not do here: the micro-batch search, which runs out of memory on purpose (sharded,
     an out-of-memory restarts the job; see guards/oom.py)."""
     if cfg.train.micro_batch_size == "auto" and cfg.train.device != "cpu" and torch.cuda.is_available():
@@ -225,7 +225,8 @@ def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | No
     already built by :func:`build_model` and :func:`build_train_data` (``trainguard diagnose``).
     In a process group (``world``), every rank starts from rank 0's weights, as under DDP. Sharded
     (fsdp), the model is built whole in host memory and FSDP2 moves it to the device one block at a
-    time as it shards it, so no rank ever holds the whole model on its device."""
+    time as it shards it: a rank's device holds its shards and at most one block whole, never the
+    whole model."""
     sharded = world.size > 1 and cfg.train.strategy == "fsdp"
     if parts is None:
         model, loss_fn = build_model(cfg, torch.device("cpu") if sharded else device)
@@ -297,7 +298,7 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
         check_world_batch(cfg, world.size)
         console.quiet = not world.is_main  # one console: rank 0's
         if cfg.train.strategy == "fsdp":
-            check_fsdp(cfg, memory_budget)
+            check_fsdp(cfg)
     auto_micro = cfg.train.micro_batch_size == "auto"
     cfg, notes = _resolve_runtime(cfg, prof, info, world.size)
     console.print(f"[bold]trainguard[/bold]: device {info.name} ({info.type}), profile [bold]{prof.name}[/bold] ({why}), precision {cfg.train.precision}"
@@ -474,9 +475,10 @@ def _train(cfg: Config, prof, why: str, rd: Path, resume: str, hooks: Iterable[H
     try:
         trainer.fit()
     except Exception as e:
-        if trainer.sharded and not isinstance(e, JobRestart) and restart_pending(rd):  # a collective failed because
-            restart = JobRestart("another rank left the job out of memory; the job restarts")  # a rank left the job
-            restart.quiet = True  # that rank says why
+        if trainer.sharded and not isinstance(e, JobRestart) and restart_pending(rd):
+            # a collective failed because another rank left the job out of memory: that rank says why
+            restart = JobRestart("another rank left the job out of memory; the job restarts")
+            restart.quiet = True
             raise restart from None
         if not isinstance(e, torch.OutOfMemoryError):
             raise

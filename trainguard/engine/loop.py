@@ -62,6 +62,7 @@ class Trainer:
     state: RunState = field(default_factory=RunState)
     batch: Batch | None = None
     at_boundary: bool = False  # True once fit() left the loop between steps (safe to checkpoint)
+    _spare: Any = None  # sharded: one sample of this rank's latest batch, for stand-in forwards
     _handlers: tuple = (None, 0, {})  # (the hooks list they came from, its length, event -> bound methods)
 
     def __post_init__(self) -> None:
@@ -276,7 +277,7 @@ class Trainer:
         if n:
             self._spare = slice_batch(batch.data, 0, 1)
         need = math.ceil(self.data.batch_size / self.micro_batch_size)
-        if len(parts) < need and getattr(self, "_spare", None) is None:
+        if len(parts) < need and self._spare is None:
             raise RunFailed("train.strategy: fsdp: every sample of this rank's first batch failed to load, and a "
                             "sharded step needs one to take part in the other ranks' forwards",
                             "fix the data (events.jsonl names the samples), or use train.strategy: ddp")

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from trainguard import distributed
 from trainguard.engine.batch import split_batch, to_device
 from trainguard.engine.precision import autocast
 
@@ -154,7 +155,7 @@ def find_nonfinite_together(trainer, batch, here: bool) -> Finding | None:
     collective until the process group's timeout."""
     from trainguard.engine.batch import slice_batch
 
-    data = batch.data if len(batch) else getattr(trainer, "_spare", None)
+    data = batch.data if len(batch) else trainer._spare
     m = trainer.micro_batch_size
 
     def filler() -> None:
@@ -166,8 +167,6 @@ def find_nonfinite_together(trainer, batch, here: bool) -> Finding | None:
     if here:
         mine = find_nonfinite(trainer.model, lock.adapter(trainer.adapter), batch, m, trainer.device, trainer.precision)
     lock.drain()
-    from trainguard import distributed
-
     distributed.reshard(trainer.model)  # the search's forwards had no backward
     return mine
 

@@ -128,7 +128,7 @@ class OomRecovery(Hook):
         """Sharded: record the split for the restarted job, and end this process (see the module doc)."""
         from trainguard.callbacks.summary import write_json_atomic
 
-        st, oom, rank = trainer.state, trainer.state.oom, trainer.world.rank
+        oom, rank = trainer.state.oom, trainer.world.rank
         where = f"out of device memory on rank {rank} at step {oom.step} with micro-batch {oom.micro_batch_size}"
         if self.on_oom == "stop" or smaller < 1:
             message, hint = (where + " (guard.on_oom: stop)",
