@@ -235,8 +235,10 @@ def reshard(model: torch.nn.Module) -> None:
     module's parameters gathered whole, expecting a backward, so ``model.parameters()`` would no
     longer be the sharded ones the optimizer holds (a checkpoint then fails, and the memory is
     held). Registers the shards again, on every FSDP module; no collective."""
+    from torch.distributed.fsdp import FSDPModule
+
     for module in model.modules():
-        if hasattr(module, "reshard") and hasattr(module, "unshard"):  # an FSDPModule
+        if isinstance(module, FSDPModule):
             module.reshard()
 
 
@@ -276,10 +278,18 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     if not is_sharded(model):
         optimizer.load_state_dict(state)
         return
+    set_sharded_optimizer_state(model, optimizer, state, full=True)
+
+
+def set_sharded_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                                full: bool) -> None:
+    """``set_optimizer_state_dict`` of a state keyed by parameter name (``full``: whole tensors, else
+    this rank's shards). An optimizer without per-parameter state (SGD without momentum), which
+    torch 2.13's loader cannot take, gets only its hyperparameters."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    if not state.get("state"):  # no per-parameter state (SGD without momentum), which torch 2.13's
-        for group, saved in zip(optimizer.param_groups, state["param_groups"]):  # loader cannot take
+    if not state.get("state"):
+        for group, saved in zip(optimizer.param_groups, state["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         return
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=full))

@@ -106,8 +106,9 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
     """Load ``optimizer``'s state from the shards under ``path`` (a collective under a process group;
     DCP reads each rank's part, resharding if the saved layout differs)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    from trainguard import distributed
     from trainguard.errors import RunFailed
 
     try:  # refused here, whole, before DCP reads it (DCP would log a traceback per fallback it tries)
@@ -117,9 +118,4 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
                         "this is not a checkpoint trainguard wrote; move it away to resume from the one before") from e
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to fill (initialises state)
     dcp.load(state, storage_reader=_reader(path), planner=_planner())
-    saved = state["optimizer"]
-    if not saved.get("state"):  # no per-parameter state (SGD without momentum): torch 2.13's loader cannot take it
-        for group, hyper in zip(optimizer.param_groups, saved["param_groups"]):
-            group.update({k: v for k, v in hyper.items() if k != "params"})
-        return
-    set_optimizer_state_dict(model, optimizer, saved)
+    distributed.set_sharded_optimizer_state(model, optimizer, state["optimizer"], full=False)

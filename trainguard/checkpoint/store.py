@@ -85,8 +85,9 @@ def write_checkpoint(root: Path, step: int, files: dict[str, Any], extra_meta: d
             _write_file(p, lambda f, d=data: f.write(d))
         else:
             _write_file(p, lambda f, o=obj: torch.save(o, f))
-    sums = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    for sub in {p.parent for p in tmp.rglob("*") if p.is_file()} - {tmp}:
+    written = sorted(p for p in tmp.rglob("*") if p.is_file())
+    sums = {p.relative_to(tmp).as_posix(): _sha256(p) for p in written}
+    for sub in {p.parent for p in written} - {tmp}:
         _fsync_dir(sub)
     manifest = {"step": step, "files": sums, **(extra_meta or {})}
     _write_file(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))

@@ -17,13 +17,14 @@ from torch import nn
 
 from trainguard import distributed
 from trainguard.config.schema import TrainConfig
-from trainguard.engine.batch import ModelAdapter, extract_logits, split_batch, to_device
+from trainguard.engine.batch import ModelAdapter, extract_logits, slice_batch, split_batch, to_device
 from trainguard.engine.data import Batch, DataStream
 from trainguard.engine.events import Event, Hook, hook_method
 from trainguard.engine.precision import autocast
 from trainguard.engine.state import OutOfMemory, RunState
-from trainguard.errors import first_line
+from trainguard.errors import RunFailed, first_line
 from trainguard.guards import consensus
+from trainguard.guards.localize import preserved_state
 
 
 def handlers(hooks: list[Hook]) -> dict[Event, list]:
@@ -268,15 +269,11 @@ class Trainer:
         reduced gradients over ranks, and :meth:`_agree` then scales them by ranks / samples of all
         ranks, so the gradient is the mean over every sample present, as under ddp and in one
         process, also when ranks hold different numbers of samples."""
-        from trainguard.engine.batch import slice_batch
-        from trainguard.errors import RunFailed
-        from trainguard.guards.localize import preserved_state
-
         n = len(batch)
         parts = split_batch(batch.data, self.micro_batch_size) if n else []
         if n:
             self._spare = slice_batch(batch.data, 0, 1)
-        need = math.ceil(self.data.batch_size / self.micro_batch_size)
+        need = self.grad_accum  # micro-batches of a full share
         if len(parts) < need and self._spare is None:
             raise RunFailed("train.strategy: fsdp: every sample of this rank's first batch failed to load, and a "
                             "sharded step needs one to take part in the other ranks' forwards",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from trainguard import distributed
-from trainguard.engine.batch import split_batch, to_device
+from trainguard.engine.batch import slice_batch, split_batch, to_device
 from trainguard.engine.precision import autocast
 
 
@@ -117,31 +117,24 @@ def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, devi
 
 class Lockstep:
     """Sharded (FSDP2), every forward is a sequence of collectives, so the ranks localize in
-    lockstep. Before each forward, every rank says whether it needs one (one small all_reduce).
-    A rank with nothing (more) to examine runs a stand-in forward while any other still does, and
-    when none needs one, all leave together. A rank therefore runs as many forwards as the rank
-    whose search takes most; the search itself is unchanged (:func:`find_nonfinite`)."""
+    lockstep. Called as the search's adapter: before each forward, every rank says whether it needs
+    one (one small all_reduce). A rank with nothing (more) to examine runs a stand-in forward
+    (:meth:`drain`) while any other still does, and when none needs one, all leave together. A
+    rank therefore runs as many forwards as the rank whose search takes most; the search itself
+    is unchanged (:func:`find_nonfinite`)."""
 
-    def __init__(self, filler, device: torch.device):
-        self.filler, self.device = filler, device
+    def __init__(self, adapter, filler, device: torch.device):
+        self.adapter, self.filler, self.device = adapter, filler, device
+        self.loss_fn = adapter.loss_fn
 
     def _round(self, want: bool) -> bool:
         flag = torch.tensor([float(want)], device=self.device)
         torch.distributed.all_reduce(flag)
         return flag.item() > 0
 
-    def adapter(self, inner):
-        """``inner`` (a ModelAdapter) whose every call first takes part in a round."""
-        lock = self
-
-        class Turns:
-            loss_fn = inner.loss_fn
-
-            def __call__(self, data):
-                lock._round(True)
-                return inner(data)
-
-        return Turns()
+    def __call__(self, data):
+        self._round(True)
+        return self.adapter(data)
 
     def drain(self) -> None:
         while self._round(False):
@@ -153,8 +146,6 @@ def find_nonfinite_together(trainer, batch, here: bool) -> Finding | None:
     step was non-finite; the others only take part in its forwards). Limit: a forward that raises
     on one rank only (the halving's parts, e.g. BatchNorm on one sample) leaves the others in a
     collective until the process group's timeout."""
-    from trainguard.engine.batch import slice_batch
-
     data = batch.data if len(batch) else trainer._spare
     m = trainer.micro_batch_size
 
@@ -162,10 +153,8 @@ def find_nonfinite_together(trainer, batch, here: bool) -> Finding | None:
         with preserved_state(trainer.model), torch.no_grad(), autocast(trainer.device.type, trainer.precision):
             trainer.adapter(to_device(slice_batch(data, 0, m), trainer.device))
 
-    lock = Lockstep(filler, trainer.device)
-    mine = None
-    if here:
-        mine = find_nonfinite(trainer.model, lock.adapter(trainer.adapter), batch, m, trainer.device, trainer.precision)
+    lock = Lockstep(trainer.adapter, filler, trainer.device)
+    mine = find_nonfinite(trainer.model, lock, batch, m, trainer.device, trainer.precision) if here else None
     lock.drain()
     distributed.reshard(trainer.model)  # the search's forwards had no backward
     return mine
@@ -223,8 +212,6 @@ def _halving(adapter, micro, ids: list[int], device, precision) -> list[int] | N
     traces were too short).
     [] when every sample is non-finite; None when no verdict (the whole micro-batch's loss is
     finite here, or a part cannot run alone): the caller then tries each sample alone."""
-    from trainguard.engine.batch import slice_batch
-
     def bad(lo: int, hi: int) -> bool:
         with autocast(device.type, precision):
             _, loss, _ = adapter(slice_batch(micro, lo, hi))
@@ -255,8 +242,6 @@ def _halving(adapter, micro, ids: list[int], device, precision) -> list[int] | N
 def _per_sample(adapter, micro, ids: list[int], device, precision, limit: int = 256) -> list[int] | None:
     """The samples whose own loss is non-finite (each run alone; only on a bad step): [] when every
     one is, None when the model cannot run one sample alone."""
-    from trainguard.engine.batch import slice_batch
-
     bad = []
     examined = min(len(ids), limit)
     for i in range(examined):
