@@ -196,12 +196,24 @@ def test_fsdp_follows_one_process_and_resumes_bitwise(tmp_path):
     import json
     import shutil
 
-    cfg = write(tmp_path, "fsdp", **FSDP)
+    chars = {"_target_": "trainguard.examples.charlm:StdlibChars", "block_size": 32, "max_bytes": 40000}
+    # with the rest a user turns on: evaluation, the best checkpoint, TensorBoard, a loader worker
+    cfg = write(tmp_path, "fsdp", **{**FSDP, "data": {"train": chars, "val": {**chars, "split": "val", "val_fraction": 0.2},
+                                                     "num_workers": 1},
+                                     "train": {**FSDP["train"], "eval_every": 3},
+                                     "checkpoint": {**FSDP["checkpoint"], "best_metric": "loss"}, "log": {"tensorboard": True}})
     one, two = train(cfg, tmp_path / "one", None), train(cfg, tmp_path / "two", 2)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 10 and max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5
+    val = [[(r["step"], r["loss"], r["accuracy"]) for r in read_jsonl(tmp_path / run / "metrics.jsonl") if r["split"] == "val"]
+           for run in ("one", "two")]
+    assert [s for s, *_ in val[1]] == [3, 6, 9, 10] and all(  # every 3 steps, and at the end
+        abs(x[1] - y[1]) < 1e-5 and x[2] == y[2] for x, y in zip(*val))
+    best = [json.loads((tmp_path / run / "summary.json").read_text())["best"] for run in ("one", "two")]
+    assert best[0]["step"] == best[1]["step"] and abs(best[0]["value"] - best[1]["value"]) < 1e-5
+    assert list((tmp_path / "two" / "tb").iterdir())
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert wa.keys() == wb.keys() and all(type(v) is torch.Tensor for v in wb.values())
     # 1e-4: the attention's key bias gets no gradient in exact arithmetic, only rounding noise, which
@@ -253,6 +265,49 @@ def test_fsdp_out_of_memory_restarts_the_job_with_half_the_micro_batch(tmp_path)
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert raw.returncode == 0, raw.stderr
     assert losses(tmp_path / "raw") == losses(tmp_path / "small")
+
+
+def peaks(run_dir: Path) -> int:
+    return max(r["peak_memory_bytes"] for r in read_jsonl(run_dir / "metrics.jsonl") if "peak_memory_bytes" in r)
+
+
+def test_fsdp_memory_per_rank_is_below_ddp_and_forecast_by_diagnose_and_auto(tmp_path):
+    """Sharded, a rank holds half the parameters, gradients and AdamW state: its peak (the simulated
+    budget's counter) is below ddp's. ``diagnose`` under torchrun builds and steps the model sharded,
+    as train does, and forecasts one rank's peak with FSDP2 sharding over a fake process group: within
+    5% of what the run then peaks at. ``micro_batch_size: auto`` under fsdp takes the forecast's answer
+    (no trial step runs out of memory in the ranks' collectives), and the run peaks where it said."""
+    import json
+    import re
+
+    cfg = write(tmp_path, "fsdp", **{**FSDP, "model": {**FSDP["model"], "dim": 64},
+                                     "train": {**FSDP["train"], "max_steps": 2, "micro_batch_size": 8}})
+    fsdp = train(cfg, tmp_path / "fsdp", 2, "--memory-budget", "1GB")
+    ddp = train(cfg, tmp_path / "ddp", 2, "--memory-budget", "1GB", "--set", "train.strategy=ddp")
+    assert fsdp.returncode == 0, fsdp.stderr
+    assert ddp.returncode == 0, ddp.stderr
+    assert peaks(tmp_path / "fsdp") < 0.9 * peaks(tmp_path / "ddp")
+
+    env = {**os.environ, "TRAINGUARD_DIST_TIMEOUT": "60"}
+    diag = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "trainguard", "diagnose", "--config", str(cfg), "--memory-budget", "1GB", "--json"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert diag.returncode == 0, diag.stdout + diag.stderr
+    checks = {c["name"]: c for c in json.loads(diag.stdout)["checks"]}
+    assert checks["model.forward"]["status"] == "pass" and checks["data.fields"]["message"].find("FSDP") > 0
+    fit = checks["memory.fit"]["message"]
+    assert checks["memory.fit"]["status"] == "pass" and "predicted for one of 2 ranks, train.strategy: fsdp" in fit, fit
+    forecast = float(re.search(r"peaks at ([0-9.]+) MiB", fit).group(1)) * 2**20
+    assert abs(forecast / peaks(tmp_path / "fsdp") - 1) < 0.05, (forecast, peaks(tmp_path / "fsdp"))
+
+    auto = train(cfg, tmp_path / "auto", 2, "--memory-budget", "4MB", "--set", "train.micro_batch_size=auto")
+    assert auto.returncode == 0, auto.stderr
+    said = re.search(r"autoconfig: micro-batch (\d+) .* peak ([0-9.]+) MiB .*forecast for one of 2 ranks", auto.stdout + auto.stderr)
+    assert said, auto.stdout
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["micro_batch_size"] == int(said.group(1)) < 8
+    assert abs(float(said.group(2)) * 2**20 / peaks(tmp_path / "auto") - 1) < 0.05
+    assert not [e for e in read_jsonl(tmp_path / "auto" / "events.jsonl") if e["type"] == "oom"]
 
 
 def test_fsdp_samples_that_fail_to_load_on_one_rank_neither_hang_nor_bias_the_mean(tmp_path):

@@ -52,6 +52,39 @@ def test_tracker_counts_live_bytes_and_raises_where_the_budget_is_crossed():
     del a, b
 
 
+def test_tracker_follows_storages_resized_in_place_and_counts_a_dtensor_by_its_shard():
+    """FSDP2 frees and regrows gathered parameters with UntypedStorage.resize_, which no dispatch
+    mode sees, and holds parameters, gradients and optimizer state as DTensors, whose own storage
+    has the whole tensor's size and no data: the counter follows the resizes (a growth past the
+    limit raises, as the allocation would) and counts a DTensor by its local shard."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from trainguard import distributed
+    from trainguard.memory.tracker import TensorMemory
+
+    original = torch.UntypedStorage.resize_
+    with TensorMemory(10_000) as mem:
+        x = torch.ones(1000)
+        assert mem.live == 4096
+        x.untyped_storage().resize_(0)
+        assert mem.live == 0
+        x.untyped_storage().resize_(4000)
+        assert mem.live == 4096 and mem.peak == 4096
+        with pytest.raises(torch.OutOfMemoryError, match="resize_"):
+            x.untyped_storage().resize_(12_000)
+        assert mem.live == 4096 and x.untyped_storage().nbytes() == 4000
+    assert torch.UntypedStorage.resize_ is original  # unwrapped when no counter is on
+    del x
+
+    with distributed.fake_mesh(2) as mesh:
+        whole = torch.ones(1000)
+        sharded = distribute_tensor(whole, mesh, [Shard(0)])
+        with TensorMemory(None) as mem:
+            mem.track(sharded)
+            assert mem.live == 2048  # the 500 floats of this rank's shard, not the 4000 B of the whole
+            assert sharded.untyped_storage().nbytes() == 4000
+
+
 def test_split_completes_with_the_same_losses_as_a_smaller_micro_batch(cli, tmp_path):
     code, out, summary, events, metrics = train(cli, tmp_path, "split", "--memory-budget", "120KB")
     assert code == 0, out

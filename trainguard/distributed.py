@@ -15,6 +15,7 @@ gradients averaged, in place in their flat buckets (:class:`GradViews`). See doc
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
@@ -95,6 +96,8 @@ def shutdown(together: bool = False) -> None:
         # checkpoints before this, 0 in 12 after)
         gc.collect()
         torch.distributed.destroy_process_group()
+    global _FAKE_GROUP
+    _FAKE_GROUP = None  # destroyed with the job's
 
 
 def size() -> int:
@@ -211,23 +214,69 @@ def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return [b for runs in groups.values() for b in runs if b]
 
 
-def shard(model: torch.nn.Module, device: torch.device) -> None:
-    """FSDP2: each block (the children of every ``nn.ModuleList``), then the root, sharded over the ranks."""
+def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The units FSDP2 shards (and gathers) one at a time: the children of every ``nn.ModuleList``."""
+    return [block for module in model.modules() if isinstance(module, torch.nn.ModuleList) for block in module]
+
+
+def shard(model: torch.nn.Module, device: torch.device, mesh=None) -> None:
+    """FSDP2: each block (:func:`blocks`), then the root, sharded over the ranks (or over ``mesh``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from trainguard.errors import RunFailed, first_line
 
-    mesh = init_device_mesh(device.type, (size(),))
+    mesh = mesh if mesh is not None else init_device_mesh(device.type, (size(),))
     try:
-        for module in list(model.modules()):
-            if isinstance(module, torch.nn.ModuleList):
-                for block in module:
-                    fully_shard(block, mesh=mesh)
+        for block in blocks(model):
+            fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     except (ValueError, RuntimeError, TypeError) as e:
         raise RunFailed(f"train.strategy: fsdp cannot shard {type(model).__name__}: {first_line(e, 200)}",
                         "use train.strategy: ddp for this model, or change what FSDP2 refuses") from e
+
+
+_FAKE_GROUP = None  # inside a job: the fake group beside the job's, made once (every rank makes it)
+
+
+def fake_group():
+    """Inside a job: the fake process group beside the job's (see :func:`fake_mesh`), made on the
+    first call, which every rank must make at the same point (``new_group`` is collective)."""
+    global _FAKE_GROUP
+    if _FAKE_GROUP is None:
+        _register_fake_backend()
+        _FAKE_GROUP = torch.distributed.new_group(backend="fake")
+    return _FAKE_GROUP
+
+
+def _register_fake_backend() -> None:
+    """torch names the "fake" backend but registers its constructor only in this module (torch's
+    own tests and torchtitan's memory estimator import it the same way)."""
+    import torch.testing._internal.distributed.fake_pg  # noqa: F401
+
+
+@contextlib.contextmanager
+def fake_mesh(world: int):
+    """A device mesh of ``world`` ranks over torch's fake process group, whose collectives move no
+    data: FSDP2 then shards, gathers and frees as it would on ``world`` ranks, in one process. For
+    the memory forecast of a sharded step on fake tensors (:mod:`trainguard.memory.predict`);
+    torchtitan's memory estimator does the same. Alone, the fake group is the default group while
+    the context lasts; inside a job (``world`` must be its size) it is a group beside the job's,
+    made on first use by ``new_group``, which every rank must call at the same point."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    dist = torch.distributed
+    if dist.is_initialized():
+        if world != size():
+            raise ValueError(f"a fake mesh of {world} ranks inside a job of {size()}")
+        yield DeviceMesh.from_group(fake_group(), "cpu")
+        return
+    _register_fake_backend()
+    dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=world)
+    try:
+        yield init_device_mesh("cpu", (world,))
+    finally:
+        dist.destroy_process_group()
 
 
 def reshard(model: torch.nn.Module) -> None:

@@ -201,14 +201,6 @@ def build_train_data(cfg: Config, world: distributed.World = distributed.World()
                       per_item=cfg.data.item_seeding == "always", rank=world.rank, world=world.size)
 
 
-def check_fsdp(cfg: Config) -> None:
-    """What FSDP2 does not do here: the micro-batch search, which runs out of memory on purpose (sharded,
-    an out-of-memory restarts the job; see guards/oom.py)."""
-    if cfg.train.micro_batch_size == "auto" and cfg.train.device != "cpu" and torch.cuda.is_available():
-        raise ConfigError("train.micro_batch_size: auto is not available with train.strategy: fsdp (its search "
-                          "runs out of memory on purpose)", "set train.micro_batch_size to a number")
-
-
 def epochs_to_steps(epochs: float, data: DataStream) -> int:
     """``train.epochs`` as optimizer steps: whole batches per epoch (the last partial one is not used)."""
     if data.iterable:
@@ -266,15 +258,26 @@ def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | No
                    memory=memory, world=world)
 
 
-def _tune_micro_batch(trainer: Trainer, cfg: Config, info) -> int:
-    """``micro_batch_size: auto`` on a device with a limit: the cached or searched largest that fits."""
-    from trainguard.memory.autoconfig import cached_tune
+def _tune_micro_batch(trainer: Trainer, cfg: Config, prof, info) -> int:
+    """``micro_batch_size: auto`` on a device with a limit: the cached or searched largest that fits.
+    Sharded (fsdp), forecast on fake tensors instead: a trial step that runs out of memory on one
+    rank would leave the others in FSDP's collectives."""
+    from trainguard.memory.autoconfig import cached_tune, predict_for_profile, sharded_forecast
 
+    world = trainer.world.size
     with console.status("[bold]autoconfig[/bold]: searching the largest micro-batch that fits ..."):
-        tuning, cached = cached_tune(trainer, cfg, info.name, world=trainer.world.size)
-    if trainer.world.size > 1:  # every rank searched its own card: the smallest answer fits them all
+        if trainer.sharded:
+            share = cfg.model_copy(deep=True)
+            share.train.batch_size //= world
+            fc = sharded_forecast(share, prof, trainer.memory, trainer.data.scan().worst_item, world)
+            tuning, cached = predict_for_profile(share, prof, fc=fc), False
+        else:
+            tuning, cached = cached_tune(trainer, cfg, info.name, world=world)
+    if world > 1:  # every rank searched its own card: the smallest answer fits them all
         tuning = min(distributed.gather_objects(tuning), key=lambda t: t.micro_batch_size)
-    how = "from the cache (same model, config and device)" if cached else f"measured in {tuning.trials} trial steps"
+    how = ("from the cache (same model, config and device)" if cached else
+           f"forecast for one of {world} ranks in {tuning.trials} fake-tensor steps" if trainer.sharded else
+           f"measured in {tuning.trials} trial steps")
     console.print(f"[bold]autoconfig[/bold]: micro-batch {tuning.micro_batch_size} x {tuning.grad_accum} accumulation "
                   f"= batch {tuning.batch_size}, peak {fmt_bytes(tuning.predicted_peak_bytes)} of "
                   f"{fmt_bytes(tuning.usable_bytes)} usable ({how})")
@@ -297,8 +300,6 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
     if world.size > 1:
         check_world_batch(cfg, world.size)
         console.quiet = not world.is_main  # one console: rank 0's
-        if cfg.train.strategy == "fsdp":
-            check_fsdp(cfg)
     auto_micro = cfg.train.micro_batch_size == "auto"
     cfg, notes = _resolve_runtime(cfg, prof, info, world.size)
     console.print(f"[bold]trainguard[/bold]: device {info.name} ({info.type}), profile [bold]{prof.name}[/bold] ({why}), precision {cfg.train.precision}"
@@ -326,7 +327,7 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
     try:
         trainer = build_core(cfg, device, memory, world=world)
         if auto_micro and old is None and memory is not None:
-            cfg.train.micro_batch_size = trainer.micro_batch_size = _tune_micro_batch(trainer, cfg, info)
+            cfg.train.micro_batch_size = trainer.micro_batch_size = _tune_micro_batch(trainer, cfg, prof, info)
         _attach_run(trainer, cfg, prof, info, run_dir, found, old, rejected, extra_hooks, started or time.time())
     except BaseException:
         if memory is not None:

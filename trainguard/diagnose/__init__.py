@@ -82,7 +82,6 @@ def diagnose(config: str | Path | None = None, *, profile: str | None = None, ov
         return report
 
     from trainguard.config.load import resolve_config
-    from trainguard.run import default_run_dir
 
     say("config")
     try:
@@ -94,10 +93,25 @@ def diagnose(config: str | Path | None = None, *, profile: str | None = None, ov
     from trainguard import distributed
 
     if distributed.current().size > 1:  # under torchrun: every rank must agree before anything else
-        report.add(*rank_checks(cfg, probe(cfg.train.device if cfg else "auto").type))
-        distributed.shutdown()  # the rest is checked by each rank alone
+        checks = rank_checks(cfg, probe(cfg.train.device if cfg else "auto").type)
+        report.add(*checks)
+        agreed = all(c.status == "pass" for c in checks)  # the same config on every rank: the same path below
+        if not (agreed and cfg is not None and cfg.train.strategy == "fsdp"):
+            distributed.shutdown()  # the rest is checked by each rank alone
     if cfg is None:
         return report
+    try:  # fsdp keeps the group: the model is sharded and stepped in it, as train does
+        return _checks(report, cfg, prof, why, config, memory_budget, run_dir, say)
+    finally:
+        distributed.shutdown()
+
+
+def _checks(report: Report, cfg, prof, why: str, config, memory_budget, run_dir, say) -> Report:
+    """The config's checks after it resolved (on every rank, under torchrun)."""
+    from trainguard.diagnose.environment import device_checks, precision_check
+    from trainguard.hardware.probe import probe
+    from trainguard.run import default_run_dir
+
     report.add(Check("config.valid", "pass", f"{config}: valid"))
     info = probe(cfg.train.device)
     report.add(*device_checks(info))

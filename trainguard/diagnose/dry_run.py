@@ -11,6 +11,7 @@ trial steps, cache and fake-tensor forecast that ``trainguard autoconfig`` uses.
 from __future__ import annotations
 
 import inspect
+import os
 import statistics
 from pathlib import Path
 from typing import Callable
@@ -56,7 +57,9 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
     auto_micro = cfg.train.micro_batch_size == "auto"
     from trainguard import distributed
 
-    world = distributed.current().size
+    job = distributed.current()
+    world = job.size
+    sharded = world > 1 and cfg.train.strategy == "fsdp" and torch.distributed.is_initialized()  # sharded and stepped as in train
     rcfg, _ = _resolve_runtime(cfg, prof, info, world)  # precision errors were reported by hardware.precision
     device = _device(info)
     workers = int(rcfg.data.num_workers)
@@ -68,7 +71,7 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
     try:  # in train's order: the model (seeded), then the data, whose construction may draw from the RNGs too
         say("building the model")
         try:
-            model, loss_fn = build_model(rcfg, device)
+            model, loss_fn = build_model(rcfg, torch.device("cpu") if sharded else device)  # fsdp: sharded onto it below
             total = sum(p.numel() for p in model.parameters())
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             checks.append(Check("model.build", "pass", f"{type(model).__name__}: {_params(total)} parameters "
@@ -95,7 +98,7 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
         except Exception as e:  # noqa: BLE001 - the user's constructor: its error is the finding
             checks.append(_raised("data.build", "data.train", e, "paths, split names"))
             data = None
-        if data is None or model is None:
+        if not _together(data is not None and model is not None, sharded):
             return checks
         if world > 1:  # from here on, one rank's view: each rank steps on its share of every global batch
             cfg, rcfg = cfg.model_copy(deep=True), rcfg.model_copy(deep=True)
@@ -107,22 +110,33 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
                 scan = data.scan()
         except TrainguardError as e:
             checks.append(_fail("data.items", e))
+            scan = None
+        if not _together(scan is not None, sharded):
             return checks
+        if sharded:
+            distributed.fake_group()  # for the memory forecast; made here, where every rank is
         checks += scan_checks(scan, rcfg)
         if auto_micro:
             rcfg.train.micro_batch_size = rcfg.train.batch_size
         try:
-            trainer = build_core(rcfg, device, memory, parts=(model, loss_fn, data))
+            trainer = build_core(rcfg, device, memory, parts=(model, loss_fn, data),
+                                 world=job if sharded else distributed.World())
         except TrainguardError as e:
             checks.append(_fail("memory.fit", e))
             return checks
         tuning = None
-        if auto_micro and memory is not None:
-            from trainguard.memory.autoconfig import cached_tune
+        if auto_micro and (memory is not None or sharded):
+            from trainguard.memory.autoconfig import cached_tune, predict_for_profile
 
             say("searching the largest micro-batch that fits")
             try:
-                tuning, _ = cached_tune(trainer, rcfg, info.name)
+                if sharded:  # forecast, as train does under fsdp (no trial step runs out of memory mid-collective)
+                    fc, why = _sharded(cfg, rcfg, prof, info, memory, memory_budget, scan.worst_item, world)
+                    if fc is None:
+                        raise TrainguardError(why, "set train.micro_batch_size to a number")
+                    tuning = predict_for_profile(fc.cfg, prof, fc=fc)
+                else:
+                    tuning, _ = cached_tune(trainer, rcfg, info.name)
                 trainer.micro_batch_size = rcfg.train.micro_batch_size = tuning.micro_batch_size
             except TrainguardError as e:
                 checks.append(_fail("memory.fit", e))
@@ -130,7 +144,7 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
         configured = trainer.micro_batch_size
         if not card_here(prof, info) and not memory_budget:
             trainer.micro_batch_size = min(configured, AWAY_SAMPLES)  # the real step is the card's; here, fields and shapes
-        elif memory is None:  # RAM is the device and nothing stops a step from taking it all: forecast first
+        elif memory is None and not sharded:  # RAM is the device and nothing stops a step from taking it all: forecast first
             say("forecasting the step's RAM")
             host = ram_check(trainer, scan.worst_item, info, card_here(prof, info))
             if host is not None:
@@ -141,7 +155,7 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
         checks += structure_checks(model, scan)
         if not any(c.status == "fail" for c in checks if c.name.startswith(("model.", "data."))):
             say("memory forecast")
-            checks.append(memory_check(trainer, cfg, rcfg, prof, info, memory_budget, tuning, scan))
+            checks.append(memory_check(trainer, cfg, rcfg, prof, info, memory_budget, tuning, scan, world if sharded else 1))
         ckpt = sum(_tensor_bytes(t) for t in model.state_dict().values()) + sum(
             _tensor_bytes(list(s.values())) for s in trainer.optimizer.state.values())
         checks.append(disk_check(run_dir, ckpt, rcfg.checkpoint.keep_last + bool(rcfg.checkpoint.best_metric)))
@@ -150,6 +164,14 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
         if memory is not None:
             memory.stop()
     return checks
+
+
+def _together(ok: bool, sharded: bool) -> bool:
+    """fsdp: go on only if every rank goes on (the sharded steps below are collectives: a rank that
+    stopped alone would leave the others waiting in them)."""
+    from trainguard import distributed
+
+    return all(distributed.gather_objects(ok)) if sharded else ok
 
 
 def _shm_bytes(item, batch_size: int) -> int:
@@ -265,9 +287,10 @@ def checkpointing_check(model: nn.Module) -> Check:
 
 
 # ---- memory --------------------------------------------------------------------------------------------
-def memory_check(trainer, cfg, rcfg, prof, info, budget: int | None, tuning, scan) -> Check:
+def memory_check(trainer, cfg, rcfg, prof, info, budget: int | None, tuning, scan, world: int = 1) -> Check:
     """The peak at the configured micro-batch against the memory of the device (measured here) or
-    of the profile's card (predicted when it is not here), and what autoconfig would choose."""
+    of the profile's card (predicted when it is not here), and what autoconfig would choose.
+    ``world`` > 1: one rank of an fsdp job, always forecast (:func:`~trainguard.memory.autoconfig.sharded_forecast`)."""
     from trainguard.memory.autoconfig import Tuning, cached_tune, forecast, predict_for_profile, usable_bytes
 
     from trainguard.memory.meter import SimulatedMemory
@@ -277,7 +300,15 @@ def memory_check(trainer, cfg, rcfg, prof, info, budget: int | None, tuning, sca
     on_oom = rcfg.guard.on_oom
     memory = trainer.memory
     try:
-        if budget or (memory is not None and card_here(prof, info)):  # measured on the device in hand
+        if world > 1:  # fsdp: one rank's step forecast with FSDP2 sharding over a fake group (nothing runs out of memory)
+            fc, where = _sharded(cfg, rcfg, prof, info, memory, budget, scan.worst_item, world)
+            if fc is None:
+                return Check("memory.fit", "skip", where)
+            if not isinstance(tuning, Tuning):
+                tuning = predict_for_profile(fc.cfg, prof, fc=fc)
+            peak = tuning.predicted_peak_bytes if tuning.micro_batch_size == m else fc.step(m).peak
+            usable, how = fc.usable, f"predicted for one of {world} ranks, train.strategy: fsdp"
+        elif budget or (memory is not None and card_here(prof, info)):  # measured on the device in hand
             where = f"--memory-budget {fmt_bytes(budget)} (simulated)" if memory.kind == "simulated" else info.name
             usable = usable_bytes(memory, rcfg.memory.headroom)
             if tuning is None:
@@ -321,6 +352,29 @@ def memory_check(trainer, cfg, rcfg, prof, info, budget: int | None, tuning, sca
     return Check("memory.fit", "fail", head + (": it does not fit" if not smaller else f": guard.on_oom is stop, so train would end at step 1{choice}"),
                  f"set train.micro_batch_size: {smaller} (or auto)" if smaller else
                  "a smaller micro-batch, a smaller model, precision fp16/bf16, gradient checkpointing, or a larger card")
+
+
+def _sharded(cfg, rcfg, prof, info, memory, budget: int | None, item, world: int):
+    """fsdp: the forecast of one rank's step against what it has: the budget, the card in hand, the
+    node's free RAM shared by its ranks (a CPU), or else the profile's card. Returns (forecast,
+    where), or (None, why not)."""
+    from trainguard.memory.autoconfig import sharded_forecast
+    from trainguard.memory.meter import SimulatedMemory
+
+    here = memory is not None and bool(budget or card_here(prof, info))
+    pcfg = rcfg.model_copy(deep=True)
+    if not here:  # the profile's card: its precision, as for a replicated model below
+        pcfg.train.precision = prof.precision if cfg.train.precision == "auto" else cfg.train.precision
+    if pcfg.train.precision == "bf16" and prof.device == "cuda" and not prof.bf16:
+        return None, f"no forecast: {prof.name} cannot run bf16 (see hardware.precision)"
+    limit = memory if here else None
+    where = (f"--memory-budget {fmt_bytes(budget)} (simulated)" if budget else info.name if here
+             else f"{prof.name} ({prof.description}, {pcfg.train.precision})")
+    if memory is None and prof.device != "cuda" and card_here(prof, info):
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        limit = SimulatedMemory(int(info.free_memory_gb * GiB / local), name="free RAM")
+        where = f"free RAM on {info.name}, shared by {local} ranks"
+    return sharded_forecast(pcfg, prof, limit, item, world), where
 
 
 def ram_check(trainer, item, info, here: bool) -> Check | None:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -158,21 +159,30 @@ class ProfileForecast:
     limit: int
     usable: int
     costs: dict
+    world: int = 1  # train.strategy: fsdp over this many ranks (1: the whole model on the card)
+    memory: object = None  # the device memory of a run in progress: not to count the forecast's fake tensors
 
     def step(self, m: int):
-        """The predicted :class:`~trainguard.memory.trial.Trial` at micro-batch ``m``."""
+        """The predicted :class:`~trainguard.memory.trial.Trial` at micro-batch ``m`` (one rank's, sharded)."""
+        if self.memory is not None:
+            with self.memory.paused():
+                return ProfileForecast.step(dataclasses.replace(self, memory=None), m)
         from trainguard.engine.optim import build_optimizer
         from trainguard.memory import predict
 
-        return predict.fake_step(self.model, self.loss_fn, self.cfg.data.fields, lambda ps: build_optimizer(ps, self.cfg.optim),
-                                 self.item, m, self.precision,
-                                 sum(v for k, v in self.costs.items() if k != "cuda_context"),  # the context is outside the allocator
-                                 m < self.cfg.train.batch_size, cuda=self.prof.device == "cuda")
+        args = (self.model, self.loss_fn, self.cfg.data.fields, lambda ps: build_optimizer(ps, self.cfg.optim),
+                self.item, m, self.precision)
+        kwargs = dict(extra=sum(v for k, v in self.costs.items() if k != "cuda_context"),  # the context is outside the allocator
+                      accumulate=m < self.cfg.train.batch_size, cuda=self.prof.device == "cuda")
+        if self.world > 1:
+            return predict.fake_sharded_step(*args, self.world, **kwargs)
+        return predict.fake_step(*args, **kwargs)
 
 
-def forecast(cfg, prof, model=None, loss_fn=None, item=None) -> ProfileForecast:
+def forecast(cfg, prof, model=None, loss_fn=None, item=None, world: int = 1) -> ProfileForecast:
     """Set up :class:`ProfileForecast`; the model, loss and worst-case item are built (the model
-    on ``meta``: no memory for its weights) unless given."""
+    on ``meta``: no memory for its weights) unless given. ``world`` > 1: one rank of an fsdp job,
+    whose ``cfg.train.batch_size`` is the rank's share."""
     import torch
 
     from trainguard.config.instantiate import instantiate
@@ -192,7 +202,23 @@ def forecast(cfg, prof, model=None, loss_fn=None, item=None) -> ProfileForecast:
     costs = predict.fixed_costs(prof)
     limit = int(prof.memory_gb * 2**30)
     usable = int(limit * (1 - cfg.memory.headroom)) - costs.get("cuda_context", 0)
-    return ProfileForecast(cfg, prof, model, loss_fn, item, cfg.train.precision, limit, usable, costs)
+    return ProfileForecast(cfg, prof, model, loss_fn, item, cfg.train.precision, limit, usable, costs, world)
+
+
+def sharded_forecast(cfg, prof, memory, item, world: int) -> ProfileForecast:
+    """``train.strategy: fsdp``: the forecast of one rank's step (:func:`forecast` with ``world``),
+    against the memory in hand (``memory``: a CUDA card or a ``--memory-budget``, less its headroom
+    and, on a card, the workspaces the forecast adds) or, without it, the profile's card. Used
+    for fsdp in place of trial steps, which would run out of memory on purpose in the middle of the
+    ranks' collectives. Every rank computes the same answer: the forecast exchanges nothing."""
+    fc = forecast(cfg, prof, item=item, world=world)
+    if memory is not None:
+        fc.memory = memory
+        fc.limit = memory.limit
+        fc.usable = usable_bytes(memory, cfg.memory.headroom)
+        if memory.kind != "cuda":  # a simulated budget: no card's fixed costs
+            fc.costs = {}
+    return fc
 
 
 def predict_for_profile(cfg, prof, on_trial=None, fc: ProfileForecast | None = None) -> Tuning:

@@ -198,6 +198,44 @@ class _Call(nn.Module):
         return self.step(data)
 
 
+def _cuda_modes(cuda: bool, low: torch.dtype | None) -> list:
+    """The modes that make a CPU step allocate as a CUDA one would (fresh ones per call)."""
+    return [ShapeOnlyKernels()] + ([CudaAttention()] if cuda else []) + ([CudaAutocast(low)] if low is not None else [])
+
+
+def _step_phases(adapter: ModelAdapter, tracker: TensorMemory, phases: dict, extra: int, low, cuda: bool,
+                 around: Callable[[Callable[[Any], None], Any], None], data: Any, opt: torch.optim.Optimizer) -> None:
+    """Forward, backward and optimizer step on ``data``, each phase's peak into ``phases``.
+    ``around(step, data)`` runs the forward and backward (inside a parameter swap, or directly)."""
+
+    def forward_backward(data) -> None:
+        modes = _cuda_modes(cuda, low)
+        with contextlib.ExitStack() as stack:
+            for mode in modes:
+                stack.enter_context(mode)
+            _, loss, _ = adapter(data)
+        if low is not None:
+            modes[-1].cache.clear()  # autocast frees its weight casts when the region ends
+        phases["forward"] = tracker.peak + extra
+        tracker.reset_peak()
+        with _modes_in_recompute(lambda: _cuda_modes(cuda, low)):
+            loss.backward()
+        del loss
+        phases["backward"] = tracker.peak + extra
+
+    tracker.reset_peak()
+    around(forward_backward, data)
+    tracker.reset_peak()
+    opt.step()
+    phases["optimizer"] = tracker.peak + extra
+
+
+def _fake(t: torch.Tensor, grad: bool, rows: int | None = None) -> torch.Tensor:
+    """Inside ``FakeTensorMode``: a fake tensor shaped as ``t`` (with ``rows`` rows)."""
+    shape = t.shape if rows is None else (rows, *t.shape[1:])
+    return torch.empty(shape, dtype=t.dtype, device="cpu").requires_grad_(grad)
+
+
 def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[[list], torch.optim.Optimizer],
               item: Any, m: int, precision: str, extra: int = 0, accumulate: bool = True, cuda: bool = False) -> Trial:
     """Peak bytes of each phase of one training step at micro-batch ``m`` (``item`` repeated),
@@ -207,35 +245,16 @@ def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[
     from torch._subclasses.fake_tensor import FakeTensorMode  # the supported way to run without data
 
     one = worst_case_batch(item, 1)  # real shapes of one sample; the fake batch gets m rows without the data
-    fm = FakeTensorMode(allow_non_fake_inputs=False)
     tracker = TensorMemory(None)
     adapter = ModelAdapter(model, loss_fn, fields)
     phases: dict[str, int] = {}
     low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-
-    def forward_backward(data) -> None:
-        cast = CudaAutocast(low) if low is not None else contextlib.nullcontext()
-        with ShapeOnlyKernels(), CudaAttention() if cuda else contextlib.nullcontext(), cast:
-            _, loss, _ = adapter(data)
-        if low is not None:
-            cast.cache.clear()  # autocast frees its weight casts when the region ends
-        phases["forward"] = tracker.peak + extra
-        tracker.reset_peak()
-        with _modes_in_recompute(lambda: [ShapeOnlyKernels()] + ([CudaAttention()] if cuda else [])
-                                 + ([CudaAutocast(low)] if low else [])):
-            loss.backward()
-        del loss
-        phases["backward"] = tracker.peak + extra
-
-    call = _Call(adapter, forward_backward)
-    with fm:
-        def fake(t: torch.Tensor, grad: bool, rows: int | None = None) -> torch.Tensor:
-            shape = t.shape if rows is None else (rows, *t.shape[1:])
-            return torch.empty(shape, dtype=t.dtype, device="cpu").requires_grad_(grad)
-
-        params = {f"inner.{n}": fake(p, p.requires_grad) for n, p in model.named_parameters()}
-        buffers = {f"inner.{n}": fake(b, False) for n, b in model.named_buffers()}
-        data = _fake_batch(one, fake, m)
+    holder: dict[str, Callable] = {}
+    call = _Call(adapter, lambda data: holder["step"](data))
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        params = {f"inner.{n}": _fake(p, p.requires_grad) for n, p in model.named_parameters()}
+        buffers = {f"inner.{n}": _fake(b, False) for n, b in model.named_buffers()}
+        data = _fake_batch(one, _fake, m)
         with tracker:
             tracker.track(list(params.values()), list(buffers.values()), data)
             opt = make_optimizer([p for p in params.values() if p.requires_grad])
@@ -244,11 +263,58 @@ def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[
                 for p in params.values():
                     if p.requires_grad:
                         p.grad = torch.zeros_like(p)
-            tracker.reset_peak()
-            torch.func.functional_call(call, {**params, **buffers}, (data,))
-            tracker.reset_peak()
-            opt.step()
-            phases["optimizer"] = tracker.peak + extra
+
+            def swapped(step, data):  # the model's own parameters replaced by the fake ones
+                holder["step"] = step
+                torch.func.functional_call(call, {**params, **buffers}, (data,))
+
+            _step_phases(adapter, tracker, phases, extra, low, cuda, swapped, data, opt)
+    return Trial(m, False, phases)
+
+
+def fake_sharded_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[[list], torch.optim.Optimizer],
+                      item: Any, m: int, precision: str, world: int, extra: int = 0, accumulate: bool = True,
+                      cuda: bool = False) -> Trial:
+    """:func:`fake_step` for ``train.strategy: fsdp`` on ``world`` ranks: one rank's peaks, with
+    FSDP2 itself sharding a copy of ``model`` as train does (``distributed.shard``) over a fake
+    process group (:func:`trainguard.distributed.fake_mesh`). The counter sees FSDP2 gather a
+    block's parameters and free them again (``UntypedStorage.resize_``), and the shards of the
+    parameters, gradients and optimizer state (DTensors, counted by their local tensors).
+
+    ``cuda``: on a card FSDP2 gathers the next block while the current one computes (its streams
+    overlap them; on CPU it runs them in turn), and the backward's reduce-scatter of one block
+    overlaps the next block's gradients: one block's parameters more are added to the forward,
+    and a block's parameters and gradients to the backward."""
+    import copy
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from trainguard import distributed
+
+    shell = copy.deepcopy(model)  # sharding changes the module: the forecast keeps the caller's whole
+    block = max((sum(p.numel() * p.element_size() for p in b.parameters()) for b in distributed.blocks(shell)), default=0)
+    overlap = {"forward": block, "backward": 2 * block} if cuda else {}
+    one = worst_case_batch(item, 1)
+    tracker = TensorMemory(None)
+    adapter = ModelAdapter(shell, loss_fn, fields)
+    phases: dict[str, int] = {}
+    low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    with distributed.fake_mesh(world) as mesh:
+        distributed.shard(shell, torch.device("cpu"), mesh=mesh)
+        with FakeTensorMode(allow_non_fake_inputs=True):  # FSDP2 keeps a few real (meta) tensors of its own
+            shell.to_empty(device="cpu")
+            data = _fake_batch(one, _fake, m)
+            with tracker:
+                tracker.track(shell, data)
+                opt = make_optimizer([p for p in shell.parameters() if p.requires_grad])
+                materialize_state(opt)
+                if accumulate:
+                    for p in shell.parameters():
+                        if p.requires_grad:
+                            p.grad = torch.zeros_like(p)
+                _step_phases(adapter, tracker, phases, extra, low, cuda, lambda step, data: step(data), data, opt)
+    for phase, n in overlap.items():
+        phases[phase] += n
     return Trial(m, False, phases)
 
 

@@ -11,6 +11,15 @@ Gradients made by the autograd engine are counted too: the mode is active in the
 It nests inside ``FakeTensorMode`` (fake tensors have storages of their real size), which is how
 :mod:`trainguard.memory.predict` measures a step without computing it.
 
+A wrapper subclass (a DTensor: FSDP2's parameters, their gradients and optimizer state) is
+counted by the tensors it wraps (``__tensor_flatten__``): its own storage has the whole tensor's
+size but holds no data.
+
+A storage can also change size in place, ``UntypedStorage.resize_``, which no dispatch mode sees:
+FSDP2 frees each block's gathered parameters that way after its forward and backward, and grows
+them again before the next all-gather. While a tracker is entered, ``resize_`` is wrapped (as
+torch's own ``MemTracker`` does) so the live bytes follow it, and a growth past the limit raises.
+
 ``torch.utils._python_dispatch.TorchDispatchMode`` and ``torch.utils.weak`` are the documented way
 to write a dispatch mode, though their modules are underscored or internal; both are used only
 here, and tests/test_memory.py checks the counts against torch's own MemTracker.
@@ -22,12 +31,38 @@ import os
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils.weak import WeakIdKeyDictionary
 
 from trainguard.memory.sizes import fmt_bytes
 
 BLOCK = 512  # the CUDA caching allocator's rounding
+
+
+def _rounded(nbytes: int) -> int:
+    return -(-nbytes // BLOCK) * BLOCK
+
+
+_ACTIVE: list["TensorMemory"] = []  # trackers entered now: each sees every resize_
+_ORIGINAL_RESIZE = torch.UntypedStorage.resize_
+
+
+def _resize(st: torch.UntypedStorage, nbytes: int):
+    for tracker in _ACTIVE:
+        tracker._resizing(st, nbytes)
+    out = _ORIGINAL_RESIZE(st, nbytes)
+    for tracker in _ACTIVE:
+        tracker._resized(st)
+    return out
+
+
+def _watch_resizes(tracker: "TensorMemory", on: bool) -> None:
+    """Wrap ``UntypedStorage.resize_`` while at least one tracker is entered."""
+    if on:
+        _ACTIVE.append(tracker)
+    elif tracker in _ACTIVE:
+        _ACTIVE.remove(tracker)
+    torch.UntypedStorage.resize_ = _resize if _ACTIVE else _ORIGINAL_RESIZE
 
 
 def _tensors(x):
@@ -63,23 +98,56 @@ class TensorMemory(TorchDispatchMode):
         self.paused = False   # True: neither count nor raise (host-side copies made by the search)
 
     # ---- counting ---------------------------------------------------------------------------
-    def _free(self, n: int) -> None:
-        self.live -= n
+    def _free(self, cell: list[int]) -> None:
+        self.live -= cell[0]
 
     def _add(self, t: torch.Tensor) -> int:
+        if is_traceable_wrapper_subclass(t):  # a DTensor's storage holds no data: its local tensor's does
+            attrs, _ = t.__tensor_flatten__()
+            return sum(self._add(v) for v in (getattr(t, a) for a in attrs) if isinstance(v, torch.Tensor))
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse, nested, or a subclass without one storage
             return 0
+        return self._add_storage(st)
+
+    def _add_storage(self, st: torch.UntypedStorage) -> int:
         if st in self._sizes:
             return 0
-        n = -(-st.nbytes() // BLOCK) * BLOCK
-        self._sizes[st] = n
-        weakref.finalize(st, self._free, n)
+        cell = [_rounded(st.nbytes())]  # the storage's current size: resize_ changes it
+        self._sizes[st] = cell
+        weakref.finalize(st, self._free, cell)
+        return self._grow(cell[0])
+
+    def _grow(self, n: int) -> int:
         self.live += n
         if self.live > self.peak:
             self.peak = self.live
         return n
+
+    def _resizing(self, st: torch.UntypedStorage, nbytes: int) -> None:
+        """Before ``st.resize_(nbytes)``: past the limit, raise as the allocation would."""
+        if self.paused or not self.enforce or self.limit is None or os.getpid() != self._pid:
+            return
+        cell = self._sizes.get(st)
+        grow = _rounded(nbytes) - (cell[0] if cell is not None else 0)
+        if grow > 0 and self.live + grow > self.limit:
+            raise torch.OutOfMemoryError(
+                f"out of memory under the {self.name} of {fmt_bytes(self.limit)} (simulated on the CPU): "
+                f"tried to allocate {fmt_bytes(grow)} in UntypedStorage.resize_, with {fmt_bytes(self.live)} in use")
+
+    def _resized(self, st: torch.UntypedStorage) -> None:
+        """After ``st.resize_``: the live bytes follow the storage's new size."""
+        if self.paused or os.getpid() != self._pid:
+            return
+        cell = self._sizes.get(st)
+        if cell is None:
+            self._add_storage(st)
+            return
+        new = _rounded(st.nbytes())
+        self.live -= cell[0]
+        cell[0] = new
+        self._grow(new)
 
     def track(self, *objs) -> None:
         """Count tensors created outside the mode: modules (parameters, gradients, buffers),
@@ -103,6 +171,14 @@ class TensorMemory(TorchDispatchMode):
         self.peak = self.live
 
     # ---- the mode -------------------------------------------------------------------------------
+    def __enter__(self):
+        _watch_resizes(self, True)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _watch_resizes(self, False)
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if self.paused or os.getpid() != self._pid:
