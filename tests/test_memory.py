@@ -188,6 +188,31 @@ def test_autoconfig_under_a_budget_finds_the_largest_micro_batch(cli, tmp_path):
     assert code == 0, out
 
 
+def test_the_whole_batch_is_chosen_when_it_fits_without_accumulation():
+    """Below train.batch_size a micro-batch accumulates: the previous gradients are held beside the
+    new ones. At batch_size itself they are not, so it can fit where batch_size - 1 does not; the
+    search (which assumes memory grows with the micro-batch) misses that, and one more step checks it."""
+    from trainguard.memory.autoconfig import _choose, _whole_batch
+    from trainguard.memory.search import search
+    from trainguard.memory.trial import Trial
+
+    bs, grads = 8, 120
+
+    def step(m: int) -> Trial:  # 100 fixed, 50 per sample, and the held gradients when accumulating
+        return Trial(m, False, {"backward": 100 + 50 * m + (grads if m < bs else 0)})
+
+    usable = 100 + 50 * bs  # the whole batch fits (500); 6 samples with the held gradients (520) do not
+    res = search(step, usable, bs)
+    assert res.largest < bs and _choose(res, bs)[0] == 4  # without the check: 4 x 2 accumulation
+    seen = []
+    _whole_batch(res, step, bs, seen.append)
+    assert res.largest == bs and _choose(res, bs)[0] == bs and [t.m for t in seen] == [bs]
+
+    res = search(step, usable - 1, bs)  # one byte less: the whole batch does not fit either
+    _whole_batch(res, step, bs, None)
+    assert res.largest < bs and res.trials[-1].m == bs and not res.trials[-1].fits(usable - 1)
+
+
 def test_auto_micro_batch_in_train_searches_once_then_uses_the_cache(cli, tmp_path):
     sections = {**AUTO, "train": {**AUTO["train"], "micro_batch_size": "auto"}}
     code, out, summary, events, _ = train(cli, tmp_path, "a1", "--memory-budget", "400KB", **sections)

@@ -63,6 +63,22 @@ def usable_bytes(memory, headroom: float) -> int:
     return usable
 
 
+def _whole_batch(res: SearchResult, measure: Callable[[int], Trial], batch_size: int,
+                 on_trial: Callable[[Trial], None] | None) -> None:
+    """The search assumes memory grows with the micro-batch, but at ``batch_size`` itself there is
+    no accumulation, so no gradient is held from an earlier micro-batch: the whole batch can fit
+    where one sample less, accumulating, does not. Measured once when the search stopped short of
+    it by at most half (the most that holding no gradients can make up for a model whose gradients
+    are a sizable part of its step)."""
+    if res.largest < batch_size <= 2 * res.largest and all(t.m != batch_size for t in res.trials):
+        t = measure(batch_size)
+        res.trials.append(t)
+        if on_trial:
+            on_trial(t)
+        if t.fits(res.usable):
+            res.largest = batch_size
+
+
 def _choose(res: SearchResult, batch_size: int) -> tuple[int, list[str]]:
     m = divisor_at_most(batch_size, res.largest)
     notes = []
@@ -95,6 +111,8 @@ def tune(trainer, batch_size: int, headroom: float, on_trial: Callable[[Trial], 
         if res.largest == 0:
             need = res.trials[0].peak if not res.trials[0].oom else None
             raise too_small(need, usable, mem.limit, headroom)
+        _whole_batch(res, lambda m: trial.measure(trainer, item, m, enforce=False, accumulate=False, batch_size=batch_size),
+                     batch_size, on_trial)
     m, notes = _choose(res, batch_size)
     peak = next((t.peak for t in res.trials if t.m == m and not t.oom), None) or (round(res.lines.predict(m)) if res.lines else None)
     return Tuning(m, batch_size // m, batch_size, trainer.precision, 0, mem.limit, usable, peak, "measured",
@@ -229,6 +247,7 @@ def predict_for_profile(cfg, prof, on_trial=None, fc: ProfileForecast | None = N
     res = search(fc.step, fc.usable, 4096 * bs, on_trial=on_trial)
     if res.largest == 0:
         raise too_small(res.trials[0].peak, fc.usable, fc.limit, cfg.memory.headroom, f" on {prof.name}")
+    _whole_batch(res, fc.step, bs, on_trial)
     m, notes = _choose(res, bs)
     if res.largest > bs:
         notes = [f"the card fits up to {res.largest} samples per micro-batch: train.batch_size {bs} "
