@@ -276,7 +276,8 @@ def test_fsdp_memory_per_rank_is_below_ddp_and_forecast_by_diagnose_and_auto(tmp
     budget's counter) is below ddp's. ``diagnose`` under torchrun builds and steps the model sharded,
     as train does, and forecasts one rank's peak with FSDP2 sharding over a fake process group: within
     5% of what the run then peaks at. ``micro_batch_size: auto`` under fsdp takes the forecast's answer
-    (no trial step runs out of memory in the ranks' collectives), and the run peaks where it said."""
+    (no trial step runs out of memory in the ranks' collectives), and the run peaks where it said;
+    ``autoconfig --nproc-per-node 2`` gives the same answer from one process."""
     import json
     import re
 
@@ -308,6 +309,14 @@ def test_fsdp_memory_per_rank_is_below_ddp_and_forecast_by_diagnose_and_auto(tmp
     assert summary["status"] == "completed" and summary["micro_batch_size"] == int(said.group(1)) < 8
     assert abs(float(said.group(2)) * 2**20 / peaks(tmp_path / "auto") - 1) < 0.05
     assert not [e for e in read_jsonl(tmp_path / "auto" / "events.jsonl") if e["type"] == "oom"]
+
+    # `autoconfig --nproc-per-node 2` (one process, the fake group of 2) answers what the job chose
+    tuned = subprocess.run([sys.executable, "-m", "trainguard", "autoconfig", "--config", str(cfg), "--memory-budget", "4MB",
+                            "--nproc-per-node", "2", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert tuned.returncode == 0, tuned.stderr
+    t = json.loads(tuned.stdout)
+    assert (t["micro_batch_size"], t["grad_accum"], t["processes"], t["batch_size"]) == (summary["micro_batch_size"], 2, 2, 16)
+    assert t["method"] == "predicted" and abs(t["predicted_peak_bytes"] / peaks(tmp_path / "auto") - 1) < 0.05
 
 
 def test_fsdp_samples_that_fail_to_load_on_one_rank_neither_hang_nor_bias_the_mean(tmp_path):

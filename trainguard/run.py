@@ -270,7 +270,7 @@ def _tune_micro_batch(trainer: Trainer, cfg: Config, prof, info) -> int:
             share = cfg.model_copy(deep=True)
             share.train.batch_size //= world
             fc = sharded_forecast(share, prof, trainer.memory, trainer.data.scan().worst_item, world)
-            tuning, cached = predict_for_profile(share, prof, fc=fc), False
+            tuning, cached = predict_for_profile(share, prof, fc=fc, processes=world), False
         else:
             tuning, cached = cached_tune(trainer, cfg, info.name, world=world)
     if world > 1:  # every rank searched its own card: the smallest answer fits them all

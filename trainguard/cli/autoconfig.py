@@ -18,6 +18,7 @@ def autoconfig_command(
     set_: SetOpt = None,
     memory_budget: BudgetOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the tuned config here, ready for `trainguard train --config`.")] = None,
+    nproc_per_node: Annotated[int, typer.Option("--nproc-per-node", min=1, help="Tune for a job of N processes: each steps on train.batch_size / N samples; with train.strategy: fsdp, one rank's step with the model sharded over N (forecast).")] = 1,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
@@ -42,7 +43,8 @@ def autoconfig_command(
                 what = "out of memory" if t.oom else f"peak {fmt_bytes(t.peak)}"
                 bar.update(task, advance=1, description=f"micro-batch {t.m}: {what}")
 
-            tuning, tuned = autoconfigure(config, profile=profile, overrides=set_ or [], memory_budget=budget, on_trial=on_trial)
+            tuning, tuned = autoconfigure(config, profile=profile, overrides=set_ or [], memory_budget=budget, on_trial=on_trial,
+                                          processes=nproc_per_node)
         if out is not None:
             header = (f"# trainguard train --config {out}\n# tuned by `trainguard autoconfig` for {tuning.profile} "
                       f"({tuning.method}): micro-batch {tuning.micro_batch_size} x {tuning.grad_accum} accumulation\n")
@@ -54,7 +56,8 @@ def autoconfig_command(
 
         t = Table(title=f"autoconfig: {tuning.profile} ({tuning.method})", show_header=False, box=None, padding=(0, 2))
         rows = [("micro_batch_size", tuning.micro_batch_size),
-                ("grad_accum", f"{tuning.grad_accum}  (x micro = batch_size {tuning.batch_size})"),
+                ("grad_accum", f"{tuning.grad_accum}  (x micro" + (f" x {tuning.processes} processes" if tuning.processes > 1 else "")
+                 + f" = batch_size {tuning.batch_size})"),
                 ("precision", tuning.precision), ("num_workers", tuning.num_workers),
                 ("peak memory", f"{fmt_bytes(tuning.predicted_peak_bytes)} of {fmt_bytes(tuning.usable_bytes)} usable"),
                 ("memory limit", fmt_bytes(tuning.memory_limit_bytes)),

@@ -134,7 +134,7 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
                     fc, why = _sharded(cfg, rcfg, prof, info, memory, memory_budget, scan.worst_item, world)
                     if fc is None:
                         raise TrainguardError(why, "set train.micro_batch_size to a number")
-                    tuning = predict_for_profile(fc.cfg, prof, fc=fc)
+                    tuning = predict_for_profile(fc.cfg, prof, fc=fc, processes=world)
                 else:
                     tuning, _ = cached_tune(trainer, rcfg, info.name)
                 trainer.micro_batch_size = rcfg.train.micro_batch_size = tuning.micro_batch_size
@@ -305,7 +305,7 @@ def memory_check(trainer, cfg, rcfg, prof, info, budget: int | None, tuning, sca
             if fc is None:
                 return Check("memory.fit", "skip", where)
             if not isinstance(tuning, Tuning):
-                tuning = predict_for_profile(fc.cfg, prof, fc=fc)
+                tuning = predict_for_profile(fc.cfg, prof, fc=fc, processes=world)
             peak = tuning.predicted_peak_bytes if tuning.micro_batch_size == m else fc.step(m).peak
             usable, how = fc.usable, f"predicted for one of {world} ranks, train.strategy: fsdp"
         elif budget or (memory is not None and card_here(prof, info)):  # measured on the device in hand

@@ -45,6 +45,7 @@ class Tuning:
     device: str = ""
     profile: str = ""
     notes: list[str] = field(default_factory=list)
+    processes: int = 1                   # micro_batch_size x grad_accum x processes = batch_size
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -79,13 +80,19 @@ def _whole_batch(res: SearchResult, measure: Callable[[int], Trial], batch_size:
             res.largest = batch_size
 
 
-def _choose(res: SearchResult, batch_size: int) -> tuple[int, list[str]]:
+def _batch(batch_size: int, processes: int) -> str:
+    """How the notes name the samples a micro-batch must divide: one process's share in a job."""
+    return (f"train.batch_size {batch_size}" if processes == 1 else
+            f"the {batch_size} samples per process (train.batch_size {batch_size * processes} / {processes})")
+
+
+def _choose(res: SearchResult, batch_size: int, processes: int = 1) -> tuple[int, list[str]]:
     m = divisor_at_most(batch_size, res.largest)
     notes = []
     if m < res.largest:
         notes.append(f"up to {res.largest} samples fit per micro-batch; {m} is the largest that divides "
-                     f"train.batch_size {batch_size}" + ("" if m * 4 >= res.largest * 3 else
-                                                         " (a batch_size with more divisors would use the memory better)"))
+                     + _batch(batch_size, processes) + ("" if m * 4 >= res.largest * 3 else
+                                                        " (a batch_size with more divisors would use the memory better)"))
     return m, notes
 
 
@@ -94,7 +101,8 @@ def too_small(need: int | None, usable: int, limit: int, headroom: float, where:
         need, f"{fmt_bytes(usable)} usable{where} ({fmt_bytes(limit)} less {headroom:.0%} headroom)"))
 
 
-def tune(trainer, batch_size: int, headroom: float, on_trial: Callable[[Trial], None] | None = None) -> Tuning:
+def tune(trainer, batch_size: int, headroom: float, on_trial: Callable[[Trial], None] | None = None,
+         processes: int = 1) -> Tuning:
     """Search the largest micro-batch on ``trainer``'s device; the trainer is left as it was.
 
     Must run before the first step (see :func:`trainguard.memory.trial.preserved`).
@@ -113,7 +121,7 @@ def tune(trainer, batch_size: int, headroom: float, on_trial: Callable[[Trial], 
             raise too_small(need, usable, mem.limit, headroom)
         _whole_batch(res, lambda m: trial.measure(trainer, item, m, enforce=False, accumulate=False, batch_size=batch_size),
                      batch_size, on_trial)
-    m, notes = _choose(res, batch_size)
+    m, notes = _choose(res, batch_size, processes)
     peak = next((t.peak for t in res.trials if t.m == m and not t.oom), None) or (round(res.lines.predict(m)) if res.lines else None)
     return Tuning(m, batch_size // m, batch_size, trainer.precision, 0, mem.limit, usable, peak, "measured",
                   res.largest, len(res.trials), notes=notes)
@@ -149,7 +157,7 @@ def cached_tune(trainer, cfg, device_name: str, on_trial=None, world: int = 1) -
     hit = _read_cache().get(key)
     if hit:
         return Tuning(**{**hit, "method": "cached"}), True
-    tuning = tune(trainer, cfg.train.batch_size // world, cfg.memory.headroom, on_trial)
+    tuning = tune(trainer, cfg.train.batch_size // world, cfg.memory.headroom, on_trial, world)
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +247,7 @@ def sharded_forecast(cfg, prof, memory, item, world: int) -> ProfileForecast:
     return fc
 
 
-def predict_for_profile(cfg, prof, on_trial=None, fc: ProfileForecast | None = None) -> Tuning:
+def predict_for_profile(cfg, prof, on_trial=None, fc: ProfileForecast | None = None, processes: int = 1) -> Tuning:
     """The micro-batch search on fake tensors, against the profile's memory less its headroom and fixed costs."""
     fc = fc or forecast(cfg, prof)
     bs = cfg.train.batch_size
@@ -248,9 +256,9 @@ def predict_for_profile(cfg, prof, on_trial=None, fc: ProfileForecast | None = N
     if res.largest == 0:
         raise too_small(res.trials[0].peak, fc.usable, fc.limit, cfg.memory.headroom, f" on {prof.name}")
     _whole_batch(res, fc.step, bs, on_trial)
-    m, notes = _choose(res, bs)
+    m, notes = _choose(res, bs, processes)
     if res.largest > bs:
-        notes = [f"the card fits up to {res.largest} samples per micro-batch: train.batch_size {bs} "
+        notes = [f"the card fits up to {res.largest} samples per micro-batch: {_batch(bs, processes)} "
                  "runs without accumulation, with room for a larger batch"]
     peak = next(t.peak for t in res.trials if t.m == res.largest) if m == res.largest else fc.step(m).peak
     if fc.costs:
@@ -262,26 +270,44 @@ def predict_for_profile(cfg, prof, on_trial=None, fc: ProfileForecast | None = N
 
 # ---- `trainguard autoconfig` ------------------------------------------------------------------------
 def autoconfigure(config_path, *, profile: str | None = None, overrides: list[str] | None = None,
-                  memory_budget: int | None = None, on_trial=None) -> tuple[Tuning, dict]:
+                  memory_budget: int | None = None, on_trial=None, processes: int = 1) -> tuple[Tuning, dict]:
     """Tune a config for the device in hand (``measured``) or for a profile whose card is not here
-    (``predicted``). Returns the tuning and the user's config with the chosen values filled in."""
+    (``predicted``). Returns the tuning and the user's config with the chosen values filled in.
+    ``processes``: for a job of that many (``--nproc-per-node``), each stepping on its share of
+    ``train.batch_size``; under ``train.strategy: fsdp`` with the model sharded over them, which is
+    always forecast (:func:`sharded_forecast`), the card in hand or not."""
     from trainguard.config.load import deep_merge, load_yaml_with_extends, parse_override, resolve_config
     from trainguard.hardware.probe import probe
 
     cfg, prof, why = resolve_config(config_path, profile=profile, overrides=overrides)
     info = probe()
+    if processes > 1:
+        from trainguard.run import check_world_batch
+
+        check_world_batch(cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": "auto"})}),
+                          processes)
+    sharded = processes > 1 and cfg.train.strategy == "fsdp"
+    share = cfg.model_copy(deep=True)
+    share.train.batch_size //= processes
     if card_here(prof, info) or memory_budget:
-        tuning = _measure_here(cfg, prof, info, memory_budget, on_trial)
+        tuning = _measure_here(share, prof, info, memory_budget, on_trial, processes, sharded)
     else:
-        if cfg.train.precision == "auto":
-            cfg.train.precision = prof.precision
-        if cfg.train.precision == "bf16" and not prof.bf16:
+        if share.train.precision == "auto":
+            share.train.precision = prof.precision
+        if share.train.precision == "bf16" and not prof.bf16:
             from trainguard.errors import ConfigError
 
             raise ConfigError(f"precision bf16 is not supported on {prof.name} ({prof.description})",
                               "use --set train.precision=fp16 (with loss scaling) or fp32")
-        tuning = predict_for_profile(cfg, prof, on_trial)
+        tuning = predict_for_profile(share, prof, on_trial,
+                                     fc=sharded_forecast(share, prof, None, None, processes) if sharded else None,
+                                     processes=processes)
         tuning.notes.insert(0, f"predicted for {prof.name}: this machine has {info.name}")
+    if processes > 1:
+        tuning.processes, tuning.batch_size = processes, cfg.train.batch_size
+        tuning.notes.insert(0, f"per process: micro-batch {tuning.micro_batch_size} x {tuning.grad_accum} accumulation x "
+                               f"{processes} processes = batch_size {cfg.train.batch_size}"
+                               + (" (fsdp: one rank's step, the model sharded over them)" if sharded else ""))
     user = load_yaml_with_extends(config_path)
     for item in overrides or []:
         user = deep_merge(user, parse_override(item))
@@ -298,25 +324,33 @@ def card_here(prof, info) -> bool:
     return prof.device == info.type and (info.type != "cuda" or match_profile(info)[0].name == prof.name)
 
 
-def _measure_here(cfg, prof, info, memory_budget: int | None, on_trial) -> Tuning:
+def _measure_here(cfg, prof, info, memory_budget: int | None, on_trial, processes: int = 1,
+                  sharded: bool = False) -> Tuning:
+    """On the device in hand, for one process's share (``cfg.train.batch_size``); sharded, forecast."""
     from trainguard.memory.meter import SimulatedMemory, open_memory, prefer_expandable_segments
     from trainguard.run import _device, _resolve_runtime, build_core
 
     prefer_expandable_segments()
     cfg.train.micro_batch_size = "auto"
-    cfg, _ = _resolve_runtime(cfg, prof, info)
+    cfg, _ = _resolve_runtime(cfg, prof, info, processes)  # workers: the node's cores shared by the processes
+    cfg.train.micro_batch_size = cfg.train.batch_size  # cfg holds one process's share already
     device = _device(info)
     memory = open_memory(device, memory_budget)
-    if memory is None:  # a CPU without a budget: the RAM that is free is the limit
-        memory = SimulatedMemory(int(info.free_memory_gb * 2**30), name="free RAM")
-    memory.start()
-    try:
-        trainer = build_core(cfg, device, memory)
-        tuning = tune(trainer, cfg.train.batch_size, cfg.memory.headroom, on_trial)
-    finally:
-        memory.stop()
+    if memory is None:  # a CPU without a budget: the RAM that is free is the limit, shared by the processes
+        memory = SimulatedMemory(int(info.free_memory_gb * 2**30 / processes), name="free RAM")
+    if sharded:
+        tuning = predict_for_profile(cfg, prof, on_trial, fc=sharded_forecast(cfg, prof, memory, None, processes),
+                                     processes=processes)
+    else:
+        memory.start()
+        try:
+            trainer = build_core(cfg, device, memory)
+            tuning = tune(trainer, cfg.train.batch_size, cfg.memory.headroom, on_trial, processes)
+        finally:
+            memory.stop()
     tuning.num_workers, tuning.device, tuning.profile = int(cfg.data.num_workers), info.name, prof.name
     if memory.kind == "simulated":
         what = "--memory-budget" if memory_budget else "free RAM"
-        tuning.notes.insert(0, f"measured on {info.name} against {what} {fmt_bytes(memory.limit)} (simulated device memory)")
+        how = "forecast" if sharded else "measured"
+        tuning.notes.insert(0, f"{how} on {info.name} against {what} {fmt_bytes(memory.limit)} (simulated device memory)")
     return tuning
