@@ -347,17 +347,24 @@ def test_fsdp_samples_that_fail_to_load_on_one_rank_neither_hang_nor_bias_the_me
     assert [p.name for p in sorted((tmp_path / "two" / "checkpoints").iterdir())] == ["step_0000003", "step_0000006"]
 
 
-@pytest.mark.parametrize("case", ["nan_input", "ctc_halving"])
+@pytest.mark.parametrize("case", ["nan_input", "ctc_halving", "batchnorm_halving"])
 def test_fsdp_drops_bad_samples_that_one_rank_sees_with_both_ranks_together(tmp_path, case):
     """Bad samples only rank 1 sees, sharded: rank 1 localizes them while rank 0 takes part in each
     of its forwards (a forward is a collective), both redo the step without them, and the run
     follows one process with the same samples: the same events, module and losses. ``nan_input``:
     a NaN feature, named at the input (no forward needed for that micro-batch); ``ctc_halving``:
     two infeasible CTC targets make the reduced loss inf, found by halving (a dozen forwards on
-    rank 1 alone)."""
+    rank 1 alone); ``batchnorm_halving``: BatchNorm spreads one sample's inf over its micro-batch,
+    and the halving's parts of one sample run BatchNorm on its running statistics (in training
+    mode it raises there, which on one rank only left the other waiting in a collective)."""
     if case == "nan_input":
         sections = dict(data={"train": {"_target_": "tests.toys:MarkedBlobs", "n": 256, "nan_ids": [26]},
                               "shuffle": False, "num_workers": 0})
+        culprits = [26]
+    elif case == "batchnorm_halving":
+        sections = dict(model={"_target_": "tests.toys:NormBlocks"},
+                        data={"train": {"_target_": "tests.toys:MarkedBlobs", "n": 256, "heavy_ids": [26]},
+                              "val": None, "shuffle": False, "num_workers": 0})
         culprits = [26]
     else:
         sections = dict(model={"_target_": "tests.toys:CTCModel"},

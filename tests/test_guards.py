@@ -89,6 +89,24 @@ def test_ctc_infeasible_samples_are_skipped_and_named(cli, tmp_path):
     assert "guards:" in out  # the end-of-run report
 
 
+def test_a_bad_step_leaves_batchnorm_statistics_clean_and_its_sample_is_found_alone(cli, tmp_path):
+    """One sample overflows to inf before a BatchNorm, which spreads it over its micro-batch: the
+    halving finds it alone (a part of one sample runs BatchNorm on its running statistics, which
+    in training mode cannot normalize one sample), and the running statistics are those of the
+    healthy steps only. Before, the bad step's forward made them NaN for the rest of the run, and
+    every evaluation after it NaN, though training itself went on."""
+    code, out, summary, events, metrics = train(
+        cli, tmp_path, model={"_target_": "tests.toys:NormBlocks"},
+        data={"train": {"_target_": "tests.toys:MarkedBlobs", "n": 256, "heavy_ids": [26]},
+              "val": {"_target_": "tests.toys:Blobs", "n": 64, "sample_seed": 1}, "shuffle": False},
+        train={"max_steps": 6, "batch_size": 16, "micro_batch_size": 8, "log_every": 1, "eval_every": 3})
+    assert code == 0, out
+    skips = [e for e in events if e["type"] == "skip"]
+    assert [(e["step"], e["sample_ids"], e["module"]) for e in skips] == [(2, [26], "blocks.0.0")]
+    assert final_params_finite(summary)  # the running statistics are buffers in model.pt
+    assert [r["step"] for r in metrics if r["split"] == "val" and r["loss"] < 10] == [3, 6]
+
+
 def test_a_healed_sample_is_left_out_up_front_on_later_epochs_and_after_resume(cli, tmp_path):
     """guard.remember_bad_samples: the CTC samples found non-finite in epoch 1 are left out of
     their later batches before the forward (no bad step, no search again; the GPU measurement in

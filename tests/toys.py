@@ -535,3 +535,27 @@ class Hog(MLP):
         if x.shape[0] > self.rows and bool((x[:, 1] > 500).any()):
             torch.empty(self.nbytes // 4)
         return super().forward(x, label)
+
+
+class NormBlocks(nn.Module):
+    """Blocks of BatchNorm-Linear-ReLU in an nn.ModuleList (FSDP2 shards each block). A sample
+    marked by :class:`MarkedBlobs`'s ``heavy_ids`` (feature 1 = 1000) overflows to inf before the
+    first BatchNorm, which spreads it over every row of the micro-batch: only halving finds the
+    sample, down to parts of one sample, which BatchNorm cannot normalize alone in training mode."""
+
+    def __init__(self, dim: int = 8, hidden: int = 16, classes: int = 4, blocks: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm1d(dim if i == 0 else hidden), nn.Linear(dim if i == 0 else hidden, hidden), nn.ReLU())
+            for i in range(blocks))
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> dict:
+        h = x * torch.exp(x[:, 1:2] / 10)  # exp(100) overflows float32 on a marked sample only
+        for block in self.blocks:
+            h = block(h)
+        logits = self.head(h)
+        out = {"logits": logits}
+        if label is not None:
+            out["loss"] = F.cross_entropy(logits, label)
+        return out

@@ -28,6 +28,14 @@ def _first(found: Found | None) -> Finding | None:
     return next((f for f, _, _ in found if f is not None), None) if found else None
 
 
+def norm_statistics(model) -> list:
+    """The running statistics of every BatchNorm that keeps them (mean, var, batches seen)."""
+    from torch import nn
+
+    return [t for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
+
+
 def _culprits(found: Found) -> list[int]:
     """The sample ids every rank's finding named, sorted."""
     return sorted({i for f, _, _ in found if f is not None for i in f.sample_ids})
@@ -40,6 +48,8 @@ class Guard(Hook):
         self.cfg, self.planned, self.log, self.checkpointer = cfg, planned_samples, log, checkpointer
         self.consecutive = 0
         self.rollbacks = 0
+        self.norm_stats: list = []   # BatchNorm running statistics, and their copy from before this step
+        self._stats_before: list = []
         self.lr_scale = 1.0
         self.overflow_steps = 0
         self.window: deque[float] = deque(maxlen=cfg.spike_window)
@@ -70,11 +80,14 @@ class Guard(Hook):
     # ---- events --------------------------------------------------------------------------
     def on_fit_start(self, trainer) -> None:
         self.orig_lrs = [b / self.lr_scale for b in trainer.scheduler.base_lrs]
+        self.norm_stats = norm_statistics(trainer.model)
         if self.cfg.on_nonfinite == "rollback" and self.checkpointer is not None \
                 and distributed.broadcast_object(not store.list_checkpoints(self.checkpointer.root)):
             self.checkpointer.save(trainer)  # something to roll back to before step 1 (rank 0 decides)
 
     def on_step_start(self, trainer) -> None:
+        if self.norm_stats:  # a few KB: what a non-finite step's forward must not leave in them
+            self._stats_before = [t.clone() for t in self.norm_stats]
         if self.known_bad:
             self._drop_known_bad(trainer)
         if trainer.world.size == 1:
@@ -129,6 +142,10 @@ class Guard(Hook):
                 return
             return self._bad_step(trainer, "the fp16 loss scale collapsed (gradients overflow at any scale)", None)
         if bad:
+            # the forward's inf/NaN went into BatchNorm's running statistics too (and from there into
+            # every later evaluation): they are put back before the search and the retry or skip
+            for t, before in zip(self.norm_stats, self._stats_before):
+                t.copy_(before)
             # a rank whose own step was finite has nothing to find. Sharded (FSDP2), a forward is a
             # collective, so every rank takes part in the forwards of those that search; and the
             # gradients were reduced in the backward, so a rank is bad by its loss alone: when no

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from trainguard import distributed
+from trainguard.errors import RunFailed, first_line
 from trainguard.engine.batch import slice_batch, split_batch, to_device
 from trainguard.engine.precision import autocast
 
@@ -78,6 +79,38 @@ def preserved_state(model: nn.Module):
                     v.copy_(buffers[k])
 
 
+@contextlib.contextmanager
+def _norm_statistics_frozen(model: nn.Module):
+    """The search's forwards leave BatchNorm's running statistics as they were before the bad step
+    (the guard put them back): a part holding the bad sample would otherwise make them NaN for the
+    parts after it that run on them (:func:`_batchnorm_alone`)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False  # in training mode: batch statistics, nothing written back
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+@contextlib.contextmanager
+def _batchnorm_alone(model: nn.Module, rows: int):
+    """BatchNorm in training mode cannot normalize one sample (a batch variance needs two values)
+    and raises: a part of one sample runs it on its running statistics instead (eval mode), so the
+    search can still tell a bad sample from a good one. (Sharded, a forward that raised on one
+    rank only would leave the others inside its collectives.) The buffers are restored by
+    :func:`preserved_state` as for every search forward."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] if rows == 1 else []
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (FSDP2), else the tensor: checking it needs no collective."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -93,7 +126,7 @@ def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, devi
         if not torch.isfinite(_local(p)).all():
             return Finding("parameter", name)
     first: Finding | None = None
-    with preserved_state(model), torch.no_grad():
+    with preserved_state(model), torch.no_grad(), _norm_statistics_frozen(model):
         offset = 0
         for micro, k in split_batch(batch.data, micro_batch_size):
             ids = batch.ids[offset:offset + k]
@@ -134,7 +167,13 @@ class Lockstep:
 
     def __call__(self, data):
         self._round(True)
-        return self.adapter(data)
+        try:
+            return self.adapter(data)
+        except Exception as e:  # the other ranks are inside this forward's collectives: it cannot be undone
+            raise RunFailed(f"train.strategy: fsdp: a forward of the search for bad samples raised on this rank only "
+                            f"({type(e).__name__}: {first_line(e, 160)}); the other ranks wait inside its collectives, so "
+                            "the job stops", "the model cannot run a part of the micro-batch alone: use "
+                            "train.strategy: ddp, where each rank searches alone") from e
 
     def drain(self) -> None:
         while self._round(False):
@@ -143,9 +182,9 @@ class Lockstep:
 
 def find_nonfinite_together(trainer, batch, here: bool) -> Finding | None:
     """:func:`find_nonfinite` on every rank of a sharded model at once (``here``: this rank's own
-    step was non-finite; the others only take part in its forwards). Limit: a forward that raises
-    on one rank only (the halving's parts, e.g. BatchNorm on one sample) leaves the others in a
-    collective until the process group's timeout."""
+    step was non-finite; the others only take part in its forwards). A search forward that raises
+    on one rank only (a part the model cannot run alone; BatchNorm on one sample is run on its
+    running statistics, so not that) cannot be undone: that rank stops the job (:class:`Lockstep`)."""
     data = batch.data if len(batch) else trainer._spare
     m = trainer.micro_batch_size
 
@@ -193,9 +232,9 @@ def _in_micro_batch(model: nn.Module, adapter, micro, ids: list[int], k: int, de
     if found or not torch.isfinite(loss):
         # the bad values are not per-row (a reduced loss, a mixing layer): halve the micro-batch
         # down to the samples whose loss is non-finite; or else try each sample alone
-        culprits = _halving(adapter, micro, ids, device, precision)
+        culprits = _halving(model, adapter, micro, ids, device, precision)
         if culprits is None:
-            culprits = _per_sample(adapter, micro, ids, device, precision)
+            culprits = _per_sample(model, adapter, micro, ids, device, precision)
         finding = found[0] if found else Finding("loss", "loss", ids)
         if culprits:
             finding.sample_ids = culprits
@@ -204,7 +243,7 @@ def _in_micro_batch(model: nn.Module, adapter, micro, ids: list[int], k: int, de
     return None
 
 
-def _halving(adapter, micro, ids: list[int], device, precision) -> list[int] | None:
+def _halving(model: nn.Module, adapter, micro, ids: list[int], device, precision) -> list[int] | None:
     """The samples whose loss is non-finite, found by halving: a half whose loss is finite holds
     none, and when the first half of a bad group is finite the second must be bad (not run). For
     d culprits in n samples that is about 2 d log2(n / d) forwards of shrinking size, where trying
@@ -213,7 +252,7 @@ def _halving(adapter, micro, ids: list[int], device, precision) -> list[int] | N
     [] when every sample is non-finite; None when no verdict (the whole micro-batch's loss is
     finite here, or a part cannot run alone): the caller then tries each sample alone."""
     def bad(lo: int, hi: int) -> bool:
-        with autocast(device.type, precision):
+        with autocast(device.type, precision), _batchnorm_alone(model, hi - lo):
             _, loss, _ = adapter(slice_batch(micro, lo, hi))
         return not torch.isfinite(loss).all()
 
@@ -234,21 +273,25 @@ def _halving(adapter, micro, ids: list[int], device, precision) -> list[int] | N
                 todo.append((lo, mid))
             if not left or bad(mid, hi):
                 todo.append((mid, hi))
-    except Exception:  # noqa: BLE001 - a part that cannot run alone (BatchNorm on one sample): no verdict
+    except RunFailed:
+        raise
+    except Exception:  # noqa: BLE001 - a part that cannot run alone: no verdict
         return None
     return [ids[i] for i in sorted(culprits)] if len(culprits) < n else []
 
 
-def _per_sample(adapter, micro, ids: list[int], device, precision, limit: int = 256) -> list[int] | None:
+def _per_sample(model: nn.Module, adapter, micro, ids: list[int], device, precision, limit: int = 256) -> list[int] | None:
     """The samples whose own loss is non-finite (each run alone; only on a bad step): [] when every
     one is, None when the model cannot run one sample alone."""
     bad = []
     examined = min(len(ids), limit)
     for i in range(examined):
         try:
-            with autocast(device.type, precision):
+            with autocast(device.type, precision), _batchnorm_alone(model, 1):
                 _, loss, _ = adapter(slice_batch(micro, i, i + 1))
-        except Exception:  # noqa: BLE001 - some models cannot run one sample (e.g. BatchNorm): no verdict
+        except RunFailed:
+            raise
+        except Exception:  # noqa: BLE001 - some models cannot run one sample: no verdict
             return None
         if not torch.isfinite(loss):
             bad.append(ids[i])

@@ -230,6 +230,19 @@ def _step_phases(adapter: ModelAdapter, tracker: TensorMemory, phases: dict, ext
     phases["optimizer"] = tracker.peak + extra
 
 
+def _optimizer(make_optimizer: Callable[[list], torch.optim.Optimizer], params: list[torch.Tensor],
+               accumulate: bool) -> torch.optim.Optimizer:
+    """The optimizer over the trainable ``params``, its state allocated; with ``accumulate``, their
+    gradients exist already (every micro-batch after the first)."""
+    trainable = [p for p in params if p.requires_grad]
+    opt = make_optimizer(trainable)
+    materialize_state(opt)
+    if accumulate:
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+    return opt
+
+
 def _fake(t: torch.Tensor, grad: bool, rows: int | None = None) -> torch.Tensor:
     """Inside ``FakeTensorMode``: a fake tensor shaped as ``t`` (with ``rows`` rows)."""
     shape = t.shape if rows is None else (rows, *t.shape[1:])
@@ -257,12 +270,7 @@ def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[
         data = _fake_batch(one, _fake, m)
         with tracker:
             tracker.track(list(params.values()), list(buffers.values()), data)
-            opt = make_optimizer([p for p in params.values() if p.requires_grad])
-            materialize_state(opt)
-            if accumulate:
-                for p in params.values():
-                    if p.requires_grad:
-                        p.grad = torch.zeros_like(p)
+            opt = _optimizer(make_optimizer, list(params.values()), accumulate)
 
             def swapped(step, data):  # the model's own parameters replaced by the fake ones
                 holder["step"] = step
@@ -306,12 +314,7 @@ def fake_sharded_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: C
             data = _fake_batch(one, _fake, m)
             with tracker:
                 tracker.track(shell, data)
-                opt = make_optimizer([p for p in shell.parameters() if p.requires_grad])
-                materialize_state(opt)
-                if accumulate:
-                    for p in shell.parameters():
-                        if p.requires_grad:
-                            p.grad = torch.zeros_like(p)
+                opt = _optimizer(make_optimizer, list(shell.parameters()), accumulate)
                 _step_phases(adapter, tracker, phases, extra, low, cuda, lambda step, data: step(data), data, opt)
     for phase, n in overlap.items():
         phases[phase] += n
