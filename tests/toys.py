@@ -559,3 +559,36 @@ class NormBlocks(nn.Module):
         if label is not None:
             out["loss"] = F.cross_entropy(logits, label)
         return out
+
+
+class _TrapBlock(nn.Module):
+    """Linear-ReLU; on rank 1 only, through the custom op torch.compile cannot trace (the value is unchanged)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        import os
+
+        if os.environ.get("RANK") == "1":
+            h = _double(h) / 2
+        return torch.relu(self.lin(h))
+
+
+class CompileTrap(nn.Module):
+    """Blocks (an nn.ModuleList, sharded one by one under fsdp) whose compile fails on rank 1 only."""
+
+    def __init__(self, dim: int = 8, classes: int = 4, blocks: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(_TrapBlock(dim) for _ in range(blocks))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> dict:
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(x)
+        out = {"logits": logits}
+        if label is not None:
+            out["loss"] = F.cross_entropy(logits, label)
+        return out

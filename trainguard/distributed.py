@@ -236,6 +236,50 @@ def shard(model: torch.nn.Module, device: torch.device, mesh=None) -> None:
                         "use train.strategy: ddp for this model, or change what FSDP2 refuses") from e
 
 
+class _BlockForward:
+    """A block's forward, compiled while its :class:`CompiledBlocks` runs, else eager. A call whose
+    compiling fails runs eagerly instead, then and after: FSDP's collectives are in the block's hooks,
+    outside this forward, so a rank that falls back still enters every collective with the others."""
+
+    def __init__(self, eager, switch: dict):
+        self.eager, self.compiled, self.switch = eager, torch.compile(eager), switch
+
+    def __call__(self, *args, **kwargs):
+        if self.switch["on"] and self.switch["failed"] is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - the compiler's failure: this call, and later ones, run eagerly
+                self.switch["failed"] = e
+        return self.eager(*args, **kwargs)
+
+
+class CompiledBlocks(torch.nn.Module):
+    """``train.compile`` sharded (FSDP2): each block's forward compiled (:func:`blocks`), the model and
+    its parameter names unchanged (torchtitan compiles per block too). Calling this runs the model
+    with the compiled forwards; calling the model runs it eagerly (the preflight checks both).
+    ``failed``: the exception of the first compile that failed on this rank (then it runs eagerly);
+    the preflight has the ranks agree on it. A block's forward run again in the backward (activation
+    checkpointing) runs eagerly."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self._orig_mod = model  # as torch.compile's wrapper names it: the field filter reads its forward
+        self.switch = {"on": False, "failed": None}
+        for block in blocks(model):
+            block.forward = _BlockForward(block.forward, self.switch)
+
+    @property
+    def failed(self) -> Exception | None:
+        return self.switch["failed"]
+
+    def forward(self, *args, **kwargs):
+        self.switch["on"] = True
+        try:
+            return self._orig_mod(*args, **kwargs)
+        finally:
+            self.switch["on"] = False
+
+
 _FAKE_GROUP = None  # inside a job: the fake group beside the job's, made once (every rank makes it)
 
 

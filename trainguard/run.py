@@ -120,13 +120,9 @@ def _resolve_runtime(cfg: Config, prof, info, world: int = 1) -> tuple[Config, l
     if workers == "auto":  # the node's cores shared by its processes, one left for each main loop
         workers = max(0, min(prof.num_workers, info.cpu_count // world - 1))
     pin = (info.type == "cuda") if cfg.data.pin_memory == "auto" else (cfg.data.pin_memory and info.type == "cuda")
-    sharded = world > 1 and cfg.train.strategy == "fsdp"
-    compile_ = cfg.train.compile and prof.device == info.type and not sharded
+    compile_ = cfg.train.compile and prof.device == info.type
     if cfg.train.compile and prof.device != info.type:
         notes.append(f"train.compile is ignored: profile {prof.name} is for {prof.device}, this run is on {info.type}")
-    elif cfg.train.compile and sharded:
-        notes.append("train.compile is not used with train.strategy: fsdp yet (a compile failure on one rank only "
-                     "would leave the ranks running different models)")
     cfg = cfg.model_copy(deep=True)
     cfg.train.compile = compile_
     cfg.train.precision, cfg.train.micro_batch_size = precision, mbs
@@ -251,7 +247,9 @@ def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | No
                         + (f" ({fmt_bytes(memory.limit)} available)" if memory is not None else ""),
                         "a smaller model, an optimizer with less state (optim.name: sgd), or more memory", check="memory.fit") from None
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.max_steps)
-    forward_model = torch.compile(model) if cfg.train.compile else model  # checked (or dropped) by the preflight
+    forward_model = model  # compiled: checked (or dropped) by the preflight; sharded, block by block
+    if cfg.train.compile:
+        forward_model = distributed.CompiledBlocks(model) if sharded else torch.compile(model)
     return Trainer(model=model, adapter=ModelAdapter(forward_model, loss_fn, cfg.data.fields), optimizer=optimizer,
                    scheduler=scheduler, scaler=grad_scaler(device.type, cfg.train.precision), data=data, device=device,
                    precision=cfg.train.precision, micro_batch_size=int(cfg.train.micro_batch_size), cfg=cfg.train,

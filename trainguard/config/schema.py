@@ -92,7 +92,7 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device to train on; `auto` = CUDA, then MPS, then CPU.")
     tf32: bool = Field(False, description="Allow TF32 matmuls on Ampere and newer GPUs (set by the hardware profile).")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="With several processes: `ddp` replicates the model on every rank; `fsdp` shards parameters, gradients and optimizer state over the ranks (FSDP2, `fully_shard`).")
-    compile: bool = Field(False, description="Wrap the model in torch.compile (set by the hardware profile; ignored on a device the profile is not for). If compiling fails, the run says why and trains the eager model.")
+    compile: bool = Field(False, description="Wrap the model in torch.compile (set by the hardware profile; ignored on a device the profile is not for). Under `train.strategy: fsdp`, each block's forward is compiled instead. If compiling fails, the run says why and trains the eager model.")
 
     @field_validator("micro_batch_size")
     @classmethod

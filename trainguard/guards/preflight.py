@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from trainguard import distributed
 from trainguard.engine.batch import slice_batch, to_device
 from trainguard.engine.precision import autocast
 from trainguard.errors import RunFailed, TrainguardError, first_line
@@ -163,6 +164,7 @@ def compile_or_fall_back(trainer, micro_batch) -> Check:
         return Check("model.compile", "skip", "torch.compile is not used under a simulated --memory-budget (dynamo does not "
                      "trace through the memory tracker): the run is eager", "drop --memory-budget on a CPU to run compiled")
     start = time.perf_counter()
+    blocks = trainer.adapter.model if isinstance(trainer.adapter.model, distributed.CompiledBlocks) else None
     try:
         with preserved_state(trainer.model):
             micro = to_device(micro_batch, trainer.device)
@@ -172,14 +174,27 @@ def compile_or_fall_back(trainer, micro_batch) -> Check:
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # the eager step ran: this is the compiler's failure, not the model's
-        trainer.adapter.model = trainer.model
-        return Check("model.compile", "warn", f"torch.compile failed ({type(e).__name__}: {first_line(e, 160)}); "
-                     "training runs the eager model", "set train.compile: false to skip the attempt; "
-                     "the reason above is torch's (a graph break, an op without a fake/meta kernel, ...)")
+        if blocks is not None:  # sharded, in the backward: the other ranks wait in its collectives
+            raise RunFailed(f"train.compile with train.strategy: fsdp: the compiled backward failed "
+                            f"({type(e).__name__}: {first_line(e, 160)})", "set train.compile: false") from e
+        return _fall_back(trainer, e)
     finally:
         trainer.optimizer.zero_grad(set_to_none=True)
+    if blocks is not None:  # a block that failed to compile ran eagerly on that rank: all ranks agree to
+        failed = [f"rank {r}: {msg}" for r, msg in enumerate(distributed.gather_objects(  # run one model
+            None if blocks.failed is None else f"{type(blocks.failed).__name__}: {first_line(blocks.failed, 160)}")) if msg]
+        if failed:
+            return _fall_back(trainer, None, "; ".join(failed))
     return Check("model.compile", "pass", f"torch.compile: the model compiled and ran one forward/backward "
-                 f"({time.perf_counter() - start:.1f} s)")
+                 f"({time.perf_counter() - start:.1f} s)" + (", block by block (train.strategy: fsdp)" if blocks is not None else ""))
+
+
+def _fall_back(trainer, e: Exception | None, why: str | None = None) -> Check:
+    trainer.adapter.model = trainer.model
+    why = why or f"{type(e).__name__}: {first_line(e, 160)}"
+    return Check("model.compile", "warn", f"torch.compile failed ({why}); training runs the eager model",
+                 "set train.compile: false to skip the attempt; "
+                 "the reason above is torch's (a graph break, an op without a fake/meta kernel, ...)")
 
 
 def require(checks: list[Check]) -> None:
