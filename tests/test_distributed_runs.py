@@ -415,6 +415,24 @@ def test_fsdp_drops_bad_samples_that_one_rank_sees_with_both_ranks_together(tmp_
     assert len(a) == len(b) == 6 and max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-5
 
 
+def test_fsdp_search_forward_that_raises_on_one_rank_stops_the_job_with_that_ranks_error(tmp_path):
+    """Sharded, a forward of the search for bad samples that raises on rank 1 only (a model that
+    cannot run one sample alone) cannot be undone: rank 0 is inside its collectives. Rank 1 stops the
+    job with its diagnosis rather than leave rank 0 waiting until the group's timeout, and rank 0,
+    which fails of it in its next collective, writes rank 1's error into summary.json."""
+    cfg = write(tmp_path, "pairs", model={"_target_": "tests.toys:PairsOnly"},
+                data={"train": {"_target_": "tests.toys:MarkedBlobs", "n": 256, "heavy_ids": [26]}, "val": None,
+                      "shuffle": False, "num_workers": 0}, guard={"max_skip_fraction": 0.5},
+                train={"max_steps": 4, "batch_size": 16, "micro_batch_size": 8, "log_every": 1, "strategy": "fsdp"})
+    run = train(cfg, tmp_path / "run", 2)
+    assert run.returncode == 1, run.stderr
+    assert "error: [rank 1] train.strategy: fsdp: a forward of the search for bad samples raised on this rank only" in run.stderr
+    summary = yaml.safe_load((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 1
+    assert summary["error"].startswith("rank 1: train.strategy: fsdp: a forward of the search") and "in pairs" in summary["error"]
+    assert not list((tmp_path / "run").glob("rank_error*"))
+
+
 def test_fsdp_rolls_back_to_a_checkpoint_and_recovers(tmp_path):
     """Divergence under fsdp with guard.on_nonfinite: rollback: every rank loads the same checkpoint
     back into its shards (the resume path, mid-run), halves the LR and converges, as one process does."""

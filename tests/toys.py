@@ -592,3 +592,12 @@ class CompileTrap(nn.Module):
         if label is not None:
             out["loss"] = F.cross_entropy(logits, label)
         return out
+
+
+class PairsOnly(NormBlocks):
+    """:class:`NormBlocks` that refuses an odd number of samples (a model that cannot run one alone)."""
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> dict:
+        if x.shape[0] % 2:
+            raise ValueError("this model takes samples in pairs")
+        return super().forward(x, label)

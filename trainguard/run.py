@@ -383,7 +383,7 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
     info_fields = {"precision": cfg.train.precision, "device": info.name, "profile": prof.name, "run_dir": str(run_dir)}
     if world.size > 1:
         info_fields["world_size"] = world.size
-    hooks += [SignalHandler(log), SummaryWriter(run_dir, info_fields, log, write=writer)]
+    hooks += [SignalHandler(log), SummaryWriter(run_dir, info_fields, log, write=writer, rank=world.rank)]
     trainer.hooks = hooks
 
     if found is not None:

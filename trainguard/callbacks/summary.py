@@ -35,12 +35,24 @@ def write_json_atomic(path: Path, data: dict) -> None:
 class SummaryWriter(Hook):
     """Writes ``summary.json`` at FIT_END with the contract's fields (and a few more)."""
 
-    def __init__(self, run_dir: Path, info: dict, log=None, write: bool = True):
+    def __init__(self, run_dir: Path, info: dict, log=None, write: bool = True, rank: int = 0):
         self.path, self.write = Path(run_dir) / "summary.json", write  # write: rank 0 of a process group
+        self.rank = rank
         self.info = info  # micro_batch_size, grad_accum, precision, device, profile ...
         self.t0 = time.time()
         self.summary: dict = {}
         self.log = log
+
+    # In a process group, a rank that fails with its own diagnosis takes the others down with it: they
+    # fail in their next collective ("Connection closed by peer"), rank 0 included, which writes the
+    # summary. So a failing rank leaves its error here first, and rank 0 reports that cause instead.
+    def _records(self) -> list[Path]:
+        return sorted(self.path.parent.glob("rank_error.rank*.json"))
+
+    def on_fit_start(self, trainer) -> None:
+        if self.write:
+            for old in self._records():  # from an earlier job in this directory
+                old.unlink(missing_ok=True)
 
     def build(self, trainer) -> dict:
         st = trainer.state
@@ -55,9 +67,20 @@ class SummaryWriter(Hook):
         )
 
     def on_fit_end(self, trainer) -> None:
-        self.summary = self.build(trainer)
+        st = trainer.state
         if not self.write:
+            if st.status == "failed" and st.hint:  # a diagnosis of this rank's (see above)
+                write_json_atomic(self.path.parent / f"rank_error.rank{self.rank}.json", {"error": st.error, "hint": st.hint})
+            self.summary = self.build(trainer)
             return
+        records = self._records()
+        if st.status == "failed" and not st.hint and records:  # rank 0 failed of another rank's failure
+            cause = json.loads(records[0].read_text())
+            st.error = f"rank {records[0].stem.rsplit('rank', 1)[1]}: {cause['error']}"
+            st.hint = cause["hint"]
+        for r in records:
+            r.unlink(missing_ok=True)
+        self.summary = self.build(trainer)
         write_json_atomic(self.path, self.summary)
         if self.log is not None:
             st = trainer.state

@@ -111,6 +111,7 @@ class Trainer:
             if st.status == "running":
                 st.status, st.exit_code = "failed", getattr(e, "exit_code", 1)
                 st.error = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                st.hint = getattr(e, "hint", None)  # set by trainguard's own errors: a diagnosis, not a symptom
             raise
         finally:
             self.fire(Event.FIT_END)
