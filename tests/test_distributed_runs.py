@@ -324,26 +324,23 @@ def test_fsdp_compiles_block_by_block_and_a_compile_failing_on_one_rank_makes_al
     hooks) stay outside compiled code: the run follows the eager one. A block whose compile fails
     on rank 1 only runs eagerly there on that call (entering the same collectives as rank 0), and
     the ranks then agree to train the eager model, with a warning naming the rank."""
-    cfg = write(tmp_path, "compiled", **{**FSDP, "train": {**FSDP["train"], "max_steps": 3, "compile": True}})
-    compiled = train(cfg, tmp_path / "compiled", 2, timeout=300)
-    eager = train(cfg, tmp_path / "eager", 2, "--set", "train.compile=false")
-    assert compiled.returncode == 0, compiled.stderr
-    assert eager.returncode == 0, eager.stderr
-    said = " ".join((compiled.stdout + compiled.stderr).split())
+    def compiled_and_eager(name: str, **sections) -> tuple[str, list, list]:
+        """2-rank runs with train.compile on and off: what the compiled one said, and both loss curves."""
+        cfg = write(tmp_path, name, **{**sections, "train": {**sections["train"], "max_steps": 3, "compile": True}})
+        tried = train(cfg, tmp_path / f"{name}-compiled", 2, timeout=300)
+        eager = train(cfg, tmp_path / f"{name}-eager", 2, "--set", "train.compile=false")
+        assert tried.returncode == 0, tried.stderr
+        assert eager.returncode == 0, eager.stderr
+        return " ".join((tried.stdout + tried.stderr).split()), losses(tmp_path / f"{name}-compiled"), losses(tmp_path / f"{name}-eager")
+
+    said, a, b = compiled_and_eager("blocks", **FSDP)
     assert "torch.compile: the model compiled" in said and "block by block" in said, said
-    a, b = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
     assert len(a) == 3 and max(abs(x - y) for (_, x), (_, y) in zip(a, b)) < 1e-4
 
-    trap = dict(model={"_target_": "tests.toys:CompileTrap"}, data={"num_workers": 0},
-                train={"max_steps": 3, "batch_size": 16, "micro_batch_size": 4, "log_every": 1, "strategy": "fsdp"})
-    cfg = write(tmp_path, "trap", **{**trap, "train": {**trap["train"], "compile": True}})
-    tried = train(cfg, tmp_path / "tried", 2, timeout=300)
-    plain = train(cfg, tmp_path / "plain", 2, "--set", "train.compile=false")
-    assert tried.returncode == 0, tried.stderr
-    assert plain.returncode == 0, plain.stderr
-    out = " ".join((tried.stdout + tried.stderr).split())
-    assert "torch.compile failed (rank 1:" in out and "training runs the eager model" in out, out
-    assert losses(tmp_path / "tried") == losses(tmp_path / "plain")
+    said, a, b = compiled_and_eager("trap", model={"_target_": "tests.toys:CompileTrap"}, data={"num_workers": 0},
+                                    train={"batch_size": 16, "micro_batch_size": 4, "log_every": 1, "strategy": "fsdp"})
+    assert "torch.compile failed (rank 1:" in said and "training runs the eager model" in said, said
+    assert a == b
 
 
 def test_fsdp_samples_that_fail_to_load_on_one_rank_neither_hang_nor_bias_the_mean(tmp_path):

@@ -37,11 +37,15 @@ class MLP(nn.Module):
         self.body = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, classes))
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> dict:
-        logits = self.body(x)
-        out = {"logits": logits}
-        if label is not None:
-            out["loss"] = F.cross_entropy(logits, label)
-        return out
+        return classified(self.body(x), label)
+
+
+def classified(logits: torch.Tensor, label: torch.Tensor | None) -> dict:
+    """A classifier's output: the logits, and with labels the cross-entropy loss."""
+    out = {"logits": logits}
+    if label is not None:
+        out["loss"] = F.cross_entropy(logits, label)
+    return out
 
 
 # ---- hooks used by the engine tests -------------------------------------------------------
@@ -554,11 +558,7 @@ class NormBlocks(nn.Module):
         h = x * torch.exp(x[:, 1:2] / 10)  # exp(100) overflows float32 on a marked sample only
         for block in self.blocks:
             h = block(h)
-        logits = self.head(h)
-        out = {"logits": logits}
-        if label is not None:
-            out["loss"] = F.cross_entropy(logits, label)
-        return out
+        return classified(self.head(h), label)
 
 
 class _TrapBlock(nn.Module):
@@ -587,11 +587,7 @@ class CompileTrap(nn.Module):
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> dict:
         for block in self.blocks:
             x = block(x)
-        logits = self.head(x)
-        out = {"logits": logits}
-        if label is not None:
-            out["loss"] = F.cross_entropy(logits, label)
-        return out
+        return classified(self.head(x), label)
 
 
 class PairsOnly(NormBlocks):
