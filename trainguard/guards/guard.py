@@ -10,6 +10,8 @@ import math
 import statistics
 from collections import Counter, deque
 
+import torch
+
 from trainguard import distributed
 from trainguard.checkpoint import store
 from trainguard.config.schema import GuardConfig
@@ -30,9 +32,7 @@ def _first(found: Found | None) -> Finding | None:
 
 def norm_statistics(model) -> list:
     """The running statistics of every BatchNorm that keeps them (mean, var, batches seen)."""
-    from torch import nn
-
-    return [t for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    return [t for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
             for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
 
 
@@ -81,13 +81,14 @@ class Guard(Hook):
     def on_fit_start(self, trainer) -> None:
         self.orig_lrs = [b / self.lr_scale for b in trainer.scheduler.base_lrs]
         self.norm_stats = norm_statistics(trainer.model)
+        self._stats_before = [t.clone() for t in self.norm_stats]
         if self.cfg.on_nonfinite == "rollback" and self.checkpointer is not None \
                 and distributed.broadcast_object(not store.list_checkpoints(self.checkpointer.root)):
             self.checkpointer.save(trainer)  # something to roll back to before step 1 (rank 0 decides)
 
     def on_step_start(self, trainer) -> None:
-        if self.norm_stats:  # a few KB: what a non-finite step's forward must not leave in them
-            self._stats_before = [t.clone() for t in self.norm_stats]
+        if self.norm_stats:  # a few KB, in one multi-tensor copy: what a bad step's forward must not leave in them
+            torch._foreach_copy_(self._stats_before, self.norm_stats)
         if self.known_bad:
             self._drop_known_bad(trainer)
         if trainer.world.size == 1:
@@ -144,8 +145,8 @@ class Guard(Hook):
         if bad:
             # the forward's inf/NaN went into BatchNorm's running statistics too (and from there into
             # every later evaluation): they are put back before the search and the retry or skip
-            for t, before in zip(self.norm_stats, self._stats_before):
-                t.copy_(before)
+            if self.norm_stats:
+                torch._foreach_copy_(self.norm_stats, self._stats_before)
             # a rank whose own step was finite has nothing to find. Sharded (FSDP2), a forward is a
             # collective, so every rank takes part in the forwards of those that search; and the
             # gradients were reduced in the backward, so a rank is bad by its loss alone: when no
