@@ -335,6 +335,11 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2), else the tensor itself: checking it needs no collective."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 

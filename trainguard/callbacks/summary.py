@@ -70,13 +70,14 @@ class SummaryWriter(Hook):
         st = trainer.state
         if not self.write:
             if st.status == "failed" and st.hint:  # a diagnosis of this rank's (see above)
-                write_json_atomic(self.path.parent / f"rank_error.rank{self.rank}.json", {"error": st.error, "hint": st.hint})
+                write_json_atomic(self.path.parent / f"rank_error.rank{self.rank}.json",
+                                  {"rank": self.rank, "error": st.error, "hint": st.hint})
             self.summary = self.build(trainer)
             return
         records = self._records()
         if st.status == "failed" and not st.hint and records:  # rank 0 failed of another rank's failure
             cause = json.loads(records[0].read_text())
-            st.error = f"rank {records[0].stem.rsplit('rank', 1)[1]}: {cause['error']}"
+            st.error = f"rank {cause['rank']}: {cause['error']}"
             st.hint = cause["hint"]
         for r in records:
             r.unlink(missing_ok=True)

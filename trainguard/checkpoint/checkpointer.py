@@ -17,8 +17,8 @@ def params_finite(model: torch.nn.Module) -> bool:
     """True if every parameter and buffer is finite (one host sync). Sharded (FSDP2), each rank
     checks its own shards (DTensors; a DTensor reduction stacked with a plain buffer's, BatchNorm's
     statistics, cannot be combined) and the ranks agree, since saving is a collective."""
-    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in (*model.parameters(), *model.buffers())]
-    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    flags = [torch.isfinite(distributed.local(t)).all() for t in (*model.parameters(), *model.buffers())
+             if t.is_floating_point()]
     ok = bool(torch.stack(flags).all()) if flags else True
     return all(distributed.gather_objects(ok)) if distributed.is_sharded(model) else ok
 

@@ -18,7 +18,7 @@ from trainguard.config.schema import GuardConfig
 from trainguard.engine.data import BadSample
 from trainguard.engine.events import Hook
 from trainguard.guards.consensus import verdict
-from trainguard.guards.localize import Finding, find_nonfinite, find_nonfinite_together
+from trainguard.guards.localize import Finding, batchnorms, find_nonfinite, find_nonfinite_together
 
 KNOWN_BAD = "non-finite loss, sample known from an earlier step"
 
@@ -32,7 +32,7 @@ def _first(found: Found | None) -> Finding | None:
 
 def norm_statistics(model) -> list:
     """The running statistics of every BatchNorm that keeps them (mean, var, batches seen)."""
-    return [t for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    return [t for m in batchnorms(model) if m.track_running_stats
             for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
 
 

@@ -79,12 +79,17 @@ def preserved_state(model: nn.Module):
                     v.copy_(buffers[k])
 
 
+def batchnorms(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm of ``model`` (1d, 2d, 3d, sync, lazy)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextlib.contextmanager
 def _norm_statistics_frozen(model: nn.Module):
     """The search's forwards leave BatchNorm's running statistics as they were before the bad step
     (the guard put them back): a part holding the bad sample would otherwise make them NaN for the
     parts after it that run on them (:func:`_batchnorm_alone`)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in batchnorms(model) if m.track_running_stats]
     for m in norms:
         m.track_running_stats = False  # in training mode: batch statistics, nothing written back
     try:
@@ -101,7 +106,7 @@ def _batchnorm_alone(model: nn.Module, rows: int):
     search can still tell a bad sample from a good one. (Sharded, a forward that raised on one
     rank only would leave the others inside its collectives.) The buffers are restored by
     :func:`preserved_state` as for every search forward."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] if rows == 1 else []
+    norms = [m for m in batchnorms(model) if m.training] if rows == 1 else []
     for m in norms:
         m.eval()
     try:
@@ -111,11 +116,6 @@ def _batchnorm_alone(model: nn.Module, rows: int):
             m.train()
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP2), else the tensor: checking it needs no collective."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, device: torch.device, precision: str) -> Finding | None:
     """Locate the first non-finite value of a bad step. Call before the gradients are dropped.
 
@@ -123,7 +123,7 @@ def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, devi
     of all of them (so that dropping them can heal the step whichever micro-batches they were in).
     Sharded, see :func:`find_nonfinite_together`."""
     for name, p in model.named_parameters():
-        if not torch.isfinite(_local(p)).all():
+        if not torch.isfinite(distributed.local(p)).all():
             return Finding("parameter", name)
     first: Finding | None = None
     with preserved_state(model), torch.no_grad(), _norm_statistics_frozen(model):
@@ -143,7 +143,7 @@ def find_nonfinite(model: nn.Module, adapter, batch, micro_batch_size: int, devi
     if first is not None:
         return first
     for name, p in model.named_parameters():
-        if p.grad is not None and not torch.isfinite(_local(p.grad)).all():
+        if p.grad is not None and not torch.isfinite(distributed.local(p.grad)).all():
             return Finding("gradient", name)
     return None
 

@@ -176,22 +176,24 @@ def compile_or_fall_back(trainer, micro_batch) -> Check:
     except Exception as e:  # the eager step ran: this is the compiler's failure, not the model's
         if blocks is not None:  # sharded, in the backward: the other ranks wait in its collectives
             raise RunFailed(f"train.compile with train.strategy: fsdp: the compiled backward failed "
-                            f"({type(e).__name__}: {first_line(e, 160)})", "set train.compile: false") from e
-        return _fall_back(trainer, e)
+                            f"({_reason(e)})", "set train.compile: false") from e
+        return _fall_back(trainer, _reason(e))
     finally:
         trainer.optimizer.zero_grad(set_to_none=True)
     if blocks is not None:  # a block that failed to compile ran eagerly on that rank: all ranks agree to
-        failed = [f"rank {r}: {msg}" for r, msg in enumerate(distributed.gather_objects(  # run one model
-            None if blocks.failed is None else f"{type(blocks.failed).__name__}: {first_line(blocks.failed, 160)}")) if msg]
-        if failed:
-            return _fall_back(trainer, None, "; ".join(failed))
+        reasons = distributed.gather_objects(None if blocks.failed is None else _reason(blocks.failed))  # run one model
+        if any(reasons):
+            return _fall_back(trainer, "; ".join(f"rank {r}: {why}" for r, why in enumerate(reasons) if why))
     return Check("model.compile", "pass", f"torch.compile: the model compiled and ran one forward/backward "
                  f"({time.perf_counter() - start:.1f} s)" + (", block by block (train.strategy: fsdp)" if blocks is not None else ""))
 
 
-def _fall_back(trainer, e: Exception | None, why: str | None = None) -> Check:
+def _reason(e: Exception) -> str:
+    return f"{type(e).__name__}: {first_line(e, 160)}"
+
+
+def _fall_back(trainer, why: str) -> Check:
     trainer.adapter.model = trainer.model
-    why = why or f"{type(e).__name__}: {first_line(e, 160)}"
     return Check("model.compile", "warn", f"torch.compile failed ({why}); training runs the eager model",
                  "set train.compile: false to skip the attempt; "
                  "the reason above is torch's (a graph break, an op without a fake/meta kernel, ...)")

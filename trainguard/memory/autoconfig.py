@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import hashlib
 import json
 import os
@@ -190,9 +190,6 @@ class ProfileForecast:
 
     def step(self, m: int):
         """The predicted :class:`~trainguard.memory.trial.Trial` at micro-batch ``m`` (one rank's, sharded)."""
-        if self.memory is not None:
-            with self.memory.paused():
-                return ProfileForecast.step(dataclasses.replace(self, memory=None), m)
         from trainguard.engine.optim import build_optimizer
         from trainguard.memory import predict
 
@@ -200,9 +197,10 @@ class ProfileForecast:
                 self.item, m, self.precision)
         kwargs = dict(extra=sum(v for k, v in self.costs.items() if k != "cuda_context"),  # the context is outside the allocator
                       accumulate=m < self.cfg.train.batch_size, cuda=self.prof.device == "cuda")
-        if self.world > 1:
-            return predict.fake_sharded_step(*args, self.world, **kwargs)
-        return predict.fake_step(*args, **kwargs)
+        with self.memory.paused() if self.memory is not None else contextlib.nullcontext():
+            if self.world > 1:
+                return predict.fake_sharded_step(*args, self.world, **kwargs)
+            return predict.fake_step(*args, **kwargs)
 
 
 def forecast(cfg, prof, model=None, loss_fn=None, item=None, world: int = 1) -> ProfileForecast:
@@ -331,9 +329,8 @@ def _measure_here(cfg, prof, info, memory_budget: int | None, on_trial, processe
     from trainguard.run import _device, _resolve_runtime, build_core
 
     prefer_expandable_segments()
-    cfg.train.micro_batch_size = "auto"
+    cfg.train.micro_batch_size = cfg.train.batch_size  # cfg holds one process's share; the search starts there
     cfg, _ = _resolve_runtime(cfg, prof, info, processes)  # workers: the node's cores shared by the processes
-    cfg.train.micro_batch_size = cfg.train.batch_size  # cfg holds one process's share already
     device = _device(info)
     memory = open_memory(device, memory_budget)
     if memory is None:  # a CPU without a budget: the RAM that is free is the limit, shared by the processes
