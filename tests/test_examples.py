@@ -182,3 +182,21 @@ def test_image_size_with_torchvision_vit_stops_on_its_size_check(cli, tmp_path):
     assert code == 1 and "Wrong image height! Expected 32 but got 64!" in " ".join(out.split())
     code, out = cli("train", "--config", config, "--run-dir", tmp_path / "vit", *args)
     assert code == 0, out
+
+
+def test_text_classification_as_a_hugging_face_script_writes_it(cli, tmp_path, monkeypatch):
+    """docs/your-model.md's walkthrough: unpadded rows, transformers' padding collator with a nested
+    tokenizer, torch's AdamW and transformers' schedule by `_target_`, W&B offline."""
+    _needs("text_classification")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = _args(tmp_path, "text_classification") + ["--set", "schedule.num_warmup_steps=2"]
+    run_dir = tmp_path / "hf"
+    code, out = cli("train", "--config", EXAMPLES / "text_classification" / "config_hf.yaml", "--run-dir", run_dir, *args)
+    assert code == 0, out
+    assert "left out: idx, sentence (not named by BertForSequenceClassification.forward())" in " ".join(out.split())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["skipped_steps"] == 0
+    lrs = [r["lr"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "train"]
+    assert lrs[0] == 0.0 and max(lrs) > 0  # transformers' linear warmup from 0
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))

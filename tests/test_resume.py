@@ -182,7 +182,8 @@ def test_resume_never_starts_afresh_and_keeps_old_checkpoints(cli, tmp_path):
 
 
 def test_failure_writes_summary(cli, tmp_path):
-    cfg = write(tmp_path, "bug", model={"_target_": "tests.toys:FailsAtStep", "at": 3}, data={"num_workers": 0})
+    # forward 6 is in step 1: the preflight's is 1, its batch-coupling check's (4 micro-batches per step) 2-4
+    cfg = write(tmp_path, "bug", model={"_target_": "tests.toys:FailsAtStep", "at": 6}, data={"num_workers": 0})
     code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "run")
     assert code == 1 and "error:" in out and "a bug in the user's model" in out and "Traceback" not in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

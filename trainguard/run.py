@@ -23,6 +23,7 @@ from trainguard import distributed
 from trainguard.callbacks.evaluate import Evaluator
 from trainguard.callbacks.logging import ConsoleProgress, MetricsLogger
 from trainguard.callbacks.runlog import RunLog
+from trainguard.callbacks.sinks import open_sinks
 from trainguard.callbacks.signals import SignalHandler
 from trainguard.callbacks.summary import SummaryWriter, make_summary, write_json_atomic
 from trainguard.callbacks.timing import Timing
@@ -33,15 +34,17 @@ from trainguard.config.instantiate import instantiate
 from trainguard.config.load import resolve_config
 from trainguard.config.schema import Config
 from trainguard.engine.batch import ModelAdapter
+from trainguard.engine.collate import build_collate
 from trainguard.engine.data import DataStream
 from trainguard.engine.events import Hook
 from trainguard.engine.loop import Trainer
 from trainguard.engine.optim import build_optimizer, build_scheduler, materialize_state
+from trainguard.engine.optim import notes as optim_notes
 from trainguard.engine.precision import grad_scaler, resolve_precision
 from trainguard.errors import ConfigError, RunFailed, first_line
 from trainguard.guards.guard import Guard
 from trainguard.guards.oom import JobRestart, OomRecovery, restart_pending
-from trainguard.guards.preflight import preflight, require
+from trainguard.guards.preflight import batch_coupling, preflight, require
 from trainguard.hardware.probe import probe
 from trainguard.memory.meter import host_side, open_memory, prefer_expandable_segments
 from trainguard.memory.sizes import fmt_bytes, parse_size
@@ -57,7 +60,8 @@ RESUMABLE_CHANGES = ("hardware", "train.max_steps", "train.epochs", "train.log_e
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict) and not (prefix and "_target_" in d):
+    # a component spec is one value, except the optimizer's and schedule's own (optim.fused may change)
+    if isinstance(d, dict) and not (prefix and "_target_" in d and prefix not in ("optim.", "schedule.")):
         out: dict[str, Any] = {}
         for k, v in d.items():
             out.update(_flatten(v, f"{prefix}{k}."))
@@ -65,9 +69,17 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+def _with_defaults(old: dict) -> dict:
+    """A checkpoint's config with the defaults of keys added since it was written (they changed nothing)."""
+    try:
+        return Config.model_validate(old).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - a config of an older layout: compared as written
+        return old
+
+
 def config_diff(old: dict, new: dict) -> list[str]:
     """Training-relevant fields that differ between two resolved configs, as readable lines."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = _flatten(_with_defaults(old)), _flatten(new)
     lines = []
     for key in sorted(set(a) | set(b)):
         if key.startswith(RESUMABLE_CHANGES) or a.get(key) == b.get(key):
@@ -194,7 +206,8 @@ def build_train_data(cfg: Config, world: distributed.World = distributed.World()
     train_ds = _build_dataset(cfg.data.train, "data.train")
     return DataStream(train_ds, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
                       num_workers=int(cfg.data.num_workers), pin_memory=bool(cfg.data.pin_memory),
-                      per_item=cfg.data.item_seeding == "always", rank=world.rank, world=world.size)
+                      per_item=cfg.data.item_seeding == "always", rank=world.rank, world=world.size,
+                      collate_fn=build_collate(cfg.data.collate_fn), stream_split=cfg.data.stream_split)
 
 
 def epochs_to_steps(epochs: float, data: DataStream) -> int:
@@ -232,16 +245,17 @@ def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | No
     if world.rank:  # each rank its own dropout stream (rank 0's is that of one process)
         torch.manual_seed(cfg.seed + 7919 * world.rank)
     optimizer = build_optimizer(model, cfg.optim)
+    host = lambda: host_side(memory)  # noqa: E731 - the weights' host copy (an optimizer that may move them) is not device memory
     try:
         try:
-            materialize_state(optimizer)  # the first step's allocation, now: an OOM here is a clear setup error
+            materialize_state(optimizer, host, verify=True)  # the first step's allocation, now: an OOM here is a clear setup error
         except RuntimeError as e:
             if isinstance(e, torch.OutOfMemoryError) or cfg.optim.fused != "auto" or not optimizer.defaults.get("fused"):
                 raise
             console.print(f"[yellow]note[/yellow]: the fused optimizer kernel failed here ({first_line(e, 120)}): "
                           "torch's default implementation is used")
             optimizer = build_optimizer(model, cfg.optim.model_copy(update={"fused": False}))
-            materialize_state(optimizer)
+            materialize_state(optimizer, host, verify=True)
     except torch.OutOfMemoryError:
         raise RunFailed(f"the model and its optimizer state alone do not fit in device memory"
                         + (f" ({fmt_bytes(memory.limit)} available)" if memory is not None else ""),
@@ -250,7 +264,10 @@ def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | No
     forward_model = model  # compiled: checked (or dropped) by the preflight; sharded, block by block
     if cfg.train.compile:
         forward_model = distributed.CompiledBlocks(model) if sharded else torch.compile(model)
-    return Trainer(model=model, adapter=ModelAdapter(forward_model, loss_fn, cfg.data.fields), optimizer=optimizer,
+    adapter = ModelAdapter(forward_model, loss_fn, cfg.data.fields)
+    if data.collate_fn is not None:  # the user's collator sees only the fields the model gets (HF's unused columns)
+        data.collate_fn.keep = adapter.filter
+    return Trainer(model=model, adapter=adapter, optimizer=optimizer,
                    scheduler=scheduler, scaler=grad_scaler(device.type, cfg.train.precision), data=data, device=device,
                    precision=cfg.train.precision, micro_batch_size=int(cfg.train.micro_batch_size), cfg=cfg.train,
                    memory=memory, world=world)
@@ -339,9 +356,14 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
     """The run directory, the hooks, the resume and the preflight around a built core."""
     mbs, world = int(cfg.train.micro_batch_size), trainer.world
     val_ds = _build_dataset(cfg.data.val, "data.val") if cfg.data.val else None
+    if trainer.sharded and isinstance(val_ds, torch.utils.data.IterableDataset):  # every sharded forward is a collective
+        raise ConfigError("data.val is a stream (an IterableDataset): under train.strategy: fsdp every rank must evaluate "
+                          "the same number of batches, and the ranks' parts of a stream differ in length",
+                          "give data.val as a map-style dataset (__len__ and __getitem__), or use train.strategy: ddp")
     val = (DataStream(val_ds, mbs * world.size, shuffle=False, name="val", seed=cfg.seed,
                       num_workers=int(cfg.data.num_workers), pin_memory=bool(cfg.data.pin_memory),
-                      per_item=cfg.data.item_seeding == "always", rank=world.rank, world=world.size)
+                      per_item=cfg.data.item_seeding == "always", rank=world.rank, world=world.size,
+                      collate_fn=trainer.data.collate_fn, stream_split=cfg.data.stream_split)
            if val_ds is not None else None)
 
     writer = world.is_main  # one writer per run directory: rank 0 of a process group
@@ -364,8 +386,8 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
     if writer:
         (run_dir / "config.yaml").write_text(config_yaml)
 
-    metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, cfg.log.tensorboard and writer,
-                            memory=trainer.memory)
+    sinks = open_sinks(cfg.log, run_dir, log, cfg.model_dump(mode="json"), config_yaml) if writer else None
+    metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, sinks, memory=trainer.memory)
     checkpointer = Checkpointer(ckpt_root, cfg.checkpoint, config_yaml, log)
     hooks: list[Hook] = [Timing(started), metrics]
     if writer:  # one progress display: rank 0's
@@ -391,22 +413,34 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
         if old["train"]["micro_batch_size"] == mbs:  # continue with the micro-batch it had (after OOM splits)
             trainer.micro_batch_size = int(ts.get("micro_batch_size") or mbs)
         log.truncate_after(trainer.state.step)
-        log.event(trainer.state.step, "resume", f"resumed from {found}", path=str(found), micro_batch_size=trainer.micro_batch_size)
+        stream = trainer.data.resume_note()  # a stream: from its saved state, or replayed (how many items)
+        log.event(trainer.state.step, "resume", f"resumed from {found}" + (f"; {stream}" if stream else ""), path=str(found),
+                  micro_batch_size=trainer.micro_batch_size,
+                  **({"stream_replayed": trainer.data.replayed_items()} if stream else {}))
         console.print(f"resumed from {found} at step {trainer.state.step}"
-                      + (f" (micro-batch {trainer.micro_batch_size})" if trainer.micro_batch_size != mbs else ""))
+                      + (f" (micro-batch {trainer.micro_batch_size})" if trainer.micro_batch_size != mbs else "")
+                      + (f"; {stream}" if stream else ""))
     else:
         log.event(0, "start", f"device {info.name}, profile {prof.name}, precision {cfg.train.precision}"
                   + (f", {world.size} processes" if world.size > 1 else ""), micro_batch_size=mbs,
                   **({"world_size": world.size} if world.size > 1 else {}))
+    for n in optim_notes(trainer.optimizer, trainer.scheduler):  # what the user's optimizer or schedule cannot do
+        console.print(f"[yellow]note[/yellow]: {n}")
+        log.event(trainer.state.step, "note", n)
     oom.after_restart(trainer)
-    checks = preflight(trainer)
+    checks = preflight(trainer, coupling=trainer.grad_accum > 1)
     for c in checks:
-        if c.status == "pass" and (c.name == "model.compile" or c.name == "data.fields" and trainer.adapter.dropped):
+        if c.status == "pass" and (c.name in ("model.compile", "model.output") or c.name == "data.fields" and trainer.adapter.dropped):
             console.print(f"note: {c.message}")  # said once at start: what was left out, that compiling worked
-        if c.status == "warn":
+        if c.name == "model.batch_coupling":
+            oom.batch_coupling = c  # said only when a step runs more than one micro-batch: now, or after a split
+        elif c.status == "warn":
             console.print(f"[yellow]preflight[/yellow]: {c.message}" + (f" (hint: {c.hint})" if c.hint else ""))
             log.event(trainer.state.step, "preflight", c.message, check=c.name)
     require(checks)
+    if oom.batch_coupling is None:  # one micro-batch per step: checked at the first OOM split, if one comes
+        oom.batch_coupling = lambda: batch_coupling(trainer, trainer.batch, trainer.micro_batch_size)
+    oom.warn_batch_coupled(trainer, trainer.state.step)
 
 
 def check_config(config: str | Path, overrides: list[str] | None = None, *, profile: str | None = None,

@@ -75,12 +75,13 @@ def tokenizer(root: str | Path = "data/text_classification"):
 
 
 def reviews(root: str = "data/text_classification", split: str = "train", max_length: int = 64,
-            sizes: dict[str, int] | None = None):
-    """The split as a `datasets.Dataset` of tokenized rows (a map-style dataset trainguard reads as is)."""
+            sizes: dict[str, int] | None = None, padding: str | bool = "max_length"):
+    """The split as a `datasets.Dataset` of tokenized rows (a map-style dataset trainguard reads as is).
+    ``padding: false`` leaves each row its own length, for a padding collator (dynamic padding)."""
     from datasets import load_dataset
 
     files = prepare(root, sizes)
     tok = tokenizer(root)
     ds = load_dataset("json", data_files=files, split=split, cache_dir=str(Path(root) / ".hf_cache"))
-    return ds.map(lambda rows: tok(rows["sentence"], truncation=True, padding="max_length", max_length=max_length),
+    return ds.map(lambda rows: tok(rows["sentence"], truncation=True, padding=padding, max_length=max_length),
                   batched=True)

@@ -10,30 +10,25 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from trainguard.callbacks.runlog import RunLog
+from trainguard.callbacks.sinks import Sinks
 from trainguard.engine.events import Hook
 
 
 class MetricsLogger(Hook):
     """Writes a train line to metrics.jsonl every ``log_every`` steps (and the first and last),
-    and a val line after every evaluation.
+    and a val line after every evaluation; ``sinks`` (TensorBoard, W&B, MLflow) get the same
+    scalars on those steps only.
 
     The loss is averaged over the steps since the last line. It is summed on the device,
     so steps between log lines cost no host sync.
     """
 
-    def __init__(self, log: RunLog, log_every: int, max_steps: int, tensorboard: bool = False, memory=None):
+    def __init__(self, log: RunLog, log_every: int, max_steps: int, sinks: Sinks | None = None, memory=None):
         self.log, self.every, self.max_steps = log, log_every, max_steps
         self.memory = memory  # a DeviceMemory: each line gets the peak since the last one
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                from trainguard.errors import ConfigError
-
-                raise ConfigError(f"log.tensorboard needs the tensorboard package ({e})",
-                                  "pip install 'trainguard[tensorboard]', or set log.tensorboard: false") from None
-            self.tb = log.tb = SummaryWriter(str(log.run_dir / "tb"))  # the log mirrors guard events there
+        self.sinks = sinks if sinks else None  # TensorBoard, W&B, MLflow (rank 0's); called on log steps only
+        if self.sinks is not None:
+            log.sinks = self.sinks  # the log mirrors guard events there
         self.last: dict = {}
         self.logged_step = -1
 
@@ -55,37 +50,35 @@ class MetricsLogger(Hook):
         dt = max(time.perf_counter() - self.t0, 1e-9)
         loss = (self.loss_sum / self.n).item() if self.n else float("nan")
         sps = (st.samples - self.samples0) / dt
-        self.last = {"loss": loss, "lr": st.lr, "samples_per_s": round(sps, 2),
+        lr = float(st.lr) if st.lr is not None else float("nan")  # a user's optimizer may keep a tensor (Adafactor)
+        self.last = {"loss": loss, "lr": lr, "samples_per_s": round(sps, 2),
                      "grad_norm": float(st.grad_norm) if st.grad_norm is not None else None}
         trainer.state.final_loss = loss
         self.logged_step = st.step
         mem = {} if self.memory is None else {"peak_memory_bytes": self.memory.take_peak(), "micro_batch_size": trainer.micro_batch_size}
         self.last.update(mem)
         wait = min(1.0, (st.input_wait_s - self.wait0) / dt)
-        self.log.metric(st.step, "train", loss=loss, lr=st.lr, samples_per_s=round(sps, 2),
+        self.log.metric(st.step, "train", loss=loss, lr=lr, samples_per_s=round(sps, 2),
                         step_time_s=round(dt / max(1, self.n), 5), input_wait_fraction=round(wait, 4),
                         samples=st.samples, epoch=st.epoch, **mem)
-        if self.tb is not None:
-            self.tb.add_scalar("train/loss", loss, st.step)
-            self.tb.add_scalar("train/lr", st.lr, st.step)
-            self.tb.add_scalar("train/samples_per_s", sps, st.step)
+        if self.sinks is not None:
+            self.sinks.scalars(st.step, {"train/loss": loss, "train/lr": lr, "train/samples_per_s": sps})
         self._reset(trainer)
 
     def on_eval_end(self, trainer) -> None:
         st = trainer.state
         self.log.metric(st.step, "val", **st.eval_metrics)
-        if self.tb is not None:
-            for k, v in st.eval_metrics.items():
-                self.tb.add_scalar(f"val/{k}", v, st.step)
+        if self.sinks is not None:
+            self.sinks.scalars(st.step, {f"val/{k}": v for k, v in st.eval_metrics.items()})
 
     def on_fit_end(self, trainer) -> None:
         if self.memory is not None:
             self.memory.take_peak()
             trainer.state.report["peak_memory_bytes"] = self.memory.run_peak
             trainer.state.report["memory_limit_bytes"] = self.memory.limit
-        if self.tb is not None:
-            self.log.tb = None  # events after this point (the final checkpoint) go to events.jsonl only
-            self.tb.close()
+        if self.sinks is not None:
+            self.log.sinks = None  # events after this point (the final checkpoint) go to events.jsonl only
+            self.sinks.close()
 
 
 class ConsoleProgress(Hook):

@@ -15,7 +15,8 @@ def _clean(v: Any) -> Any:
     return v
 
 
-GUARD_EVENTS = ("skip", "oom", "overflow", "rollback", "stop", "checkpoint_refused", "checkpoint_corrupt", "resume")
+GUARD_EVENTS = ("skip", "oom", "overflow", "rollback", "stop", "checkpoint_refused", "checkpoint_corrupt", "resume",
+                "batch_coupled")
 
 
 class RunLog:
@@ -28,7 +29,7 @@ class RunLog:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.events_path = self.run_dir / "events.jsonl"
-        self.tb = None  # a TensorBoard SummaryWriter (log.tensorboard): guard events are mirrored there
+        self.sinks = None  # the loggers (callbacks.sinks.Sinks: TensorBoard, W&B, MLflow) guard events are mirrored to
         self.counts: dict[str, int] = {}
 
     def truncate_after(self, step: int) -> None:
@@ -51,21 +52,23 @@ class RunLog:
     def event(self, step: int, type: str, reason: str = "", **fields: Any) -> None:
         """Append an events.jsonl line: ``step``, ``type``, ``reason``, then ``fields`` (e.g. ``sample_ids``)."""
         self._append(self.events_path, {"step": step, "type": type, "reason": reason, "time": round(time.time(), 3), **fields})
-        if self.tb is not None and self.enabled and type in GUARD_EVENTS:
-            self._to_tensorboard(step, type, reason, fields)
+        if self.sinks and self.enabled and type in GUARD_EVENTS:
+            self._to_sinks(step, type, reason, fields)
 
-    def _to_tensorboard(self, step: int, type: str, reason: str, fields: dict) -> None:
-        """A guard event as TensorBoard text (``guard/<type>``) and a running count (``guard/<type>s``);
-        skips also count their samples, OOM splits show the new micro-batch, rollbacks the step returned to."""
+    def _to_sinks(self, step: int, type: str, reason: str, fields: dict) -> None:
+        """A guard event as text (``guard/<type>``) and a running count (``guard/<type>s``) in every
+        logger; skips also count their samples, OOM splits show the new micro-batch, rollbacks the
+        step returned to."""
         ids = fields.get("sample_ids") or []
-        self.tb.add_text(f"guard/{type}", f"step {step}: {reason}" + (f" (samples {ids[:20]})" if ids else ""), step)
+        self.sinks.text(step, f"guard/{type}", f"step {step}: {reason}" + (f" (samples {ids[:20]})" if ids else ""))
         self.counts[type] = self.counts.get(type, 0) + 1
-        self.tb.add_scalar(f"guard/{type}s", self.counts[type], step)
+        values = {f"guard/{type}s": self.counts[type]}
         if type == "skip":
             self.counts["skipped_samples"] = self.counts.get("skipped_samples", 0) + (fields.get("samples") or len(fields.get("batch_ids") or ids))
-            self.tb.add_scalar("guard/skipped_samples", self.counts["skipped_samples"], step)
+            values["guard/skipped_samples"] = self.counts["skipped_samples"]
         elif type == "oom" and fields.get("new_micro_batch_size"):
-            self.tb.add_scalar("guard/micro_batch_size", fields["new_micro_batch_size"], step)
-        elif type == "rollback" and fields.get("to_step") is not None:
-            self.tb.add_scalar("guard/rollback_to_step", fields["to_step"], fields.get("from_step", step))
-        self.tb.flush()
+            values["guard/micro_batch_size"] = fields["new_micro_batch_size"]
+        self.sinks.scalars(step, values)
+        if type == "rollback" and fields.get("to_step") is not None:
+            self.sinks.scalars(fields.get("from_step", step), {"guard/rollback_to_step": fields["to_step"]})
+        self.sinks.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from trainguard import distributed
 from trainguard.checkpoint import rng, sharded, store
 from trainguard.config.schema import CheckpointConfig
 from trainguard.engine.events import Event, Hook
+from trainguard.errors import ConfigError
 
 
 def params_finite(model: torch.nn.Module) -> bool:
@@ -23,9 +25,10 @@ def params_finite(model: torch.nn.Module) -> bool:
     return all(distributed.gather_objects(ok)) if distributed.is_sharded(model) else ok
 
 
-def trainer_state(trainer, rngs: list[dict] | None = None) -> dict:
+def trainer_state(trainer, rngs: list[dict] | None = None, streams: list | None = None) -> dict:
     """Everything but the weights that resume needs, as tensors and plain values. ``rngs``: every
-    rank's RNG states, in rank order (a process group); one process keeps only ``rng``. A sharded
+    rank's RNG states, in rank order (a process group); one process keeps only ``rng``. ``streams``:
+    every rank's stream position (its own part of a stream); one process: its own. A sharded
     run's optimizer is not here (None) but in the checkpoint's shards (:mod:`sharded`)."""
     hooks = {type(h).__name__: h.state_dict() for h in trainer.hooks if hasattr(h, "state_dict")}
     return {
@@ -35,6 +38,7 @@ def trainer_state(trainer, rngs: list[dict] | None = None) -> dict:
         "scaler": trainer.scaler.state_dict(),
         "rng": rng.capture(),
         "counters": trainer.state.counters(),
+        "streams": streams or [trainer.data.stream_state(trainer.state.epoch, trainer.state.position)],
         "micro_batch_size": trainer.micro_batch_size,
         "final_loss": trainer.state.final_loss,
         "hooks": hooks,
@@ -64,7 +68,12 @@ def restore_trainer(trainer, ckpt: Path) -> dict:
     for h in trainer.hooks:
         if hasattr(h, "load_state_dict") and type(h).__name__ in ts["hooks"]:
             h.load_state_dict(ts["hooks"][type(h).__name__])
-    trainer.data.seek(trainer.state.epoch, trainer.state.position)
+    streams = ts.get("streams")  # each rank's part of a stream (absent in checkpoints from before streams had parts)
+    if streams and trainer.data.iterable:
+        trainer.data.load_stream_state(streams[trainer.world.rank if len(streams) > 1 else 0])
+        trainer.state.epoch, trainer.state.position = trainer.data.epoch, trainer.data.position  # this rank's own
+    else:
+        trainer.data.seek(trainer.state.epoch, trainer.state.position)
     rng.restore(ts["rng_ranks"][trainer.world.rank] if trainer.world.size > 1 else ts["rng"])
     return ts
 
@@ -86,6 +95,9 @@ class Checkpointer(Hook):
 
     def __init__(self, root: Path, cfg: CheckpointConfig, config_yaml: str, log=None):
         self.root, self.cfg, self.config_yaml, self.log = Path(root), cfg, config_yaml, log
+        if cfg.safetensors and importlib.util.find_spec("safetensors") is None:
+            raise ConfigError("checkpoint.safetensors needs the safetensors package, which is not installed",
+                              "pip install 'trainguard[safetensors]', or set checkpoint.safetensors: false")
         self.last_saved = -1
         self.best_value: float | None = None
         self.best_step: int | None = None
@@ -141,13 +153,17 @@ class Checkpointer(Hook):
                 self.log.event(st.step, "checkpoint_refused", "parameters are not finite; the last good checkpoint is kept")
             return None
         rngs = distributed.gather_objects(rng.capture()) if trainer.world.size > 1 else None
+        streams = (distributed.gather_objects(trainer.data.stream_state(st.epoch, st.position))
+                   if trainer.world.size > 1 and trainer.data.iterable else None)  # each rank reads its own part
         tmp = None
         if trainer.sharded:  # every rank writes its optimizer shards into rank 0's temporary directory
             tmp = distributed.broadcast_object(store.begin(self.root, st.step) if trainer.world.is_main else None)
             sharded.save_optimizer(trainer.model, trainer.optimizer, tmp / sharded.DIRNAME)
         weights = distributed.model_state(trainer.model)  # sharded: gathered, every rank taking part
         if trainer.world.is_main:
-            files = {"model.pt": weights, "trainer.pt": trainer_state(trainer, rngs), "config.yaml": self.config_yaml}
+            files = {"model.pt": weights, "trainer.pt": trainer_state(trainer, rngs, streams), "config.yaml": self.config_yaml}
+            if self.cfg.safetensors:  # the same (under fsdp: gathered) state dict, in the same atomic write
+                files["model.safetensors"] = store.safetensors_writer(weights)
             path = store.write_checkpoint(self.root, st.step, files, {"world_size": trainer.world.size}, tmp=tmp)
         else:
             path = self.root / store.step_dir_name(st.step)

@@ -3,6 +3,8 @@
 ``checkpoints/step_NNNNNNN/``::
 
     model.pt        plain state_dict, torch.load(path, weights_only=True)
+    model.safetensors  checkpoint.safetensors only: the same weights for safetensors/transformers
+                    (tied weights once, under their first name; see :func:`safetensors_weights`)
     trainer.pt      optimizer, scheduler, GradScaler, RNG states, data position, counters, hook state
     optimizer/      sharded runs only (FSDP2): the optimizer's state as DCP shards, one file per
                     rank, in place of trainer.pt's (see checkpoint/sharded.py)
@@ -21,6 +23,7 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,54 @@ def _write_file(path: Path, writer) -> None:
         os.fsync(f.fileno())
 
 
+def _write_path(path: Path, writer) -> None:
+    writer(path)  # a library that writes the file by name (safetensors)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def safetensors_weights(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``state`` as safetensors can hold it, which refuses tensors that share memory.
+
+    A tensor under several names (tied weights: transformers ties the input and output embeddings)
+    is kept once, under its first name in the model's order, as transformers' ``save_pretrained``
+    does; tensors that only overlap are copied apart; values that are not tensors are left out.
+    Returns the tensors and ``{dropped name: the name it is stored under}``."""
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach()
+        if t.numel():
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if key in seen:
+                aliases[name] = seen[key]
+                continue
+            seen[key] = name
+        out[name] = t
+    users = Counter((t.device, t.untyped_storage().data_ptr()) for t in out.values() if t.numel())
+    for name, t in out.items():
+        if t.numel() and (users[(t.device, t.untyped_storage().data_ptr())] > 1 or not t.is_contiguous()):
+            t = t.contiguous().clone()
+        out[name] = t.to("cpu")
+    return out, aliases
+
+
+def safetensors_writer(state: dict):
+    """A writer for :func:`write_checkpoint`: ``state`` as ``model.safetensors`` (metadata
+    ``format: pt``, which transformers' ``from_pretrained`` requires, and the tied names)."""
+    from safetensors.torch import save_file
+
+    tensors, aliases = safetensors_weights(state)
+    meta = {"format": "pt", **({"tied": json.dumps(aliases)} if aliases else {})}
+    return lambda path: save_file(tensors, str(path), metadata=meta)
+
+
 def begin(root: Path, step: int) -> Path:
     """A fresh temporary directory for the checkpoint of ``step`` (removed by :func:`clean_temporaries`
     if the write never commits)."""
@@ -70,7 +121,8 @@ def begin(root: Path, step: int) -> Path:
 
 def write_checkpoint(root: Path, step: int, files: dict[str, Any], extra_meta: dict | None = None,
                      tmp: Path | None = None) -> Path:
-    """Atomically write a checkpoint of ``files`` (name -> object for torch.save, or str/bytes).
+    """Atomically write a checkpoint of ``files`` (name -> object for torch.save, str/bytes, or a
+    callable that writes the file given its path, e.g. :func:`safetensors_writer`).
 
     ``tmp``: a directory from :func:`begin` that already holds files written by others (every
     rank's shards); they are checksummed with the rest. Returns the committed directory. An
@@ -83,6 +135,8 @@ def write_checkpoint(root: Path, step: int, files: dict[str, Any], extra_meta: d
         if isinstance(obj, (str, bytes)):
             data = obj.encode() if isinstance(obj, str) else obj
             _write_file(p, lambda f, d=data: f.write(d))
+        elif callable(obj):
+            _write_path(p, obj)
         else:
             _write_file(p, lambda f, o=obj: torch.save(o, f))
     written = sorted(p for p in tmp.rglob("*") if p.is_file())

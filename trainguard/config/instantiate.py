@@ -7,6 +7,7 @@ Python script. Only run configs you trust. YAML itself is read with ``yaml.safe_
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
@@ -26,12 +27,31 @@ def _split(target: str) -> tuple[str, str]:
     return mod, attr
 
 
+def _module_prefix(mod_name: str, attr: str) -> tuple[str, str]:
+    """For a dotted target, the longest importable module prefix and the attribute path after it;
+    unchanged when none imports (``locate`` then reports the full module name)."""
+    parts = mod_name.split(".")
+    for k in range(len(parts), 0, -1):
+        name = ".".join(parts[:k])
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name, ".".join(parts[k:] + [attr])
+        except ModuleNotFoundError as e:  # a parent that is no module (a class): a shorter prefix may be
+            if not (e.name and mod_name.startswith(e.name)):
+                break  # a module that exists but fails to import: `locate` reports it
+        except (ImportError, ValueError):
+            break
+    return mod_name, attr
+
+
 def locate(target: str, where: str = "_target_") -> Any:
     """Import ``pkg.mod:attr`` (or ``pkg.mod.attr``); errors tell a missing module from a missing attribute."""
     mod_name, attr = _split(target)
     cwd = os.getcwd()
     if cwd not in sys.path:  # like `python -m`: modules beside the user's config are importable
         sys.path.insert(0, cwd)
+    if ":" not in target and "." in mod_name:  # `pkg.Class.method` (AutoTokenizer.from_pretrained): the module may be shorter
+        mod_name, attr = _module_prefix(mod_name, attr)
     try:
         module = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:

@@ -11,7 +11,7 @@ import copy
 import difflib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -99,6 +99,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
         if field is None:
             return None
         ann = field.annotation
+        inner = [a for a in get_args(ann) if a is not type(None)]
+        ann = inner[0] if len(inner) == 1 else ann  # an optional section: `MlflowConfig | None`
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
         else:

@@ -8,9 +8,11 @@ used by ``trainguard --help`` and ``trainguard profiles``.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_serializer, model_validator
+
+from trainguard.errors import ConfigError
 
 Target = dict[str, Any]
 """A component spec: a mapping with ``_target_: "pkg.mod:attr"`` plus keyword arguments."""
@@ -33,13 +35,15 @@ class DataConfig(Section):
 
     train: Target | None = Field(None, description="Training dataset: `{_target_: pkg.mod:fn, ...}` returning a torch Dataset (map-style or iterable).")
     val: Target | None = Field(None, description="Optional validation dataset, same form as `train`.")
+    collate_fn: Target | None = Field(None, description="Optional collator `{_target_: ...}` (nested `_target_` values, e.g. a tokenizer, built first), built once and called with the list of samples like `DataLoader(collate_fn=...)`, in the loader workers; e.g. `transformers.DataCollatorWithPadding` for dynamic padding. A sample it raises on is skipped and recorded.")
     fields: dict[str, str] = Field(default_factory=dict, description="Renames dataset fields to forward() arguments, e.g. `{label: labels}`; a list passes fields under their own names. The model gets only the fields its forward() names, plus those named here (through `**kwargs` if it has it).")
     num_workers: Union[int, Literal["auto"]] = Field("auto", description="DataLoader worker processes; `auto` picks from the CPU count and the hardware profile.")
     pin_memory: Union[bool, Literal["auto"]] = Field("auto", description="Pin host memory for faster host-to-device copies; `auto` = on for CUDA.")
     shuffle: bool = Field(True, description="Reshuffle the training set every epoch (deterministically from `seed`).")
     item_seeding: Literal["auto", "always"] = Field("auto", description="Seeding of the python/numpy/torch RNGs around each item's `__getitem__`, so random augmentation is the same with 0 or N workers and after resume. `auto`: only once an item is seen to draw from them (checked per batch; the items are the same as with `always`); `always`: every item, from the start.")
+    stream_split: Literal["auto", "dataset"] = Field("auto", description="How a stream (IterableDataset) is split over ranks and loader workers: `auto`: a `datasets` stream by its shards (split_dataset_by_node, then per worker), any other: part `rank * workers + worker` of `ranks * workers` takes every that-many-th item; `dataset`: the dataset splits itself (get_worker_info and its rank), trainguard only numbers its items.")
 
-    @field_validator("train", "val")
+    @field_validator("train", "val", "collate_fn")
     @classmethod
     def _targets(cls, v, info):
         return _check_target(v, f"data.{info.field_name}")
@@ -57,8 +61,61 @@ class DataConfig(Section):
         return v
 
 
-class OptimConfig(Section):
-    """The optimizer."""
+class BuiltinOrTarget(Section):
+    """A section that is either trainguard's built-in choice (its fields, checked as usual) or the
+    user's own callable: ``_target_`` plus that callable's own keys, passed to it as they are
+    (nested ``_target_`` values built first), beside the fields in ``SHARED`` (trainguard's own in
+    both modes). The resolved config writes it back the same way, so it round-trips."""
+
+    SHARED: ClassVar[tuple[str, ...]] = ()
+    WHAT: ClassVar[str] = ""
+    _target: str | None = PrivateAttr(None)
+    _kwargs: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def target(self) -> str | None:
+        """The user's callable (``_target_``), or None for the built-in choice."""
+        return self._target
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The keys given beside ``_target_`` (not trainguard's), as written."""
+        return self._kwargs
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _split_target(cls, data: Any, handler):
+        if not isinstance(data, dict) or "_target_" not in data:
+            return handler(data)
+        where = cls.__name__.removesuffix("Config").lower()
+        if "name" in data:
+            raise ConfigError(f"`{where}.name` ({data['name']}) and `{where}._target_` ({data['_target_']}) are both set",
+                              f"keep one: `{where}.name` picks a built-in {cls.WHAT}, `{where}._target_` your own; "
+                              "remove the other from the YAML (or from the file it extends)")
+        if not isinstance(data["_target_"], str):
+            raise ValueError("`_target_` must be a string: package.module:attr")
+        obj = handler({k: v for k, v in data.items() if k in cls.SHARED})
+        obj._target = data["_target_"]
+        obj._kwargs = {k: v for k, v in data.items() if k != "_target_" and k not in cls.SHARED}
+        return obj
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if self._target is None:
+            return data
+        return {"_target_": self._target, **self._kwargs, **{k: data[k] for k in self.SHARED if k in data}}
+
+
+class OptimConfig(BuiltinOrTarget):
+    """The optimizer: `name: adamw|sgd` with the keys below, or your own, `{_target_: torch.optim.RMSprop, lr: 1.0e-3, ...}`:
+    any callable, called with the parameter groups first and the other keys as keyword arguments
+    (nested `_target_` values built first). The groups keep the weight-decay rule (`weight_decay` on
+    tensors with 2+ dims only) when the callable takes `weight_decay`; `fused` is trainguard's key in
+    both forms (passed as `fused=` only to a callable that takes it); `name` and `_target_` together are an error."""
+
+    SHARED: ClassVar[tuple[str, ...]] = ("fused",)
+    WHAT: ClassVar[str] = "optimizer"
 
     name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer: `adamw` (decoupled weight decay) or `sgd` (with momentum).")
     lr: float = Field(3.0e-4, gt=0, description="Peak learning rate, reached at the end of warmup.")
@@ -69,8 +126,15 @@ class OptimConfig(Section):
     fused: bool | Literal["auto"] = Field("auto", description="torch's fused optimizer kernel (one kernel for all parameters instead of a few per tensor; no host sync for fp16's skipped steps). `auto` = fused where torch has it for the parameters' device (CUDA, CPU, MPS); `false` = torch's default implementation.")
 
 
-class ScheduleConfig(Section):
-    """The learning-rate schedule, evaluated per optimizer step."""
+class ScheduleConfig(BuiltinOrTarget):
+    """The learning-rate schedule, evaluated per optimizer step: `name` with the keys below, or your
+    own, `{_target_: transformers.get_cosine_schedule_with_warmup, num_warmup_steps: 100}`: any
+    callable, called with the optimizer first and the other keys (a `num_training_steps` or
+    `total_steps` it takes and is not given is `train.max_steps`); it must return an object whose
+    `step()` takes no argument. It is stepped once per optimizer step (not on skipped steps) and
+    checkpointed through its `state_dict()`. `name` and `_target_` together are an error."""
+
+    WHAT: ClassVar[str] = "schedule"
 
     name: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup: `cosine`, `linear` or `constant`.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to `optim.lr` over this many optimizer steps.")
@@ -140,6 +204,16 @@ class CheckpointConfig(Section):
     keep_last: int = Field(3, gt=0, description="Keep the newest N checkpoints (plus the best one, if `best_metric` is set).")
     best_metric: str | None = Field(None, description="Keep the checkpoint with the best value of this validation metric (e.g. `loss`, `accuracy`); `summary.json`'s `best` names it.")
     best_mode: Literal["auto", "min", "max"] = Field("auto", description="Whether lower or higher `best_metric` is better. `auto`: higher for accuracy-like names (containing acc, f1, auc, precision, recall, bleu, rouge, map, iou, dice or score), lower otherwise (loss, perplexity, error, ...).")
+    safetensors: bool = Field(False, description="Also write the weights as `model.safetensors` in each checkpoint (in the manifest, verified like the rest; tied weights stored once, under their first name, as transformers does); needs the `safetensors` extra. See docs/your-model.md, \"Loggers and weights\".")
+
+
+class MlflowConfig(Section):
+    """An MLflow tracking server or store (`log.mlflow`)."""
+
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (`http://host:5000`, `databricks`, `file:./mlruns`); null = MLflow's default (`MLFLOW_TRACKING_URI`).")
+    experiment: str = Field("trainguard", description="Experiment name; created if it does not exist.")
+    run_name: str | None = Field(None, description="The MLflow run's name; null = the run directory's name.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags set on the MLflow run.")
 
 
 class LogConfig(Section):
@@ -147,6 +221,15 @@ class LogConfig(Section):
 
     progress: Union[bool, Literal["auto"]] = Field("auto", description="Show a progress bar; `auto` = when stderr is a terminal.")
     tensorboard: bool = Field(False, description="Also write to `<run_dir>/tb` for TensorBoard: the train and val scalars, and the guard events (skips, OOM splits, rollbacks, stops) as text and running counts under `guard/` (needs the `tensorboard` extra).")
+    wandb: dict[str, Any] | None = Field(None, description="Also log to Weights & Biases what TensorBoard gets: `{project: ..., mode: online (or offline), ...}`, every key passed to `wandb.init` (unknown ones are config errors); `dir` defaults to the run directory (unless `WANDB_DIR` is set), `name` to its name, `config` to the resolved config. Rank 0 only; needs the `wandb` extra. A failure while logging warns once and the run goes on without it.")
+    mlflow: MlflowConfig | None = Field(None, description="Also log to MLflow what TensorBoard gets: `{tracking_uri: ..., experiment: ..., run_name: ..., tags: {...}}` (the `mlflow` extra, the skinny client, is enough). Rank 0 only. A server that cannot be reached warns once and the run goes on without it.")
+
+    @field_validator("wandb")
+    @classmethod
+    def _wandb(cls, v):
+        if v is not None and v.get("mode", "online") not in ("online", "offline", "disabled"):
+            raise ValueError(f"log.wandb.mode must be online, offline or disabled, not {v['mode']!r}")
+        return v
 
 
 class MemoryConfig(Section):

@@ -3,8 +3,8 @@ forecast: the data, model and memory checks of ``trainguard diagnose``.
 
 Nothing here re-implements train: the parts come from :mod:`trainguard.run` (``build_model``,
 ``build_train_data``, ``build_core``, ``_resolve_runtime``), the first step from the shared
-:func:`~trainguard.guards.preflight.preflight` (field filter, collate rules, embedding inputs,
-shapes, compile), the worst case from ``DataStream.scan``, and the memory figures from the same
+:func:`~trainguard.guards.preflight.preflight` (field filter, collate rules, embedding lookups,
+shapes, batch coupling, compile), the worst case from ``DataStream.scan``, and the memory figures from the same
 trial steps, cache and fake-tensor forecast that ``trainguard autoconfig`` uses.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -194,7 +195,7 @@ def _float_fields(item, prefix: str = "") -> dict[str, torch.Tensor]:
     """The floating-point tensors of a collated one-sample batch, by field name."""
     if isinstance(item, torch.Tensor):
         return {prefix or "item": item} if item.is_floating_point() else {}
-    if isinstance(item, dict):
+    if isinstance(item, Mapping):
         out = {}
         for k, v in item.items():
             out.update(_float_fields(v, f"{prefix}.{k}" if prefix else str(k)))
@@ -270,10 +271,13 @@ def structure_checks(model: nn.Module, scan) -> list[Check]:
 
 def checkpointing_check(model: nn.Module) -> Check:
     """Is gradient checkpointing (activation recomputation) on, or available to turn on?"""
-    if getattr(model, "is_gradient_checkpointing", False):
+    # transformers >= 5 renamed is_gradient_checkpointing (its old name warns): the new name first
+    on = getattr(model, "is_activation_checkpointing", None)
+    if on if on is not None else getattr(model, "is_gradient_checkpointing", False):
         return Check("model.checkpointing", "pass", "gradient checkpointing is on (model.is_gradient_checkpointing)")
-    if callable(getattr(model, "gradient_checkpointing_enable", None)):
-        return Check("model.checkpointing", "pass", "gradient checkpointing is available: model.gradient_checkpointing_enable() "
+    enable = next((a for a in ("activation_checkpointing_enable", "gradient_checkpointing_enable") if callable(getattr(model, a, None))), None)
+    if enable:
+        return Check("model.checkpointing", "pass", f"gradient checkpointing is available: model.{enable}() "
                      "trades about a third more compute for much less activation memory")
     for m in model.modules():
         try:
@@ -291,7 +295,7 @@ def memory_check(trainer, cfg, rcfg, prof, info, budget: int | None, tuning, sca
     """The peak at the configured micro-batch against the memory of the device (measured here) or
     of the profile's card (predicted when it is not here), and what autoconfig would choose.
     ``world`` > 1: one rank of an fsdp job, always forecast (:func:`~trainguard.memory.autoconfig.sharded_forecast`)."""
-    from trainguard.memory.autoconfig import Tuning, cached_tune, forecast, predict_for_profile, usable_bytes
+    from trainguard.memory.autoconfig import NoForecast, Tuning, cached_tune, forecast, predict_for_profile, usable_bytes
 
     from trainguard.memory.meter import SimulatedMemory
 
@@ -299,6 +303,7 @@ def memory_check(trainer, cfg, rcfg, prof, info, budget: int | None, tuning, sca
     m = trainer.micro_batch_size
     on_oom = rcfg.guard.on_oom
     memory = trainer.memory
+    aside = ""  # why the forecast was measured rather than faked, if it was
     try:
         if world > 1:  # fsdp: one rank's step forecast with FSDP2 sharding over a fake group (nothing runs out of memory)
             fc, where = _sharded(cfg, rcfg, prof, info, memory, budget, scan.worst_item, world)
@@ -326,6 +331,8 @@ def memory_check(trainer, cfg, rcfg, prof, info, budget: int | None, tuning, sca
                 m = tuning.micro_batch_size
             peak = tuning.predicted_peak_bytes if tuning.micro_batch_size == m else fc.step(m).peak
             usable, where, how = fc.usable, f"{prof.name} ({prof.description}, {pcfg.train.precision})", "predicted"
+            if fc.measured:  # fake tensors cannot run the model: real CPU steps under the card's usable memory
+                how, aside = "predicted from real steps on this CPU", f"; fake tensors cannot run the model: {fc.measured}"
         else:  # a CPU (or MPS) without a budget: RAM is the limit (the OS kills past it), nothing is searched
             ram = SimulatedMemory(int(info.free_memory_gb * GiB), name="free RAM")
             trainer.memory = ram.start()
@@ -337,12 +344,16 @@ def memory_check(trainer, cfg, rcfg, prof, info, budget: int | None, tuning, sca
                 trainer.memory = None
             usable, where, how = ram.limit, f"free RAM on {info.name}", "measured"
             tuning = None
+    except NoForecast as e:  # what the forecast cannot judge is a skip, with the reason
+        return Check("memory.fit", "skip", e.message, e.hint)
     except TrainguardError as e:
         return Check("memory.fit", "fail", e.message, e.hint)
     head = f"micro-batch {m} x {bs // m} accumulation peaks at {fmt_bytes(peak) if peak else 'more than the limit'} ({how}) of {fmt_bytes(usable)} usable on {where}"
     choice = ""
     if isinstance(tuning, Tuning):
-        choice = (f"; autoconfig picks micro-batch {tuning.micro_batch_size} (the largest that fits is {tuning.max_micro_batch_size})")
+        choice = (f"; autoconfig picks micro-batch {tuning.micro_batch_size} (the largest that fits is {tuning.max_micro_batch_size}"
+                  + (", searched up to the batch size" if tuning.forecast == "measured" else "") + ")")
+    choice += aside
     if peak is not None and peak <= usable:
         return Check("memory.fit", "pass", head + choice)
     smaller = tuning.micro_batch_size if isinstance(tuning, Tuning) else None

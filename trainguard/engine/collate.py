@@ -4,22 +4,33 @@
 * floats and lists of floats become ``float32`` (float64 tensors/arrays are cast to float32);
 * tensors and arrays are stacked; int32/int16/int8 tensors widen to ``long`` (uint8 stays: images);
 * strings (and anything else) stay Python lists;
-* dicts collate field by field, tuples/lists position by position.
+* dicts (any mapping: a ``BatchEncoding`` too) collate field by field into a dict, tuples/lists
+  position by position.
 
 Items that cannot be stacked raise an error naming the field and the shapes.
+
+A user's collator (``data.collate_fn``) replaces these rules; :class:`UserCollate` calls it and
+applies the dtype rules to what it returns (a mapping becomes a dict, int tensors ``long``).
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from trainguard.errors import RunFailed
+from trainguard.config.instantiate import instantiate
+from trainguard.errors import ConfigError, RunFailed
 
 _WIDEN = {torch.int8, torch.int16, torch.int32}
+
+RAGGED_HINT = ("give a padding collator, e.g. `data.collate_fn: {_target_: transformers.DataCollatorWithPadding, "
+               "tokenizer: ...}` (DataCollatorForLanguageModeling for language-model labels, DataCollatorForSeq2Seq "
+               "for encoder-decoder labels), or pad the sequences to one length in the dataset (with an attention mask)")
 
 
 def _fix_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -57,7 +68,9 @@ def _stack(values: list, field: str) -> torch.Tensor:
         return _fix_dtype(torch.stack(values))
     except RuntimeError:
         shapes = sorted({str(tuple(v.shape)) for v in values})
+        tokens = all(v.dim() == 1 and not v.is_floating_point() for v in values)  # token ids of different lengths
         raise RunFailed(f"field `{field}` cannot be stacked into a batch: samples have shapes {', '.join(shapes)}",
+                        RAGGED_HINT if tokens else
                         "pad or crop the samples to one shape in the dataset, or give the field a fixed length") from None
 
 
@@ -70,11 +83,11 @@ def collate_samples(items: list, field: str = "item") -> Any:
             return tuple(_fix_dtype(torch.stack(column)) for column in zip(*items))
         except (RuntimeError, TypeError):
             pass  # the general path below names the field that cannot be stacked
-    if isinstance(first, dict):
+    if isinstance(first, dict) or isinstance(first, Mapping):
         keys = list(first)
         for it in items[1:]:
-            if not isinstance(it, dict) or set(it) != set(keys):
-                raise RunFailed(f"samples have different fields: {sorted(keys)} vs {sorted(it) if isinstance(it, dict) else type(it).__name__}",
+            if not isinstance(it, Mapping) or set(it) != set(keys):
+                raise RunFailed(f"samples have different fields: {sorted(keys)} vs {sorted(it) if isinstance(it, Mapping) else type(it).__name__}",
                                 "make every sample return the same keys")
         return {k: collate_samples([it[k] for it in items], k if field == "item" else f"{field}.{k}") for k in keys}
     if isinstance(first, torch.Tensor):
@@ -95,10 +108,66 @@ def collate_samples(items: list, field: str = "item") -> Any:
         if arr is None or arr.dtype == object:
             lens = sorted({str(_shape(x)) for x in items})
             raise RunFailed(f"field `{field}` cannot be stacked into a batch: samples have lengths {', '.join(lens)}",
-                            "pad the sequences to one length in the dataset (and pass an attention mask)")
+                            RAGGED_HINT)
         dtype = torch.long if np.issubdtype(arr.dtype, np.integer) else torch.float32
         return torch.as_tensor(arr, dtype=dtype)
     if isinstance(first, tuple) or (isinstance(first, list) and not isinstance(first, str)):
         if all(isinstance(x, (list, tuple)) and len(x) == len(first) for x in items):
             return tuple(collate_samples([x[i] for x in items], f"{field}[{i}]") for i in range(len(first)))
     return list(items)
+
+
+def finish_batch(x: Any) -> Any:
+    """What a user's collator returned, under the dtype rules: a mapping (a ``BatchEncoding``) becomes
+    a dict, numpy arrays tensors, int8/16/32 tensors ``long``, float64 ``float32``; the rest is kept."""
+    if isinstance(x, torch.Tensor):
+        return _fix_dtype(x)
+    if isinstance(x, Mapping):
+        return {k: finish_batch(v) for k, v in x.items()}
+    if isinstance(x, np.ndarray) and x.dtype != object:
+        return _fix_dtype(torch.as_tensor(x))
+    if type(x) in (tuple, list):
+        return type(x)(finish_batch(v) for v in x)
+    return x
+
+
+def build_collate(spec: dict | None) -> "UserCollate | None":
+    """``data.collate_fn``, built once (its nested ``_target_`` values first); ``None`` without one."""
+    if spec is None:
+        return None
+    fn = instantiate(spec, "data.collate_fn")
+    if not callable(fn):
+        raise ConfigError(f"data.collate_fn._target_ returned {type(fn).__name__}, which is not callable",
+                          "return a collator: a callable taking the list of samples (e.g. transformers.DataCollatorWithPadding)")
+    return UserCollate(fn, str(spec["_target_"]))
+
+
+@dataclass(frozen=True)
+class StreamSample:
+    """A sample with the collate function of its stream (a user's ``data.collate_fn``): the memory
+    trials and forecasts repeat it and collate the copies as training does (:func:`collate_copies`)."""
+
+    item: Any
+    collate: Callable[[list], Any]
+
+
+def collate_copies(sample: Any, m: int) -> Any:
+    """``m`` copies of one sample (a plain item, or a :class:`StreamSample`), collated."""
+    if isinstance(sample, StreamSample):
+        return sample.collate([sample.item] * m)
+    return collate_samples([sample] * m)
+
+
+class UserCollate:
+    """The user's ``data.collate_fn``: called with the list of samples (of dict samples, only the fields
+    the model gets: ``keep``, the model's field filter), its output under :func:`finish_batch`.
+
+    It runs in the loader workers, so it is pickled with them where processes are spawned.
+    """
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn, self.name = fn, name
+        self.keep: Callable[[list], list] | None = None  # the model's field filter (batch.FieldFilter), once it is built
+
+    def __call__(self, items: list) -> Any:
+        return finish_batch(self.fn(self.keep(items) if self.keep is not None else items))

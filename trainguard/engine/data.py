@@ -7,7 +7,8 @@
   ``__getitem__`` (they are, once an item is seen to draw from them): random augmentation is the
   same with 0 or N workers, and after resume.
 * An item that raises or returns ``None`` becomes a :class:`BadSample` (recorded, not fatal).
-* Iterable datasets: items are numbered by stream position; resume skips that many items.
+* Iterable datasets (streams): split over ranks and loader workers, numbered, and resumed from
+  their ``state_dict()`` or by replay (:mod:`trainguard.engine.stream`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from __future__ import annotations
 import _random
 import contextlib
 import ctypes
+import functools
+import multiprocessing
 import pickle
 import random
 import signal
 import struct
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -27,8 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from trainguard.engine.collate import collate_samples
-from trainguard.errors import RunFailed
+from trainguard.engine.collate import StreamSample, UserCollate, collate_samples
+from trainguard.engine.stream import StreamCollate, StreamPart, StreamPosition, for_rank, is_hf_stream
+from trainguard.errors import ConfigError, RunFailed, first_line
 
 
 @dataclass
@@ -66,10 +71,10 @@ def item_size(item: Any) -> int:
         return item.numel()
     if isinstance(item, np.ndarray):
         return int(item.size)
-    if isinstance(item, dict):
+    if isinstance(item, Mapping):
         return sum(item_size(v) for v in item.values())
     if isinstance(item, (list, tuple)):
-        return sum(item_size(v) for v in item) if item and isinstance(item[0], (list, tuple, dict, torch.Tensor, np.ndarray)) else len(item)
+        return sum(item_size(v) for v in item) if item and isinstance(item[0], (list, tuple, Mapping, torch.Tensor, np.ndarray)) else len(item)
     return 1
 
 
@@ -81,6 +86,7 @@ class Scan:
     sizes: list[int]
     items: list                 # the samples that loaded, in the order of ``ids``
     bad: list[BadSample] = field(default_factory=list)
+    collate: Any = None         # the stream's collate function, when it is the user's (data.collate_fn)
 
     @property
     def _worst(self) -> int:
@@ -92,7 +98,9 @@ class Scan:
 
     @property
     def worst_item(self) -> Any:
-        return self.items[self._worst]
+        """The largest sample; with a user's collator, a :class:`StreamSample` that carries it."""
+        item = self.items[self._worst]
+        return StreamSample(item, self.collate) if self.collate is not None else item
 
 
 class RngWatch:
@@ -185,16 +193,6 @@ def _host_rng_kept():
         yield
     finally:
         RngWatch.restore(saved)
-
-
-def _first_items(dataset, n: int) -> list:
-    """The first ``n`` items of an iterable dataset, numbered by stream position."""
-    pairs = []
-    for pos, item in enumerate(dataset):
-        pairs.append((pos, item if item is not None else BadSample(pos, "the dataset returned None")))
-        if len(pairs) >= n:
-            break
-    return pairs
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -298,29 +296,75 @@ class EpochBatchSampler(Sampler):
             yield [(self.epoch, i) for i in order[first:first + share]]
 
 
-class _Numbered(IterableDataset):
-    """Numbers the items of an iterable dataset by stream position, skipping the first ``start``."""
-
-    def __init__(self, dataset: IterableDataset):
-        self.dataset, self.start = dataset, 0
-
-    def __iter__(self):
-        for pos, item in enumerate(self.dataset):
-            if pos >= self.start:
-                yield pos, (item if item is not None else BadSample(pos, "the dataset returned None"))
-
-
-def _collate(pairs: list) -> Batch:
+def _collate(pairs: list, user: UserCollate | None = None) -> Batch:
     ids, items = (list(c) for c in zip(*pairs)) if pairs else ([], [])
     bad = [x for x in items if type(x) is BadSample]
     if bad:
         ids = [i for i, x in zip(ids, items) if type(x) is not BadSample]
         items = [x for x in items if type(x) is not BadSample]
+    if user is not None:
+        return _user_collate(user, ids, items, bad)
     try:
         data = collate_samples(items) if items else None
     except RunFailed as e:  # carried to the main process whole (a worker would re-raise it with its traceback)
         return Batch(ids=ids, data=None, bad=bad, error=(e.message, e.hint))
     return Batch(ids=ids, data=data, bad=bad)
+
+
+def _collates(user: UserCollate, items: list) -> bool:
+    try:
+        user(items)
+        return True
+    except Exception:  # only asking which samples it fails on; the failure itself is reported by the caller
+        return False
+
+
+def _user_collate(user: UserCollate, ids: list[int], items: list, bad: list[BadSample]) -> Batch:
+    """The user's collator on the samples that loaded. If it raises, the samples it fails on alone
+    (else the one whose absence lets it through) become bad samples and the rest is collated; if
+    no such sample exists, the batch carries an error naming the collator."""
+    if not items:
+        return Batch(ids=ids, data=None, bad=bad)
+    try:
+        return Batch(ids=ids, data=user(items), bad=bad)
+    except Exception as e:  # named below: a bad sample (skipped, recorded) or the collator's own error
+        err = e
+    n = len(items)
+    culprits = [r for r in range(n) if not _collates(user, [items[r]])]
+    if n > 1 and len(culprits) == n:  # it fails on every sample alone: the collator, not the data
+        culprits = []
+    if not culprits:
+        culprits = next(([r] for r in range(n) if n > 1 and _collates(user, items[:r] + items[r + 1:])), [])
+    rest = [r for r in range(n) if r not in culprits]
+    if culprits:
+        try:
+            data = user([items[r] for r in rest]) if rest else None
+        except Exception:  # a second bad sample that only shows together with others: reported as the collator's error
+            culprits = []
+        else:
+            why = f"data.collate_fn `{user.name}` raised {type(err).__name__}: {first_line(err, 160)}"
+            return Batch(ids=[ids[r] for r in rest], data=data, bad=bad + [BadSample(ids[r], why) for r in culprits])
+    return Batch(ids=ids, data=None, bad=bad, error=(
+        f"data.collate_fn `{user.name}` raised {type(err).__name__} on a batch of {n} samples (ids {ids[:8]}"
+        f"{'...' if n > 8 else ''}), and still does without any one of them: {first_line(err, 200)}",
+        "the collator fails on this data as a whole: call it by hand on a few samples (`collate([ds[0], ds[1]])`) "
+        "to see the error, and check its arguments (a tokenizer's padding side, pad token, max length)"))
+
+
+def _loader_collate(user: UserCollate | None, num_workers: int, name: str):
+    """The DataLoader's collate function: the built-in one, or the user's behind the same guards.
+    Workers that are spawned (not forked) receive it pickled: an unpicklable one is refused here."""
+    if user is None:
+        return _collate
+    if num_workers > 0 and multiprocessing.get_start_method() != "fork":
+        try:
+            pickle.dumps(user)
+        except Exception as e:  # a lambda, a local function, an open handle: said with the fix
+            raise ConfigError(f"data.collate_fn `{user.name}` cannot be sent to the {num_workers} loader workers of "
+                              f"data.{name}: it is not picklable ({type(e).__name__}: {first_line(e, 160)})",
+                              "make it a module-level function or class instance (not a lambda or a local function), "
+                              "or set data.num_workers: 0") from None
+    return functools.partial(_collate, user=user)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -337,11 +381,14 @@ class DataStream:
     """An endless stream of :class:`Batch` es over epochs, with a resumable position.
 
     ``batch_size`` is the global batch; with ``world`` ranks each yields its ``rank``-th share
-    (``self.batch_size``, the samples this process sees per step)."""
+    (``self.batch_size``, the samples this process sees per step). ``collate_fn``: the user's
+    collator (``data.collate_fn``) instead of the built-in rules. A stream (``IterableDataset``) is
+    read in parts over ranks and workers (:mod:`trainguard.engine.stream`); ``stream_split``:
+    ``dataset`` when it splits itself (by ``get_worker_info`` and its rank)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, shuffle: bool,
                  num_workers: int, pin_memory: bool, name: str = "train", per_item: bool = False,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, collate_fn: UserCollate | None = None, stream_split: str = "auto"):
         self.iterable = isinstance(dataset, IterableDataset)
         try:
             n = None if self.iterable else len(dataset)  # type: ignore[arg-type]
@@ -351,18 +398,22 @@ class DataStream:
         if n == 0:
             raise RunFailed(f"data.{name} is empty (0 samples)",
                             "check the dataset's path and split name (e.g. `train` vs `Train`) and its filters")
-        if world > 1 and (self.iterable or batch_size % world):
-            raise RunFailed(f"data.{name}: " + ("an IterableDataset cannot be sharded over ranks exactly" if self.iterable
-                                                else f"batch {batch_size} does not split evenly over {world} ranks"),
-                            "use a map-style dataset (__len__ and __getitem__) for multi-process training"
-                            if self.iterable else f"a batch size that is a multiple of {world}")
+        if world > 1 and batch_size % world:
+            raise RunFailed(f"data.{name}: batch {batch_size} does not split evenly over {world} ranks",
+                            f"a batch size that is a multiple of {world}")
         self.dataset, self.seed, self.batch_size = dataset, seed, batch_size // world
         self.epoch, self.position = 0, 0
-        common: dict[str, Any] = dict(collate_fn=_collate, pin_memory=pin_memory)
-        if self.iterable:
-            # stream positions are only exact in one process, so iterable data loads in the main process
-            self._source = _Numbered(dataset)  # type: ignore[arg-type]
-            self.loader = DataLoader(self._source, batch_size=batch_size, num_workers=0, **common)
+        self.collate_fn = collate_fn
+        common: dict[str, Any] = dict(collate_fn=_loader_collate(collate_fn, num_workers, name), pin_memory=pin_memory)
+        self.name = name
+        if self.iterable:  # batched in its parts (workers), each batch with its part's position and state
+            self.dataset = dataset = for_rank(dataset, rank, world)  # a `datasets` stream: split_dataset_by_node
+            self._source = StreamPart(dataset, self.batch_size, rank=rank, world=world, workers=num_workers, bad=BadSample,
+                                      splits_itself=is_hf_stream(dataset) or stream_split == "dataset")
+            self._pos = StreamPosition(num_workers, rank, world, self._source.stateful)
+            self._gen = torch.Generator()  # worker seeds from (seed, epoch), not from the training process's RNG
+            self.loader = DataLoader(self._source, batch_size=None, num_workers=num_workers, worker_init_fn=_seed_worker,
+                                     generator=self._gen, collate_fn=StreamCollate(common["collate_fn"]), pin_memory=pin_memory)
         else:
             self.sampler = EpochBatchSampler(n, batch_size, seed, shuffle, rank, world)  # type: ignore[arg-type]
             g = torch.Generator().manual_seed(seed)
@@ -372,12 +423,42 @@ class DataStream:
         self._it: Iterator | None = None
 
     def seek(self, epoch: int, position: int) -> None:
-        """Continue from ``position`` (batches, or items for iterables) of ``epoch``."""
+        """Continue from ``position`` (batches, or items for iterables) of ``epoch``. A stream is
+        replayed to there; :meth:`load_stream_state` puts it back exactly."""
         self.epoch, self.position, self._it = epoch, position, None
+        if self.iterable:
+            self._pos.reset()
+            if position:  # a checkpoint without the stream's parts: one part, replayed
+                self._pos.load_state_dict({"parts": {0: {"items": position, "read": position, "state": None}},
+                                           "turn": 0, "workers": 1}, self.name)
+
+    def stream_state(self, epoch: int, position: int) -> dict | None:
+        """A stream's parts at ``(epoch, position)`` (the last committed step: now, or just before
+        the latest batch), for the checkpoint; None for a map-style dataset (its position says all)."""
+        return self._pos.state_dict(epoch, position, (self.epoch, self.position)) if self.iterable else None
+
+    def load_stream_state(self, d: dict | None) -> None:
+        """Continue a stream from :meth:`stream_state` (each part from its dataset state, or replayed)."""
+        if self.iterable and d is not None:
+            self._pos.load_state_dict(d, self.name)
+            self.epoch, self.position, self._it = d["epoch"], d["position"], None
+
+    def replayed_items(self) -> int:
+        """Items a resumed stream replays and skips (0 from its saved state, or for map-style data)."""
+        return self._pos.replayed() if self.iterable else 0
+
+    def resume_note(self) -> str | None:
+        """How a resumed stream continues, for the resume event; None for map-style data."""
+        if not self.iterable or not self.position:
+            return None
+        n = self._pos.replayed()
+        return ("the stream continues from its saved state (nothing replayed)" if not n else
+                f"the stream has no state_dict()/load_state_dict(): replaying and skipping the {n:,} items it consumed")
 
     def _start_epoch(self) -> None:
         if self.iterable:
-            self._source.start = self.position
+            self._source.epoch, self._source.resume, self._pos.resumed = self.epoch, self._pos.resumed, None
+            self._gen.manual_seed(self.seed * 1_000_003 + self.epoch)
         else:
             self.sampler.epoch, self.sampler.start = self.epoch, self.position
         self._it = iter(self.loader)
@@ -385,17 +466,27 @@ class DataStream:
     def peek(self, n: int) -> Batch:
         """The first ``n`` samples of epoch 0, fetched in this process (for preflight); the stream is untouched."""
         if self.iterable:
-            pairs = _first_items(self.dataset, n)
+            pairs = self._source.first(n)
         else:
             pairs = SampleFetcher(self.dataset, self.seed).__getitems__([(0, i) for i in self.sampler.order(0)[:n]])
-        return _collate(pairs)
+        return _collate(pairs, self.collate_fn)
+
+    def collate(self, items: list) -> Any:
+        """Samples (e.g. copies of the scan's worst one) collated as the stream collates them."""
+        batch = _collate(list(enumerate(items)), self.collate_fn)
+        if batch.error is not None:
+            raise RunFailed(*batch.error)
+        if batch.bad:
+            raise RunFailed(f"the samples could not be collated: {batch.bad[0].reason}",
+                            "fix the sample or the collator (data.collate_fn)")
+        return batch.data
 
     def scan(self, limit: int = 256) -> Scan:
         """Up to ``limit`` samples spread over the dataset (the first ones of a stream), fetched in
         this process with the RNG streams untouched; the stream's position is not moved."""
         if self.iterable:
             with _host_rng_kept():
-                pairs = _first_items(self.dataset, limit)
+                pairs = self._source.first(limit)
         else:
             n = self.sampler.n
             idx = sorted({round(i * (n - 1) / max(1, limit - 1)) for i in range(min(n, limit))})
@@ -406,16 +497,20 @@ class DataStream:
             first = bad[0] if bad else None
             raise RunFailed(f"none of the {len(pairs)} samples scanned could be loaded" + (f", e.g. sample {first.sample_id}: {first.reason}" if first else ""),
                             "fix the dataset's __getitem__ (run it on one index by hand to see the error)")
-        return Scan(ids=[i for i, _ in good], sizes=[item_size(x) for _, x in good], items=[x for _, x in good], bad=bad)
+        return Scan(ids=[i for i, _ in good], sizes=[item_size(x) for _, x in good], items=[x for _, x in good], bad=bad,
+                    collate=self.collate if self.collate_fn is not None else None)
 
     def one_pass(self) -> Iterator[Batch]:
         """One epoch from its start, in order (for an evaluation stream)."""
         if self.iterable:
-            self._source.start = 0
+            self._source.epoch, self._source.resume = 0, None
+            self._gen.manual_seed(self.seed * 1_000_003)
         else:
             self.sampler.epoch, self.sampler.start = 0, 0
         self._it = None
         for batch in self.loader:
+            if self.iterable:
+                batch = batch[0]  # (batch, its part's position)
             if batch.error is not None:
                 raise RunFailed(*batch.error)
             yield batch
@@ -426,12 +521,22 @@ class DataStream:
                 self._start_epoch()
             try:
                 batch = next(self._it)  # type: ignore[arg-type]
+                if self.iterable:
+                    batch, where = batch
+                    while batch is None:  # resumed: a worker whose turn had passed
+                        batch, where = next(self._it)  # type: ignore[arg-type]
             except StopIteration:
                 self.epoch, self.position, self._it = self.epoch + 1, 0, None
+                if self.iterable:  # each rank's stream is endless: its next pass starts alone, at once
+                    self._pos.reset()
                 continue
             if batch.error is not None:
                 raise RunFailed(*batch.error)
-            self.position += (len(batch.ids) + len(batch.bad)) if self.iterable else 1
+            if self.iterable:
+                self._pos.advance((self.epoch, self.position), where)
+                self.position += len(batch.ids) + len(batch.bad)
+            else:
+                self.position += 1
             return batch
         raise RunFailed("the training data yielded no batch in a whole epoch",
                         "check that the dataset is not empty and that its iterator yields items")

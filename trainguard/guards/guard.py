@@ -79,7 +79,6 @@ class Guard(Hook):
 
     # ---- events --------------------------------------------------------------------------
     def on_fit_start(self, trainer) -> None:
-        self.orig_lrs = [b / self.lr_scale for b in trainer.scheduler.base_lrs]
         self.norm_stats = norm_statistics(trainer.model)
         self._stats_before = [t.clone() for t in self.norm_stats]
         if self.cfg.on_nonfinite == "rollback" and self.checkpointer is not None \
@@ -321,10 +320,7 @@ class Guard(Hook):
         to_step = int(restore_weights_and_optimizer(trainer, ckpt)["counters"]["step"])
         self.rollbacks += 1
         self.lr_scale *= self.cfg.rollback_lr_factor
-        sched = trainer.scheduler
-        sched.base_lrs = [lr * self.lr_scale for lr in self.orig_lrs]
-        for group, base, fn in zip(trainer.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * fn(sched.last_epoch)  # the loop reads the LR from the param groups
+        trainer.scheduler.set_lr_scale(self.lr_scale)  # any scheduler (engine.optim.Schedule); the loop reads the groups' LR
         st.step, self.consecutive = to_step, 0
         self.checkpointer.last_saved = to_step  # that checkpoint is on disk already
         self.log.event(st.step, "rollback", why, from_step=from_step, to_step=to_step, checkpoint=str(ckpt),

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -44,7 +45,7 @@ class Finding:
 def _tensors(x: Any) -> Iterator[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         yield x
-    elif isinstance(x, dict):
+    elif isinstance(x, Mapping):
         for v in x.values():
             yield from _tensors(v)
     elif isinstance(x, (tuple, list)):
@@ -201,7 +202,7 @@ def find_nonfinite_together(trainer, batch, here: bool) -> Finding | None:
 
 def _in_micro_batch(model: nn.Module, adapter, micro, ids: list[int], k: int, device, precision: str) -> Finding | None:
     """The first non-finite input, module output or loss of one micro-batch (on the device), and its samples."""
-    for fname, t in (micro.items() if isinstance(micro, dict) else enumerate(_tensors(micro))):
+    for fname, t in (micro.items() if isinstance(micro, Mapping) else enumerate(_tensors(micro))):
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
             rows = _bad_rows(t, k)
             return Finding("input", str(fname), [ids[r] for r in rows] if rows else ids)

@@ -20,6 +20,7 @@ bounds the restarts (log2 of the micro-batch), and at one sample the run stops.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from trainguard.engine.events import Hook
@@ -54,7 +55,7 @@ def _first_item(x):
 
     if isinstance(x, torch.Tensor):
         return x[0]
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return {k: _first_item(v) for k, v in x.items()}
     if isinstance(x, tuple):
         return tuple(_first_item(v) for v in x)
@@ -86,6 +87,28 @@ class OomRecovery(Hook):
         self.configured = configured_micro_batch
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.splits: list[dict] = []
+        # the preflight's model.batch_coupling Check, or (set by run.py when the run started with one
+        # micro-batch per step) a callable that runs it, called at the first split
+        self.batch_coupling = None
+
+    def warn_batch_coupled(self, trainer, step: int) -> None:
+        """A batch-coupled loss run with more than one micro-batch per step: a ``batch_coupled`` event
+        and a warning saying what the split does to it (at start, and after each OOM split)."""
+        if trainer.grad_accum < 2:
+            return
+        if callable(self.batch_coupling):
+            self.batch_coupling = self.batch_coupling()
+        c = self.batch_coupling
+        if c is None or c.status != "warn":
+            return
+        message = c.warning(trainer.micro_batch_size, trainer.grad_accum)
+        self.log.event(step, "batch_coupled", message, kind=c.kind, micro_batch_size=trainer.micro_batch_size,
+                       grad_accum=trainer.grad_accum)
+        if trainer.world.is_main:
+            from rich.console import Console
+
+            Console(stderr=True, soft_wrap=True, highlight=False).print(
+                f"[yellow]warning[/yellow]: {message} (hint: {c.hint})")
 
     def state_dict(self) -> dict:
         return {"splits": self.splits}
@@ -173,6 +196,7 @@ class OomRecovery(Hook):
                        micro_batch_size=m, new_micro_batch_size=smaller, grad_accum=trainer.grad_accum,
                        sample_ids=trainer.batch.ids, in_use_bytes=oom.in_use, limit_bytes=oom.limit,
                        **ranks)
+        self.warn_batch_coupled(trainer, st.step + 1)
 
     def on_fit_end(self, trainer) -> None:
         if self.splits and trainer.world.is_main:

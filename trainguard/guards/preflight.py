@@ -2,18 +2,24 @@
 
 A shape mismatch, a missing forward() argument, an empty dataset or a model without a loss
 fails here in seconds (exit 1) with the module's qualified name, both shapes and a hint,
-instead of an hour into the run. ``trainguard diagnose`` calls :func:`preflight` too: they cannot disagree.
+instead of an hour into the run. Embedding lookups are checked for float or out-of-range ids
+(:func:`embedding_inputs`), and the loss for coupling the samples of a batch (:func:`batch_coupling`).
+``trainguard diagnose`` calls :func:`preflight` too: they cannot disagree.
 It leaves no trace: RNG streams, buffers and gradients are as they were.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from trainguard import distributed
 from trainguard.engine.batch import slice_batch, to_device
@@ -32,8 +38,11 @@ class Check:
     hint: str | None = None
 
 
-def preflight(trainer) -> list[Check]:
+def preflight(trainer, coupling: bool = True) -> list[Check]:
     """Run the checks; returns them all (the caller decides what a failure means).
+
+    ``coupling``: also run :func:`batch_coupling` (diagnose always does; train when a step runs
+    more than one micro-batch from the start, else at the first OOM split).
 
     A compiled model (``train.compile``) is checked eagerly first, so a model error names its
     module; then one compiled forward/backward runs, and if compiling fails the trainer falls
@@ -61,8 +70,8 @@ def preflight(trainer) -> list[Check]:
             trace = module_trace(model)
             oom, unused = False, []
             try:
-                with preserved_state(model), trace, embedding_inputs(model):
-                    micro = to_device(slice_batch(batch.data, 0, n), trainer.device)
+                micro = to_device(slice_batch(batch.data, 0, n), trainer.device)
+                with preserved_state(model), trace, embedding_inputs(model, micro, trainer.adapter.fields) as lookups:
                     with autocast(trainer.device.type, trainer.precision):
                         _, loss, _ = trainer.adapter(micro)
                     loss.backward()
@@ -101,12 +110,19 @@ def preflight(trainer) -> list[Check]:
             checks.append(Check("memory.first_step", "warn", f"micro-batch {n} ran out of device memory in the preflight forward/backward; "
                                 "step 1 will split it (guard.on_oom)", "set train.micro_batch_size: auto to start at the largest that fits"))
             n = 1  # the other checks still run, on one sample
+        coupled = batch_coupling(trainer, batch, n) if coupling else None  # eager, like the step above
     finally:
         trainer.adapter.model = compiled
     checks.append(Check("model.forward", "pass", f"forward and backward ran on {n} samples; loss {loss.item():.4g}"))
+    if trainer.adapter.loss_note:  # the (logits, loss) tuple rule: said once
+        checks.append(Check("model.output", "pass", trainer.adapter.loss_note))
     if not torch.isfinite(loss):
         checks.append(Check("model.loss", "warn", f"the first micro-batch gives a non-finite loss ({loss.item()})",
                             "the guards will skip such steps; check the data and the loss (e.g. CTC input vs target lengths)"))
+    if lookups.checked or lookups.unjudged:
+        checks.append(lookups.check())
+    if coupled is not None:
+        checks.append(coupled)
     if isinstance(batch.data, dict):
         a = trainer.adapter
         kept = sorted(a.accepted & {a.fields.get(k, k) for k in batch.data})
@@ -122,38 +138,208 @@ def preflight(trainer) -> list[Check]:
     return checks
 
 
+class Coupling(Check):
+    """``model.batch_coupling``: how the loss of a batch relates to the losses of its parts.
+
+    ``kind``: ``sample_mean`` (a mean over samples: splitting changes nothing), ``token_mean`` (a mean
+    over the label tokens: a split weights micro-batches by samples, see docs/guards.md), ``sum``
+    (a sum over samples: a split scales it) or ``coupled`` (the samples meet, e.g. in-batch
+    negatives); empty when not judged (``skip``). Not a dataclass field: ``diagnose --json`` keeps
+    the four keys of every check."""
+
+    def __init__(self, name: str, status: str, message: str, hint: str | None = None, kind: str = ""):
+        super().__init__(name, status, message, hint)
+        self.kind = kind
+
+    def warning(self, micro_batch_size: int, grad_accum: int) -> str:
+        """What the run does to such a loss with ``grad_accum`` micro-batches of ``micro_batch_size``."""
+        what = {"coupled": f"each sample's loss now sees only the {micro_batch_size - 1} others of its micro-batch "
+                           "(e.g. fewer in-batch negatives), so the loss and the gradient are not those of the whole batch",
+                "sum": f"each micro-batch's sum is weighted by its share of the batch, so the step's loss and "
+                       f"gradient are 1/{grad_accum} of the whole batch's sum"}[self.kind]
+        return f"{self.message}; this step runs {grad_accum} micro-batches of {micro_batch_size}: {what}"
+
+
+COUPLING_HINT = ("keep one micro-batch per step (train.micro_batch_size = train.batch_size, and a --memory-budget or card "
+                 "that fits it), or make the loss a mean over samples (e.g. gather the in-batch negatives across "
+                 "micro-batches yourself); a smaller train.batch_size keeps the step in one micro-batch")
+
+
+def batch_coupling(trainer, batch, n: int) -> Coupling:
+    """Compare the loss of the first micro-batch with the weighted mean of its two halves' losses.
+
+    Eval mode and no grad (dropout and BatchNorm's batch statistics do not blur it), three forwards
+    that together cost about two of the batch's, on the eager model; RNG and buffers left as they
+    were. With one sample in the micro-batch but several per step, two samples are fetched for it.
+    """
+    name = "model.batch_coupling"
+    if trainer.sharded:  # every sharded forward is a collective: no forwards that ranks might not all run
+        return Coupling(name, "skip", "not checked under train.strategy: fsdp")
+    if batch is None or batch.data is None:
+        return Coupling(name, "skip", "not checked: no batch")
+    n = min(n, len(batch))
+    if n < 2 and trainer.data.batch_size > 1:
+        try:
+            more = trainer.data.peek(2)
+        except TrainguardError:
+            more = None
+        if more is not None and more.error is None and len(more) >= 2:
+            batch, n = more, 2
+    if n < 2:
+        return Coupling(name, "skip", "the batch has 1 sample: nothing to split")
+    model, k = trainer.model, n // 2
+    training = {m: m.training for m in model.modules()}
+    losses, counts = [], []
+    compiled, trainer.adapter.model = trainer.adapter.model, model
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            for start, stop in ((0, n), (0, k), (k, n)):
+                micro = to_device(slice_batch(batch.data, start, stop), trainer.device)
+                with autocast(trainer.device.type, trainer.precision):
+                    _, loss, labels = trainer.adapter(micro)
+                losses.append(float(loss))
+                counts.append(_label_counts(labels))
+    except torch.OutOfMemoryError:
+        return Coupling(name, "skip", "not checked: the no-grad forwards ran out of device memory")
+    except Exception as e:  # noqa: BLE001 - a model that cannot run in eval mode is not judged here
+        return Coupling(name, "skip", f"not checked: the forward in eval mode failed ({_reason(e)})")
+    finally:
+        trainer.adapter.model = compiled
+        for m, t in training.items():
+            m.training = t
+    full, a, b = losses
+    if not all(math.isfinite(v) for v in losses):
+        return Coupling(name, "skip", f"not checked: a non-finite loss ({full:.4g} for the batch, {a:.4g} and {b:.4g} for its halves)")
+    tol = 1e-4 if trainer.precision == "fp32" else 2e-2  # relative; low-precision autocast rounds per batch size
+    close = lambda v: abs(full - v) <= tol * max(abs(full), 1e-3)  # noqa: E731
+    parts = f"loss {full:.4g} on {n} samples, {a:.4g} and {b:.4g} on its halves"
+    if close((k * a + (n - k) * b) / n):
+        return Coupling(name, "pass", f"the loss is a mean over samples ({parts}): splitting the batch leaves it unchanged", kind="sample_mean")
+    for c_full, c_a, c_b in zip(*counts):
+        if c_a + c_b == c_full and c_full and close((c_a * a + c_b * b) / c_full):
+            return Coupling(name, "pass", f"the loss is a mean over label tokens ({parts}, weighted by their {c_a} and {c_b} "
+                            "tokens): no sample sees another, but a split weights micro-batches by samples, so the tokens "
+                            "of shorter (padded) samples weigh a little differently", kind="token_mean")
+    if close(a + b):
+        return Coupling(name, "warn", f"the loss is a sum over samples ({parts})", COUPLING_HINT, kind="sum")
+    return Coupling(name, "warn", f"the loss couples the samples of a batch ({parts}; their weighted mean is "
+                    f"{(k * a + (n - k) * b) / n:.4g}): a contrastive loss or in-batch negatives", COUPLING_HINT, kind="coupled")
+
+
+def _label_counts(labels) -> list[int]:
+    """Label tokens that count (ids >= 0; -100 and -1 are ignored): as given, and shifted by one
+    position (a causal LM predicts labels[:, 1:]). Empty when the labels are not token ids."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 2 or labels.is_floating_point():
+        return []
+    return [int((labels >= 0).sum()), int((labels[:, 1:] >= 0).sum())]
+
+
+class _Lookups(TorchFunctionMode):
+    """Sees every ``F.embedding`` / ``F.embedding_bag`` call of a forward: what it indexes with is
+    really an index, whichever module (or none) made the call. Active only inside the preflight."""
+
+    def __init__(self, model: nn.Module, micro, fields: dict[str, str]):
+        super().__init__()
+        self.micro, self.fields = micro, fields
+        self.names: dict[int, str] = {}  # id(weight) -> the module that owns it (an Embedding first)
+        for name, mod in model.named_modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(w, torch.Tensor) and (id(w) not in self.names or isinstance(mod, (nn.Embedding, nn.EmbeddingBag))):
+                self.names[id(w)] = name
+        self.tables = {name: mod for name, mod in model.named_modules() if isinstance(mod, (nn.Embedding, nn.EmbeddingBag))}
+        self.seen: set[str] = set()
+        self.checked = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.embedding or func is F.embedding_bag:
+            x = args[0] if args else kwargs.get("input")
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor):
+                self._judge(x, w)
+        return func(*args, **kwargs)
+
+    def _judge(self, x: torch.Tensor, w: torch.Tensor) -> None:
+        name = self.names.get(id(w))
+        rows = w.shape[0]
+        if name is not None:
+            self.seen.add(name)
+        mod = self.tables.get(name) if name is not None else None
+        layer = (f"{type(mod).__name__ if type(mod) not in (nn.Embedding, nn.EmbeddingBag) else 'Embedding'} "
+                 f"`{module_name(name)}` ({rows} rows)" if mod is not None
+                 else f"the embedding lookup on `{name}.weight` ({rows} rows)" if name is not None
+                 else f"an embedding lookup ({rows} rows)")
+        field = _field_of(x, self.micro)
+        source = f" from the dataset field `{field}`" + (f" (forward() argument `{self.fields[field]}`)"
+                                                          if self.fields.get(field, field) != field else "") if field else ""
+        self.checked += 1
+        if x.is_floating_point() or x.is_complex():
+            raise RunFailed(f"{layer} receives {str(x.dtype).replace('torch.', '')} indices{source}; embedding indices must be integers",
+                            f"cast {f'`{field}`' if field else 'the token ids'} to int in the dataset "
+                            "(ids read back as floats, e.g. through pandas or JSON with NaN)", check="data.indices")
+        if x.numel() and not x.dtype == torch.bool:
+            lo, hi = int(x.min()), int(x.max())  # host syncs: the preflight only
+            if lo < 0 or hi >= rows:
+                bad = hi if hi >= rows else lo
+                hint = ("the tokenizer's vocabulary and the model's vocab size differ: build the model with the tokenizer's vocab size"
+                        if field else "the index is computed inside the model (e.g. positions past its maximum length): "
+                        "shorten the sequences, or build the model for longer ones")
+                raise RunFailed(f"{layer} receives index {bad}{source}, outside [0, {rows})", hint, check="data.indices")
+
+    def check(self) -> Check:
+        """``data.indices``: what was judged, and the Embedding layers it could not judge (a skip, never a fail)."""
+        unjudged = self.unjudged
+        rest = f"; not judged: {', '.join(f'`{n}`' for n in unjudged[:3])}" + (
+            f" (and {len(unjudged) - 3} more)" if len(unjudged) > 3 else "") + " (their forward() made no lookup by index)" if unjudged else ""
+        if not self.checked:
+            return Check("data.indices", "skip", "no embedding lookup by index ran in the first forward" + rest)
+        return Check("data.indices", "pass", f"{self.checked} embedding lookups: integer ids within their rows" + rest)
+
+    @property
+    def unjudged(self) -> list[str]:
+        return [n for n in self.tables if n not in self.seen]
+
+
 @contextlib.contextmanager
-def embedding_inputs(model: nn.Module):
-    """Check what reaches each ``nn.Embedding`` during a forward: integer indices within its rows.
+def embedding_inputs(model: nn.Module, micro=None, fields: dict[str, str] | None = None):
+    """Check what each embedding lookup receives during a forward: integer indices within its rows.
 
     Float indices (token ids saved as floats) and ids past the vocabulary are data errors that
     torch reports obscurely (on CUDA, an out-of-range id is a device-side assert that kills the
-    process); here they name the layer, the dtype or the offending id.
+    process); here they name the layer, the dtype or the offending id, and the dataset field of
+    ``micro`` the indices came from. Only real lookups are judged (``F.embedding`` and
+    ``F.embedding_bag``, which ``nn.Embedding``'s own forward calls): an ``nn.Embedding`` subclass
+    whose forward takes shapes or positions is judged by the lookup it makes, not by its arguments.
+    Yields the :class:`_Lookups` (``.check()`` is the ``data.indices`` result).
     """
-    def check(mod, args, name):
-        x = args[0] if args else None
-        if not isinstance(x, torch.Tensor):
-            return
-        layer = f"Embedding `{module_name(name)}` ({mod.num_embeddings} rows)"
-        if x.is_floating_point() or x.is_complex():
-            raise RunFailed(f"{layer} receives {str(x.dtype).replace('torch.', '')} indices; embedding indices must be integers",
-                            "cast the token ids to int in the dataset (ids read back as floats, e.g. through pandas or JSON with NaN)",
-                            check="data.indices")
-        if x.numel():
-            lo, hi = int(x.min()), int(x.max())
-            if lo < 0 or hi >= mod.num_embeddings:
-                bad = hi if hi >= mod.num_embeddings else lo
-                raise RunFailed(f"{layer} receives index {bad}, outside [0, {mod.num_embeddings})",
-                                "the tokenizer's vocabulary and the model's vocab size differ: build the model with the tokenizer's vocab size",
-                                check="data.indices")
+    mode = _Lookups(model, micro, fields or {})
+    with mode:
+        yield mode
 
-    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: check(mod, a, n))
-               for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+
+def _field_of(x: torch.Tensor, micro, prefix: str = "") -> str | None:
+    """The field of the batch ``x`` was taken from (the same storage, e.g. a view; else equal values)."""
+    flat = dict(_tensors(micro, prefix))
+    ptr = x.untyped_storage().data_ptr()
+    for name, t in flat.items():
+        if t.device == x.device and t.untyped_storage().data_ptr() == ptr:
+            return name
+    for name, t in flat.items():
+        if t.device == x.device and t.numel() == x.numel() and t.numel() and torch.equal(t.reshape(-1).to(x.dtype), x.reshape(-1)):
+            return name
+    return None
+
+
+def _tensors(x, prefix: str = ""):
+    if isinstance(x, torch.Tensor):
+        yield prefix or "input", x
+    elif isinstance(x, Mapping):
+        for k, v in x.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(x, (tuple, list)):
+        for i, v in enumerate(x):
+            yield from _tensors(v, f"{prefix}[{i}]" if prefix else f"item {i}")
 
 
 def compile_or_fall_back(trainer, micro_batch) -> Check:

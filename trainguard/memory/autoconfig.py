@@ -7,7 +7,8 @@
 * :func:`cached_tune`: the same, remembered per (model, data, optimizer, batch, precision, device),
   so the next run on that hardware starts tuned. A stale entry is harmless: an OOM splits.
 * :func:`predict_for_profile`: the same search on fake tensors for a profile's card that is not
-  here (``trainguard autoconfig --profile gtx1650`` on a laptop).
+  here (``trainguard autoconfig --profile gtx1650`` on a laptop); for model code fake tensors cannot
+  run (it reads a tensor's value), real CPU steps capped at the card's usable memory.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from trainguard.errors import RunFailed
+from trainguard.errors import RunFailed, TrainguardError, first_line
 from trainguard.memory.search import SearchResult, divisor_at_most, search
 from trainguard.memory.sizes import fmt_bytes, one_sample_does_not_fit
 from trainguard.memory.trial import Trial
+
+
+class NoForecast(RunFailed):
+    """The forecast cannot say what a step needs (diagnose reports it as ``memory.fit: skip``)."""
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Tuning:
     profile: str = ""
     notes: list[str] = field(default_factory=list)
     processes: int = 1                   # micro_batch_size x grad_accum x processes = batch_size
+    forecast: str = ""                   # predicted: "fake" (fake-tensor steps) or "measured" (real CPU steps, budgeted)
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -187,20 +193,71 @@ class ProfileForecast:
     costs: dict
     world: int = 1  # train.strategy: fsdp over this many ranks (1: the whole model on the card)
     memory: object = None  # the device memory of a run in progress: not to count the forecast's fake tensors
+    measured: str | None = None  # why fake tensors cannot run the model: its steps then run for real on the CPU
 
     def step(self, m: int):
-        """The predicted :class:`~trainguard.memory.trial.Trial` at micro-batch ``m`` (one rank's, sharded)."""
+        """The predicted :class:`~trainguard.memory.trial.Trial` at micro-batch ``m`` (one rank's, sharded).
+
+        On fake tensors; where the model's code cannot run on them (it reads a tensor's value),
+        real steps of the worst-case batch on this CPU, counted as the fake ones are, under a
+        simulated budget of the card's usable memory (:func:`~trainguard.memory.predict.measured_step`):
+        ``measured`` then says why, and every later step is measured too."""
         from trainguard.engine.optim import build_optimizer
         from trainguard.memory import predict
 
-        args = (self.model, self.loss_fn, self.cfg.data.fields, lambda ps: build_optimizer(ps, self.cfg.optim),
-                self.item, m, self.precision)
-        kwargs = dict(extra=sum(v for k, v in self.costs.items() if k != "cuda_context"),  # the context is outside the allocator
-                      accumulate=m < self.cfg.train.batch_size, cuda=self.prof.device == "cuda")
+        make_opt = lambda ps: build_optimizer(ps, self.cfg.optim)  # noqa: E731
+        extra = sum(v for k, v in self.costs.items() if k != "cuda_context")  # the context is outside the allocator
+        kwargs = dict(extra=extra, accumulate=m < self.cfg.train.batch_size, cuda=self.prof.device == "cuda")
         with self.memory.paused() if self.memory is not None else contextlib.nullcontext():
-            if self.world > 1:
-                return predict.fake_sharded_step(*args, self.world, **kwargs)
-            return predict.fake_step(*args, **kwargs)
+            if self.measured is None:
+                try:
+                    args = (self.model, self.loss_fn, self.cfg.data.fields, make_opt, self.item, m, self.precision)
+                    if self.world > 1:
+                        return predict.fake_sharded_step(*args, self.world, **kwargs)
+                    return predict.fake_step(*args, **kwargs)
+                except TrainguardError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - fake tensors' limits (and the model's own errors): measured below
+                    if self.world > 1:  # a real sharded step would need the ranks: say so instead
+                        raise NoForecast(f"the memory forecast of one fsdp rank cannot run {type(self.model).__name__}: "
+                                         f"{predict.why_not_fake(e)}", "set train.micro_batch_size to a number (under "
+                                         "fsdp the micro-batch is only forecast, never searched with trial steps)") from e
+                    self.measured = predict.why_not_fake(e)
+            try:
+                return predict.measured_step(self._real_model(), self.loss_fn, self.cfg.data.fields, make_opt, self.item,
+                                             m, self.precision, limit=max(0, self.usable - extra), seed=self.cfg.seed,
+                                             **kwargs)
+            except TrainguardError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the real step fails too: the model's own error, named
+                raise NoForecast(f"no memory forecast: fake tensors cannot run {type(self.model).__name__} "
+                                 f"({self.measured}), and its real step at micro-batch {m} on this CPU failed: "
+                                 f"{type(e).__name__}: {first_line(e)}",
+                                 "run `trainguard diagnose` on the config: it runs the model's first step and names "
+                                 "the module that fails (--debug for the traceback)") from e
+
+    def _real_model(self):
+        """The model with real weights (the forecast's own is on ``meta``): built once, seeded as train seeds it."""
+        import psutil
+        import torch
+
+        weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        meta = any(t.is_meta for t in (*self.model.parameters(), *self.model.buffers()))
+        ram = psutil.virtual_memory().available
+        if (1 + meta) * weights + self.usable > 0.9 * ram:  # the weights (built now), their copy, and the capped step
+            raise NoForecast(f"no memory forecast: fake tensors cannot run {type(self.model).__name__} ({self.measured}), "
+                             f"and measuring its step on this CPU needs about {fmt_bytes((1 + meta) * weights + self.usable)} "
+                             f"of RAM, more than the {fmt_bytes(ram)} available",
+                             "run `trainguard autoconfig` on the card itself (measured there), or set "
+                             "train.micro_batch_size to a number")
+        if not meta:
+            return self.model
+        from trainguard.config.instantiate import instantiate
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            self.model = instantiate(self.cfg.model, "model")
+        return self.model
 
 
 def forecast(cfg, prof, model=None, loss_fn=None, item=None, world: int = 1) -> ProfileForecast:
@@ -210,6 +267,8 @@ def forecast(cfg, prof, model=None, loss_fn=None, item=None, world: int = 1) -> 
     import torch
 
     from trainguard.config.instantiate import instantiate
+    from trainguard.engine.batch import ModelAdapter
+    from trainguard.engine.collate import build_collate
     from trainguard.engine.data import DataStream
     from trainguard.memory import predict
 
@@ -222,7 +281,11 @@ def forecast(cfg, prof, model=None, loss_fn=None, item=None, world: int = 1) -> 
         loss_fn = instantiate(cfg.loss, "loss") if cfg.loss else None
     if item is None:
         ds = instantiate(cfg.data.train, "data.train")
-        item = DataStream(ds, cfg.train.batch_size, seed=cfg.seed, shuffle=False, num_workers=0, pin_memory=False).scan().worst_item
+        collate = build_collate(cfg.data.collate_fn)
+        if collate is not None:  # the fields the model gets, as in training (engine.batch.FieldFilter)
+            collate.keep = ModelAdapter(model, loss_fn, cfg.data.fields).filter
+        item = DataStream(ds, cfg.train.batch_size, seed=cfg.seed, shuffle=False, num_workers=0, pin_memory=False,
+                          collate_fn=collate).scan().worst_item  # collated as training does
     costs = predict.fixed_costs(prof)
     limit = int(prof.memory_gb * 2**30)
     usable = int(limit * (1 - cfg.memory.headroom)) - costs.get("cuda_context", 0)
@@ -249,8 +312,9 @@ def predict_for_profile(cfg, prof, on_trial=None, fc: ProfileForecast | None = N
     """The micro-batch search on fake tensors, against the profile's memory less its headroom and fixed costs."""
     fc = fc or forecast(cfg, prof)
     bs = cfg.train.batch_size
-    # fake steps are cheap: look past batch_size, so the answer also says how far the card would go
-    res = search(fc.step, fc.usable, 4096 * bs, on_trial=on_trial)
+    first = {1: fc.step(1)}  # on fake tensors, or measured on this CPU where they cannot run the model (fc.measured)
+    # fake steps are cheap: look past batch_size, so the answer also says how far the card would go; real ones are not
+    res = search(lambda m: first.pop(m, None) or fc.step(m), fc.usable, bs if fc.measured else 4096 * bs, on_trial=on_trial)
     if res.largest == 0:
         raise too_small(res.trials[0].peak, fc.usable, fc.limit, cfg.memory.headroom, f" on {prof.name}")
     _whole_batch(res, fc.step, bs, on_trial)
@@ -261,9 +325,14 @@ def predict_for_profile(cfg, prof, on_trial=None, fc: ProfileForecast | None = N
     peak = next(t.peak for t in res.trials if t.m == res.largest) if m == res.largest else fc.step(m).peak
     if fc.costs:
         notes.append("fixed costs added: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in fc.costs.items()))
+    if fc.measured:
+        notes.insert(0, f"fake tensors cannot run this model ({fc.measured}): measured instead, real steps of the "
+                        f"worst-case batch on this CPU under a simulated {fmt_bytes(fc.usable)} budget, with the card's "
+                        f"autocast and fused attention mirrored; searched up to {_batch(bs, processes)}")
     return Tuning(m, bs // m, bs, fc.precision, int(cfg.data.num_workers)
                   if cfg.data.num_workers != "auto" else prof.num_workers, fc.limit, fc.usable, peak, "predicted",
-                  res.largest, len(res.trials), device=prof.description, profile=prof.name, notes=notes)
+                  res.largest, len(res.trials), device=prof.description, profile=prof.name, notes=notes,
+                  forecast="measured" if fc.measured else "fake")
 
 
 # ---- `trainguard autoconfig` ------------------------------------------------------------------------

@@ -5,6 +5,8 @@ and optimizer step costs a fraction of a real one and needs no device; the
 :class:`~trainguard.memory.tracker.TensorMemory` mode counts the bytes as it would for real
 tensors. The model's parameters are replaced by fake ones of the same shapes (``functional_call``),
 so the model itself can live on ``meta`` (``trainguard autoconfig --profile`` never allocates it).
+Model code that reads a tensor's value (``.item()``, ``nonzero``) cannot run on fake tensors:
+:func:`measured_step` runs that step for real on the CPU instead, with the same mirrors and counter.
 
 fp16/bf16 for a CUDA card is not run through CPU autocast, whose cast lists differ (it keeps
 layer_norm and softmax in half precision where CUDA uses fp32): :class:`CudaAutocast` applies
@@ -19,6 +21,8 @@ outside ``memory_allocated``), cuBLAS workspaces, the allocator's rounding and f
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -124,7 +128,7 @@ class _FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v):
-        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        out = q.new_zeros((*q.shape[:-1], v.shape[-1]))  # zeros, not empty: real steps (measured_step) read it
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
@@ -133,7 +137,7 @@ class _FusedAttention(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
         dq_accum = q.new_empty(q.shape, dtype=torch.float32)  # noqa: F841 - live while the grads are made
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
 
 class CudaAttention(TorchFunctionMode):
@@ -159,20 +163,48 @@ class _CTCLoss(torch.autograd.Function):
         s = targets.shape[-1] if targets.dim() == 2 else max(1, targets.numel() // b)
         ctx.lattice = (b, t, 2 * s + 1)
         alpha = log_probs.new_empty(ctx.lattice)
-        nll = log_probs.new_empty((b,))
+        nll = log_probs.new_zeros((b,))  # zeros: a defined loss where measured_step runs this on real tensors
         ctx.save_for_backward(log_probs, alpha, nll)
-        return nll.clone() if reduction == "none" else nll.new_empty(())
+        return nll.clone() if reduction == "none" else nll.new_zeros(())
 
     @staticmethod
     def backward(ctx, grad):
         log_probs, alpha, nll = ctx.saved_tensors
         beta = log_probs.new_empty(ctx.lattice)  # noqa: F841 - live while the gradient is made
-        return torch.empty_like(log_probs), None, None
+        return torch.zeros_like(log_probs), None, None
+
+
+class _GroupedMM(torch.autograd.Function):
+    """What ``F.grouped_mm`` (the experts' matmul of MoE models) allocates, without computing it:
+    torch's shape-only kernel for it accepts bf16 inputs only, where a card's fp16/fp32 step has
+    others. The output as torch shapes it (2-D tokens sorted by expert times 3-D experts' weights:
+    (tokens, N); 2-D by 2-D grouped along K: (groups, M, N); 3-D by 3-D: batched), the inputs
+    saved for the backward, and a gradient shaped as each input."""
+
+    @staticmethod
+    def forward(ctx, a, b, groups: int, out_dtype):
+        if a.dim() == 2 and b.dim() == 2:
+            shape = (groups, a.shape[0], b.shape[-1])
+        elif a.dim() == 2:
+            shape = (a.shape[0], b.shape[-1])
+        else:
+            shape = (*a.shape[:-1], b.shape[-1])
+        ctx.save_for_backward(a, b)
+        return a.new_zeros(shape, dtype=out_dtype or a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return torch.zeros_like(a), torch.zeros_like(b), None, None
+
+
+_GROUPED_MM = {f for f in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if f is not None}
 
 
 class ShapeOnlyKernels(TorchFunctionMode):
-    """Operators whose output shape depends on tensor values, replaced for the forecast by what
-    they allocate (:class:`_CTCLoss`)."""
+    """Operators that fake tensors cannot run, replaced for the forecast by what they allocate:
+    :class:`_CTCLoss` (an output shaped by the lengths' values) and :class:`_GroupedMM` (a
+    shape-only kernel for bf16 only)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -180,6 +212,12 @@ class ShapeOnlyKernels(TorchFunctionMode):
             names = ("log_probs", "targets", "input_lengths", "target_lengths", "blank", "reduction")
             bound = {**dict(zip(names, args)), **kwargs}
             return _CTCLoss.apply(bound["log_probs"], bound["targets"], bound.get("reduction", "mean"))
+        if func in _GROUPED_MM:
+            bound = {**dict(zip(("mat_a", "mat_b", "offs", "bias", "out_dtype"), args)), **kwargs}
+            if bound.get("bias") is None:  # (with a bias, torch's own kernel runs)
+                offs = bound.get("offs")
+                return _GroupedMM.apply(bound["mat_a"], bound["mat_b"], 1 if offs is None else offs.shape[0],
+                                        bound.get("out_dtype"))
         return func(*args, **kwargs)
 
 
@@ -264,7 +302,7 @@ def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[
     low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     holder: dict[str, Callable] = {}
     call = _Call(adapter, lambda data: holder["step"](data))
-    with FakeTensorMode(allow_non_fake_inputs=False):
+    with quiet_fake_tensor_logs(), FakeTensorMode(allow_non_fake_inputs=False):
         params = {f"inner.{n}": _fake(p, p.requires_grad) for n, p in model.named_parameters()}
         buffers = {f"inner.{n}": _fake(b, False) for n, b in model.named_buffers()}
         data = _fake_batch(one, _fake, m)
@@ -278,6 +316,92 @@ def fake_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[
 
             _step_phases(adapter, tracker, phases, extra, low, cuda, swapped, data, opt)
     return Trial(m, False, phases)
+
+
+def measured_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[[list], torch.optim.Optimizer],
+                  item: Any, m: int, precision: str, extra: int = 0, accumulate: bool = True, cuda: bool = False,
+                  limit: int | None = None, seed: int = 0) -> Trial:
+    """:func:`fake_step` on real CPU tensors, for model code that fake tensors cannot run (it reads
+    a tensor's value: ``.item()``, ``if labels.max() >= vocab``, a router's ``nonzero``): the worst-case
+    sample's real values repeated ``m`` times, through copies of the model's weights (the model is
+    left as it was, RNG streams included), with the same CUDA mirrors (autocast's casts, fused
+    attention, CTC's lattice) and the same counter. ``limit``: tensor bytes past which the step stops
+    as an OOM (``Trial.oom``), as under ``--memory-budget``, so a step larger than the card is never
+    computed to its end. ``seed``: the RNG the step draws from (dropout, LayerDrop's coin: random
+    control flow decides what runs, so each step starts from the same state). Costs a real step's
+    compute on the CPU."""
+    tracker = TensorMemory(limit, name="forecast budget")
+    adapter = ModelAdapter(model, loss_fn, fields)
+    phases: dict[str, int] = {}
+    low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    holder: dict[str, Callable] = {}
+    call = _Call(adapter, lambda data: holder["step"](data))
+    params = {f"inner.{n}": p.detach().to("cpu", copy=True).requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
+    buffers = {f"inner.{n}": b.detach().to("cpu", copy=True) for n, b in model.named_buffers()}
+    data = worst_case_batch(item, m)
+    try:
+        with torch.random.fork_rng(devices=[]), tracker:
+            torch.manual_seed(seed)
+            tracker.track(list(params.values()), list(buffers.values()), data)
+            opt = _optimizer(make_optimizer, list(params.values()), accumulate)
+
+            def swapped(step, data):
+                holder["step"] = step
+                torch.func.functional_call(call, {**params, **buffers}, (data,))
+
+            _step_phases(adapter, tracker, phases, extra, low, cuda, swapped, data, opt)
+    except torch.OutOfMemoryError:
+        return Trial(m, True, {})
+    return Trial(m, False, phases)
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_logs():
+    """torch logs the traceback of an operator that fails under fake tensors (logger
+    ``torch._subclasses.fake_tensor``, "failed while attempting to run meta for ...") before
+    raising it; the forecast reports the error itself, so the log stays off while it runs."""
+    import logging
+
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    was, log.disabled = log.disabled, True
+    try:
+        yield
+    finally:
+        log.disabled = was
+
+
+def why_not_fake(e: BaseException) -> str:
+    """Why the fake-tensor step failed, for a user: what the model did, the exception, and the
+    innermost line of the model's own code (not torch's) that was running."""
+    import traceback
+
+    name = type(e).__name__
+    if name in ("DataDependentOutputException", "GuardOnDataDependentSymNode"):
+        what = "the model reads a tensor's value (.item(), a Python `if` on a tensor)"
+    elif name == "DynamicOutputShapeException":
+        what = "an output shaped by tensor values (nonzero, masked_select, unique)"
+    elif name == "UnsupportedOperatorException":
+        what = "an operator without a shape-only kernel"
+    else:
+        what = "an operator fake tensors cannot run"
+    torch_dir = str(Path(torch.__file__).parent)
+    own = str(Path(__file__).parent.parent)
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith((torch_dir, own))]
+    where = f" at {_short(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    return f"{what}{where}: {name}" + (f": {detail}" if detail and detail not in what else "")
+
+
+def _short(path: str) -> str:
+    """A source path as a user knows it: from its package (``transformers/models/...``) on."""
+    parts = Path(path).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            return str(Path(*parts[parts.index(marker) + 1:]))
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 def fake_sharded_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: Callable[[list], torch.optim.Optimizer],
@@ -307,7 +431,7 @@ def fake_sharded_step(model: nn.Module, loss_fn, fields: dict, make_optimizer: C
     adapter = ModelAdapter(shell, loss_fn, fields)
     phases: dict[str, int] = {}
     low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    with distributed.fake_mesh(world) as mesh:
+    with quiet_fake_tensor_logs(), distributed.fake_mesh(world) as mesh:
         distributed.shard(shell, torch.device("cpu"), mesh=mesh)
         with FakeTensorMode(allow_non_fake_inputs=True):  # FSDP2 keeps a few real (meta) tensors of its own
             shell.to_empty(device="cpu")
@@ -360,7 +484,7 @@ def _fake_batch(x: Any, fake, m: int) -> Any:
     """A collated one-sample batch as a fake batch of ``m`` samples."""
     if isinstance(x, torch.Tensor):
         return fake(x, False, m)
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return {k: _fake_batch(v, fake, m) for k, v in x.items()}
     if isinstance(x, tuple):
         return tuple(_fake_batch(v, fake, m) for v in x)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trainguard.engine.batch import slice_batch, to_device
-from trainguard.engine.collate import collate_samples
+from trainguard.engine.collate import collate_copies
 from trainguard.engine.optim import reset_state
 from trainguard.engine.precision import autocast
 
@@ -62,8 +62,9 @@ def preserved(trainer):
 
 
 def worst_case_batch(item, m: int):
-    """``m`` copies of one sample, collated: the worst case when ``item`` is the largest sample."""
-    return collate_samples([item] * m)
+    """``m`` copies of one sample, collated as its stream collates them (a scan's ``worst_item``
+    carries the user's ``data.collate_fn``): the worst case when ``item`` is the largest sample."""
+    return collate_copies(item, m)
 
 
 def measure(trainer, item, m: int, *, optimizer_step: bool = True, enforce: bool = True,
