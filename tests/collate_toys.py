@@ -131,3 +131,32 @@ def lambda_collator():
 
     pad = DataCollatorWithPadding(tiny_tokenizer())
     return lambda samples: pad(samples)
+
+
+class MaskingCollator:
+    """Pads like DataCollatorWithPadding, then masks each token with probability 0.15 by a draw from
+    torch's global RNG (as DataCollatorForLanguageModeling does): only a seeded collate makes that
+    the same with 0 or N workers and after a resume."""
+
+    def __call__(self, samples):
+        width = max(len(s["input_ids"]) for s in samples)
+        ids = torch.zeros(len(samples), width, dtype=torch.long)
+        mask = torch.zeros(len(samples), width, dtype=torch.long)
+        for r, s in enumerate(samples):
+            ids[r, :len(s["input_ids"])] = torch.tensor(s["input_ids"])
+            mask[r, :len(s["input_ids"])] = 1
+        ids[(torch.rand(ids.shape) < 0.15) & (mask == 1)] = 1  # [UNK]
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([s["labels"] for s in samples])}
+
+
+class TokenizingCollator:
+    """Tokenizes each sample's raw `text` itself (as a processor does): it needs a field the model
+    does not take, so it runs with data.filter_fields: false."""
+
+    def __init__(self):
+        self.tok = tiny_tokenizer()
+
+    def __call__(self, samples):
+        enc = self.tok([s["text"] for s in samples], padding=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": torch.tensor([s["labels"] for s in samples])}

@@ -3,14 +3,13 @@ the weight-decay groups, the start-up state allocation, config errors, and rollb
 
 import copy
 import json
-import signal
 
 import pytest
 import torch
 import yaml
 
 from tests.conftest import read_jsonl, toy_config
-from tests.test_resume import final_weights, assert_bitwise_equal, run, start, wait_for
+from tests.test_resume import assert_bitwise_equal, final_weights, kill9_at, run
 
 # RMSprop (weight decay, momentum) + OneCycleLR (total_steps filled from train.max_steps), with
 # accumulation and dropout: the optimizer's and the schedule's state must both survive kill -9.
@@ -41,11 +40,7 @@ def test_custom_optimizer_and_schedule_resume_bitwise_after_kill9(tmp_path):
 
     cfg = write(tmp_path, "custom", hooks=[{"_target_": "tests.toys:Sleep", "seconds": 0.05}])
     run_dir = tmp_path / "run"
-    proc = start(cfg, run_dir)
-    wait_for(run_dir / "checkpoints" / "step_0000015", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill9_at(cfg, run_dir)
     code, out = run(cfg, run_dir)  # the same command: config.yaml read back and compared, then resumed
     assert code == 0, out
     assert "resumed from" in out

@@ -52,15 +52,20 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
+def kill9_at(cfg: Path, run_dir: Path, step: int = 15) -> None:
+    """Start ``cfg`` (a run slowed down by a Sleep hook) and kill -9 it once the checkpoint of ``step`` is committed."""
+    proc = start(cfg, run_dir)
+    wait_for(run_dir / "checkpoints" / f"step_{step:07d}", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def kill9_after_step_15(tmp_path: Path) -> tuple[Path, Path]:
     """Start the HARD run (slowed down), kill -9 it once its 3rd checkpoint (step 15) is committed."""
     cfg = write(tmp_path, "hard", hooks=[{"_target_": "tests.toys:Sleep", "seconds": 0.05}])
     run_dir = tmp_path / "run"
-    proc = start(cfg, run_dir)
-    wait_for(run_dir / "checkpoints" / "step_0000015", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill9_at(cfg, run_dir)
     return cfg, run_dir
 
 

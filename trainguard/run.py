@@ -80,11 +80,14 @@ def _with_defaults(old: dict) -> dict:
 def config_diff(old: dict, new: dict) -> list[str]:
     """Training-relevant fields that differ between two resolved configs, as readable lines."""
     a, b = _flatten(_with_defaults(old)), _flatten(new)
+    # a schedule of the user's keeps its length in its own state (OneCycleLR's total_steps): not resumable longer
+    fixed = ("train.max_steps", "train.epochs") if "_target_" in (new.get("schedule") or {}) else ()
     lines = []
     for key in sorted(set(a) | set(b)):
-        if key.startswith(RESUMABLE_CHANGES) or a.get(key) == b.get(key):
+        if key.startswith(RESUMABLE_CHANGES) and key not in fixed or a.get(key) == b.get(key):
             continue
-        lines.append(f"{key}: {a.get(key)!r} in the checkpoint, {b.get(key)!r} now")
+        why = " (schedule._target_ keeps the run's length in its state)" if key in fixed else ""
+        lines.append(f"{key}: {a.get(key)!r} in the checkpoint, {b.get(key)!r} now{why}")
     return lines
 
 
@@ -207,7 +210,7 @@ def build_train_data(cfg: Config, world: distributed.World = distributed.World()
     return DataStream(train_ds, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
                       num_workers=int(cfg.data.num_workers), pin_memory=bool(cfg.data.pin_memory),
                       per_item=cfg.data.item_seeding == "always", rank=world.rank, world=world.size,
-                      collate_fn=build_collate(cfg.data.collate_fn), stream_split=cfg.data.stream_split)
+                      collate_fn=build_collate(cfg.data.collate_fn, cfg.seed), stream_split=cfg.data.stream_split)
 
 
 def epochs_to_steps(epochs: float, data: DataStream) -> int:
@@ -265,7 +268,7 @@ def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | No
     if cfg.train.compile:
         forward_model = distributed.CompiledBlocks(model) if sharded else torch.compile(model)
     adapter = ModelAdapter(forward_model, loss_fn, cfg.data.fields)
-    if data.collate_fn is not None:  # the user's collator sees only the fields the model gets (HF's unused columns)
+    if data.collate_fn is not None and cfg.data.filter_fields:  # the collator sees only the fields the model gets
         data.collate_fn.keep = adapter.filter
     return Trainer(model=model, adapter=adapter, optimizer=optimizer,
                    scheduler=scheduler, scaler=grad_scaler(device.type, cfg.train.precision), data=data, device=device,
@@ -316,6 +319,7 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
         check_world_batch(cfg, world.size)
         console.quiet = not world.is_main  # one console: rank 0's
     auto_micro = cfg.train.micro_batch_size == "auto"
+    auto_workers = cfg.data.num_workers == "auto"
     cfg, notes = _resolve_runtime(cfg, prof, info, world.size)
     console.print(f"[bold]trainguard[/bold]: device {info.name} ({info.type}), profile [bold]{prof.name}[/bold] ({why}), precision {cfg.train.precision}"
                   + (f", memory budget {fmt_bytes(memory_budget)}" if memory_budget else ""))
@@ -335,6 +339,8 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
                           "or start afresh with --resume never")
     if old is not None and auto_micro:  # resume as it ran, without searching again
         cfg.train.micro_batch_size = old["train"]["micro_batch_size"]
+    if old is not None and auto_workers:  # and with its loader workers: a stream's parts are per worker
+        cfg.data.num_workers = old["data"]["num_workers"]
 
     memory = open_memory(device, memory_budget)
     if memory is not None:
@@ -387,60 +393,67 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
         (run_dir / "config.yaml").write_text(config_yaml)
 
     sinks = open_sinks(cfg.log, run_dir, log, cfg.model_dump(mode="json"), config_yaml) if writer else None
-    metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, sinks, memory=trainer.memory)
-    checkpointer = Checkpointer(ckpt_root, cfg.checkpoint, config_yaml, log)
-    hooks: list[Hook] = [Timing(started), metrics]
-    if writer:  # one progress display: rank 0's
-        hooks.append(ConsoleProgress(metrics, cfg.train.max_steps, cfg.log.progress))
-    oom = OomRecovery(cfg.guard.on_oom, cfg.train.batch_size // world.size, log, mbs, run_dir)
-    hooks += [Guard(cfg.guard, cfg.train.max_steps * cfg.train.batch_size, log, checkpointer), oom]
-    if val is not None and cfg.train.eval_every:
-        hooks.append(Evaluator(val, cfg.train.eval_every, cfg.train.eval_batches))
-    hooks.append(checkpointer)
-    hooks += [instantiate(h, f"hooks[{i}]") for i, h in enumerate(cfg.hooks)]
-    hooks += list(extra_hooks)
-    for h in hooks:
-        if not isinstance(h, Hook):
-            raise ConfigError(f"hook {type(h).__name__} is not a trainguard.Hook", "subclass trainguard.Hook")
-    info_fields = {"precision": cfg.train.precision, "device": info.name, "profile": prof.name, "run_dir": str(run_dir)}
-    if world.size > 1:
-        info_fields["world_size"] = world.size
-    hooks += [SignalHandler(log), SummaryWriter(run_dir, info_fields, log, write=writer, rank=world.rank)]
-    trainer.hooks = hooks
+    try:
+        metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, sinks, memory=trainer.memory)
+        checkpointer = Checkpointer(ckpt_root, cfg.checkpoint, config_yaml, log)
+        hooks: list[Hook] = [Timing(started), metrics]
+        if writer:  # one progress display: rank 0's
+            hooks.append(ConsoleProgress(metrics, cfg.train.max_steps, cfg.log.progress))
+        oom = OomRecovery(cfg.guard.on_oom, cfg.train.batch_size // world.size, log, mbs, run_dir)
+        hooks += [Guard(cfg.guard, cfg.train.max_steps * cfg.train.batch_size, log, checkpointer), oom]
+        if val is not None and cfg.train.eval_every:
+            hooks.append(Evaluator(val, cfg.train.eval_every, cfg.train.eval_batches))
+        hooks.append(checkpointer)
+        hooks += [instantiate(h, f"hooks[{i}]") for i, h in enumerate(cfg.hooks)]
+        hooks += list(extra_hooks)
+        for h in hooks:
+            if not isinstance(h, Hook):
+                raise ConfigError(f"hook {type(h).__name__} is not a trainguard.Hook", "subclass trainguard.Hook")
+        info_fields = {"precision": cfg.train.precision, "device": info.name, "profile": prof.name, "run_dir": str(run_dir)}
+        if world.size > 1:
+            info_fields["world_size"] = world.size
+        hooks += [SignalHandler(log), SummaryWriter(run_dir, info_fields, log, write=writer, rank=world.rank)]
+        trainer.hooks = hooks
 
-    if found is not None:
-        ts = restore_trainer(trainer, found)
-        if old["train"]["micro_batch_size"] == mbs:  # continue with the micro-batch it had (after OOM splits)
-            trainer.micro_batch_size = int(ts.get("micro_batch_size") or mbs)
-        log.truncate_after(trainer.state.step)
-        stream = trainer.data.resume_note()  # a stream: from its saved state, or replayed (how many items)
-        log.event(trainer.state.step, "resume", f"resumed from {found}" + (f"; {stream}" if stream else ""), path=str(found),
-                  micro_batch_size=trainer.micro_batch_size,
-                  **({"stream_replayed": trainer.data.replayed_items()} if stream else {}))
-        console.print(f"resumed from {found} at step {trainer.state.step}"
-                      + (f" (micro-batch {trainer.micro_batch_size})" if trainer.micro_batch_size != mbs else "")
-                      + (f"; {stream}" if stream else ""))
-    else:
-        log.event(0, "start", f"device {info.name}, profile {prof.name}, precision {cfg.train.precision}"
-                  + (f", {world.size} processes" if world.size > 1 else ""), micro_batch_size=mbs,
-                  **({"world_size": world.size} if world.size > 1 else {}))
-    for n in optim_notes(trainer.optimizer, trainer.scheduler):  # what the user's optimizer or schedule cannot do
-        console.print(f"[yellow]note[/yellow]: {n}")
-        log.event(trainer.state.step, "note", n)
-    oom.after_restart(trainer)
-    checks = preflight(trainer, coupling=trainer.grad_accum > 1)
-    for c in checks:
-        if c.status == "pass" and (c.name in ("model.compile", "model.output") or c.name == "data.fields" and trainer.adapter.dropped):
-            console.print(f"note: {c.message}")  # said once at start: what was left out, that compiling worked
-        if c.name == "model.batch_coupling":
-            oom.batch_coupling = c  # said only when a step runs more than one micro-batch: now, or after a split
-        elif c.status == "warn":
-            console.print(f"[yellow]preflight[/yellow]: {c.message}" + (f" (hint: {c.hint})" if c.hint else ""))
-            log.event(trainer.state.step, "preflight", c.message, check=c.name)
-    require(checks)
-    if oom.batch_coupling is None:  # one micro-batch per step: checked at the first OOM split, if one comes
-        oom.batch_coupling = lambda: batch_coupling(trainer, trainer.batch, trainer.micro_batch_size)
-    oom.warn_batch_coupled(trainer, trainer.state.step)
+        if found is not None:
+            ts = restore_trainer(trainer, found)
+            if old["train"]["micro_batch_size"] == mbs:  # continue with the micro-batch it had (after OOM splits)
+                trainer.micro_batch_size = int(ts.get("micro_batch_size") or mbs)
+            log.truncate_after(trainer.state.step)
+            stream = trainer.data.resume_note()  # a stream: from its saved state, or replayed (how many items)
+            log.event(trainer.state.step, "resume", f"resumed from {found}" + (f"; {stream}" if stream else ""), path=str(found),
+                      micro_batch_size=trainer.micro_batch_size,
+                      **({"stream_replayed": trainer.data.replayed_items()} if stream else {}))
+            console.print(f"resumed from {found} at step {trainer.state.step}"
+                          + (f" (micro-batch {trainer.micro_batch_size})" if trainer.micro_batch_size != mbs else "")
+                          + (f"; {stream}" if stream else ""))
+        else:
+            log.event(0, "start", f"device {info.name}, profile {prof.name}, precision {cfg.train.precision}"
+                      + (f", {world.size} processes" if world.size > 1 else ""), micro_batch_size=mbs,
+                      **({"world_size": world.size} if world.size > 1 else {}))
+        for n in [*optim_notes(trainer.optimizer, trainer.scheduler), trainer.data.split_note()]:  # said once at start
+            if n is None:
+                continue
+            console.print(f"[yellow]note[/yellow]: {n}")
+            log.event(trainer.state.step, "note", n)
+        oom.after_restart(trainer)
+        checks = preflight(trainer, coupling=trainer.grad_accum > 1)
+        for c in checks:
+            if c.status == "pass" and (c.name in ("model.compile", "model.output") or c.name == "data.fields" and trainer.adapter.dropped):
+                console.print(f"note: {c.message}")  # said once at start: what was left out, that compiling worked
+            if c.name == "model.batch_coupling":
+                oom.batch_coupling = c  # said only when a step runs more than one micro-batch: now, or after a split
+            elif c.status == "warn":
+                console.print(f"[yellow]preflight[/yellow]: {c.message}" + (f" (hint: {c.hint})" if c.hint else ""))
+                log.event(trainer.state.step, "preflight", c.message, check=c.name)
+        require(checks)
+        if oom.batch_coupling is None:  # one micro-batch per step: checked at the first OOM split, if one comes
+            oom.batch_coupling = lambda: batch_coupling(trainer, trainer.batch, trainer.micro_batch_size)
+        oom.warn_batch_coupled(trainer, trainer.state.step)
+    except BaseException:  # a run that stops before its first step: the loggers' runs are ended too
+        if sinks is not None:
+            sinks.close()
+        raise
 
 
 def check_config(config: str | Path, overrides: list[str] | None = None, *, profile: str | None = None,

@@ -131,15 +131,16 @@ def finish_batch(x: Any) -> Any:
     return x
 
 
-def build_collate(spec: dict | None) -> "UserCollate | None":
-    """``data.collate_fn``, built once (its nested ``_target_`` values first); ``None`` without one."""
+def build_collate(spec: dict | None, seed: int = 0) -> "UserCollate | None":
+    """``data.collate_fn``, built once (its nested ``_target_`` values first); ``None`` without one.
+    ``seed``: the run's, from which each batch's collate is seeded (a collator that masks at random)."""
     if spec is None:
         return None
     fn = instantiate(spec, "data.collate_fn")
     if not callable(fn):
         raise ConfigError(f"data.collate_fn._target_ returned {type(fn).__name__}, which is not callable",
                           "return a collator: a callable taking the list of samples (e.g. transformers.DataCollatorWithPadding)")
-    return UserCollate(fn, str(spec["_target_"]))
+    return UserCollate(fn, str(spec["_target_"]), seed)
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,8 @@ class UserCollate:
     It runs in the loader workers, so it is pickled with them where processes are spawned.
     """
 
-    def __init__(self, fn: Callable, name: str):
-        self.fn, self.name = fn, name
+    def __init__(self, fn: Callable, name: str, seed: int = 0):
+        self.fn, self.name, self.seed = fn, name, seed
         self.keep: Callable[[list], list] | None = None  # the model's field filter (batch.FieldFilter), once it is built
 
     def __call__(self, items: list) -> Any:

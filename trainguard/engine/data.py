@@ -23,6 +23,7 @@ import random
 import signal
 import struct
 import sys
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -311,9 +312,22 @@ def _collate(pairs: list, user: UserCollate | None = None) -> Batch:
     return Batch(ids=ids, data=data, bad=bad)
 
 
-def _collates(user: UserCollate, items: list) -> bool:
+def _call(user: UserCollate, items: list, ids: list[int]) -> Any:
+    """The user's collator, as if the python/numpy/torch RNGs were seeded from (seed, the batch's ids)
+    just before it (~20 us): a collator that draws (DataCollatorForLanguageModeling's masks) gives
+    the same batch with 0 or N workers and after a resume, and the caller's streams (dropout, a
+    worker's) are left as they were."""
+    s = _sample_seed(user.seed, len(ids), zlib.crc32(struct.pack(f"{len(ids)}q", *ids)))
+    with _host_rng_kept():
+        random.seed(s)
+        np.random.seed(s)
+        torch.default_generator.manual_seed(s)
+        return user(items)
+
+
+def _collates(user: UserCollate, items: list, ids: list[int]) -> bool:
     try:
-        user(items)
+        _call(user, items, ids)
         return True
     except Exception:  # only asking which samples it fails on; the failure itself is reported by the caller
         return False
@@ -326,19 +340,19 @@ def _user_collate(user: UserCollate, ids: list[int], items: list, bad: list[BadS
     if not items:
         return Batch(ids=ids, data=None, bad=bad)
     try:
-        return Batch(ids=ids, data=user(items), bad=bad)
+        return Batch(ids=ids, data=_call(user, items, ids), bad=bad)
     except Exception as e:  # named below: a bad sample (skipped, recorded) or the collator's own error
         err = e
     n = len(items)
-    culprits = [r for r in range(n) if not _collates(user, [items[r]])]
+    culprits = [r for r in range(n) if not _collates(user, [items[r]], [ids[r]])]
     if n > 1 and len(culprits) == n:  # it fails on every sample alone: the collator, not the data
         culprits = []
     if not culprits:
-        culprits = next(([r] for r in range(n) if n > 1 and _collates(user, items[:r] + items[r + 1:])), [])
+        culprits = next(([r] for r in range(n) if n > 1 and _collates(user, items[:r] + items[r + 1:], ids[:r] + ids[r + 1:])), [])
     rest = [r for r in range(n) if r not in culprits]
     if culprits:
         try:
-            data = user([items[r] for r in rest]) if rest else None
+            data = _call(user, [items[r] for r in rest], [ids[r] for r in rest]) if rest else None
         except Exception:  # a second bad sample that only shows together with others: reported as the collator's error
             culprits = []
         else:
@@ -356,7 +370,8 @@ def _loader_collate(user: UserCollate | None, num_workers: int, name: str):
     Workers that are spawned (not forked) receive it pickled: an unpicklable one is refused here."""
     if user is None:
         return _collate
-    if num_workers > 0 and multiprocessing.get_start_method() != "fork":
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_context().get_start_method()
+    if num_workers > 0 and method != "fork":  # (allow_none: asking must not fix the process's start method)
         try:
             pickle.dumps(user)
         except Exception as e:  # a lambda, a local function, an open handle: said with the fix
@@ -446,6 +461,17 @@ class DataStream:
     def replayed_items(self) -> int:
         """Items a resumed stream replays and skips (0 from its saved state, or for map-style data)."""
         return self._pos.replayed() if self.iterable else 0
+
+    def split_note(self) -> str | None:
+        """Said at start when trainguard splits a stream over several parts by position: each part
+        reads the whole stream and keeps every N-th item, so a dataset that already splits itself
+        (get_worker_info) would lose the rest without a word. None otherwise."""
+        parts = self._source.world * self._source.workers if self.iterable else 1
+        if parts < 2 or self._source.splits_itself:
+            return None
+        return (f"data.{self.name} is split over {parts} parts (ranks x loader workers) by position: each "
+                f"reads the whole stream and keeps every {parts}th item; if the dataset splits itself "
+                "over workers (torch.utils.data.get_worker_info), set data.stream_split: dataset")
 
     def resume_note(self) -> str | None:
         """How a resumed stream continues, for the resume event; None for map-style data."""

@@ -5,6 +5,7 @@ also carries the LR scale the guards lower on rollback, for any scheduler."""
 
 from __future__ import annotations
 
+import copy
 import contextlib
 import inspect
 import math
@@ -193,6 +194,11 @@ class Schedule:
         self.notes: list[str] = []
         _NOTES[self] = self.notes
 
+    def __getattr__(self, name: str) -> Any:  # the scheduler's own API (get_last_lr, last_epoch) for hooks
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
     def step(self) -> None:
         if self._unscaled is None:
             self.inner.step()
@@ -266,19 +272,22 @@ def materialize_state(opt: torch.optim.Optimizer, host: Callable[[], Any] = cont
 
 def _zero_step(opt: torch.optim.Optimizer, params: list) -> None:
     """One step on zero gradients at lr 0 and weight decay 0 (where the groups have those keys);
-    every group's values and the gradients are put back."""
-    saved = [{k: g[k] for k in ("lr", "weight_decay") if k in g} for g in opt.param_groups]
+    every group's values (all of them: schedule-free AdamW, Prodigy and D-Adaptation keep step
+    counts there) and the gradients are put back."""
+    saved = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
     grads = [p.grad for p in params]
     try:
         for p in params:
             p.grad = torch.zeros_like(p)
-        for g, keys in zip(opt.param_groups, saved):
-            g.update(dict.fromkeys(keys, 0.0))
+        for g in opt.param_groups:
+            g.update(dict.fromkeys([k for k in ("lr", "weight_decay") if k in g], 0.0))
         with torch.no_grad():
             opt.step()
     finally:
-        for g, keys in zip(opt.param_groups, saved):
-            g.update(keys)
+        for g, values in zip(opt.param_groups, saved):
+            for k in [k for k in g if k != "params" and k not in values]:  # keys the step added
+                del g[k]
+            g.update(values)
         for p, g in zip(params, grads):
             p.grad = g
 

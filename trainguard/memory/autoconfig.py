@@ -281,8 +281,8 @@ def forecast(cfg, prof, model=None, loss_fn=None, item=None, world: int = 1) -> 
         loss_fn = instantiate(cfg.loss, "loss") if cfg.loss else None
     if item is None:
         ds = instantiate(cfg.data.train, "data.train")
-        collate = build_collate(cfg.data.collate_fn)
-        if collate is not None:  # the fields the model gets, as in training (engine.batch.FieldFilter)
+        collate = build_collate(cfg.data.collate_fn, cfg.seed)
+        if collate is not None and cfg.data.filter_fields:  # the fields the model gets, as in training (engine.batch.FieldFilter)
             collate.keep = ModelAdapter(model, loss_fn, cfg.data.fields).filter
         item = DataStream(ds, cfg.train.batch_size, seed=cfg.seed, shuffle=False, num_workers=0, pin_memory=False,
                           collate_fn=collate).scan().worst_item  # collated as training does

@@ -9,6 +9,7 @@ streams are as they were (see :func:`preserved`); the data stream is never touch
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -48,12 +49,15 @@ def preserved(trainer):
     pause = mem.paused if mem is not None else contextlib.nullcontext
     with pause():  # host copies: not device memory
         saved = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+    groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
     cuda = [trainer.device.index or 0] if trainer.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         try:
             yield
         finally:
             trainer.optimizer.zero_grad(set_to_none=True)
+            for g, values in zip(trainer.optimizer.param_groups, groups):  # step counts some keep there (schedule-free)
+                g.update(values)
             with pause(), torch.no_grad():
                 for k, v in trainer.model.state_dict().items():
                     v.copy_(saved[k])
