@@ -99,28 +99,27 @@ def test_ragged_lists_without_collate_fn_name_it_in_the_hint(tmp_path, cli):
     assert "Traceback" not in out
 
 
-def test_batch_encoding_items_and_userdict_output_train(tmp_path, cli):
-    cfg = toy_config(model={"_target_": "tests.collate_toys:UserDictOutput"},
-                     data={"train": {"_target_": "tests.collate_toys:EncodedItems"}, "val": None},
+def train_30(tmp_path, cli, model: str, dataset: str) -> tuple[str, list]:
+    """30 steps of a collate_toys model on a collate_toys dataset: the output and the loss curve."""
+    cfg = toy_config(model={"_target_": f"tests.collate_toys:{model}"},
+                     data={"train": {"_target_": f"tests.collate_toys:{dataset}"}, "val": None},
                      train={"max_steps": 30, "batch_size": 8, "log_every": 1}, optim={"lr": 0.05},
                      log={"progress": False})
-    code, out = cli("train", "--config", dump(tmp_path, "enc", cfg), "--run-dir", tmp_path / "run")
+    code, out = cli("train", "--config", dump(tmp_path, model, cfg), "--run-dir", tmp_path / model)
     assert code == 0, out
-    curve = losses(tmp_path / "run")
+    return out, losses(tmp_path / model)
+
+
+def test_batch_encoding_items_and_userdict_output_train(tmp_path, cli):
+    _, curve = train_30(tmp_path, cli, "UserDictOutput", "EncodedItems")
     assert len(curve) == 30 and falls(curve), curve
 
 
 def test_logits_loss_tuple_trains_and_says_so_once(tmp_path, cli):
-    cfg = toy_config(model={"_target_": "tests.collate_toys:TupleGPT"},
-                     data={"train": {"_target_": "tests.collate_toys:NextToken"}, "val": None},
-                     train={"max_steps": 30, "batch_size": 8, "log_every": 1}, optim={"lr": 0.05},
-                     log={"progress": False})
-    code, out = cli("train", "--config", dump(tmp_path, "gpt", cfg), "--run-dir", tmp_path / "run")
-    assert code == 0, out
+    out, curve = train_30(tmp_path, cli, "TupleGPT", "NextToken")
     assert out.count("element 1, is the loss") == 1, out
-    curve = losses(tmp_path / "run")
     assert len(curve) == 30 and falls(curve), curve
-    code, out = cli("diagnose", "--config", tmp_path / "gpt.yaml", "--json")
+    code, out = cli("diagnose", "--config", tmp_path / "TupleGPT.yaml", "--json")  # the config train_30 wrote
     checks = {c["name"]: c for c in json.loads(out)["checks"]}
     assert checks["model.output"]["status"] == "pass" and "element 1, is the loss" in checks["model.output"]["message"]
     assert not [c for c in checks.values() if c["status"] == "fail"], out

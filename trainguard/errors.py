@@ -38,3 +38,13 @@ class RunFailed(TrainguardError):
     """The run or a check failed: training gave up, preflight failed (exit 1)."""
 
     exit_code = 1
+
+
+def require_package(package: str, key: str, extra: str, without: str | None = None) -> None:
+    """A ConfigError (exit 2) naming the extra to install when ``key`` needs ``package`` and it is
+    missing; ``without``: how to do without it (default: remove ``key``)."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"{key} needs the {package} package, which is not installed",
+                          f"pip install 'trainguard[{extra}]', or {without or f'remove {key}'}")

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from rich.console import Console
 
 from trainguard.config.schema import LogConfig, MlflowConfig
-from trainguard.errors import ConfigError
+from trainguard.errors import ConfigError, require_package
 
 _console = Console(stderr=True, soft_wrap=True, highlight=False)
 
@@ -178,14 +178,6 @@ class Sinks:
             self.log.event(self.step, "logger_failed", msg, logger=name)
 
 
-def _need(package: str, key: str, extra: str) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec(package) is None:
-        raise ConfigError(f"{key} needs the {package} package, which is not installed",
-                          f"pip install 'trainguard[{extra}]', or remove {key}")
-
-
 def wandb_init_kwargs(user: dict[str, Any], run_dir: Path, config: dict) -> dict[str, Any]:
     """``log.wandb`` as ``wandb.init``'s keyword arguments, with trainguard's defaults filled in; a
     key wandb.init does not take is a ConfigError with a did-you-mean."""
@@ -209,11 +201,11 @@ def open_sinks(cfg: LogConfig, run_dir: Path, log, config: dict, config_yaml: st
     Raises ConfigError for a package that is not installed or a key wandb.init does not take;
     a logger that fails to start warns and is left out."""
     if cfg.tensorboard:
-        _need("tensorboard", "log.tensorboard", "tensorboard")
+        require_package("tensorboard", "log.tensorboard", "tensorboard")
     if cfg.wandb is not None:
-        _need("wandb", "log.wandb", "wandb")
+        require_package("wandb", "log.wandb", "wandb")
     if cfg.mlflow is not None:
-        _need("mlflow", "log.mlflow", "mlflow")
+        require_package("mlflow", "log.mlflow", "mlflow")
     sinks = Sinks(log)
     if cfg.tensorboard:
         sinks.open("tensorboard", lambda: TensorBoardSink(run_dir / "tb"))

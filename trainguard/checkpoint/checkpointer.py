@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from trainguard import distributed
 from trainguard.checkpoint import rng, sharded, store
 from trainguard.config.schema import CheckpointConfig
 from trainguard.engine.events import Event, Hook
-from trainguard.errors import ConfigError
+from trainguard.errors import require_package
 
 
 def params_finite(model: torch.nn.Module) -> bool:
@@ -95,9 +94,8 @@ class Checkpointer(Hook):
 
     def __init__(self, root: Path, cfg: CheckpointConfig, config_yaml: str, log=None):
         self.root, self.cfg, self.config_yaml, self.log = Path(root), cfg, config_yaml, log
-        if cfg.safetensors and importlib.util.find_spec("safetensors") is None:
-            raise ConfigError("checkpoint.safetensors needs the safetensors package, which is not installed",
-                              "pip install 'trainguard[safetensors]', or set checkpoint.safetensors: false")
+        if cfg.safetensors:
+            require_package("safetensors", "checkpoint.safetensors", "safetensors", "set checkpoint.safetensors: false")
         self.last_saved = -1
         self.best_value: float | None = None
         self.best_step: int | None = None
