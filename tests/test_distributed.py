@@ -7,6 +7,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.timeouts import slow
+
+pytestmark = pytest.mark.timeout(slow(600))  # pyproject's 600 s, scaled like the timeouts below
+
 
 def _in_group(rank: int, world: int, store: str, fn, out) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
@@ -26,10 +30,10 @@ def run_ranks(tmp_path, fn, world: int = 2, timeout: float = 60) -> dict:
     for p in procs:
         p.start()
     try:
-        results = dict(out.get(timeout=timeout) for _ in procs)
+        results = dict(out.get(timeout=slow(timeout)) for _ in procs)
     finally:
         for p in procs:
-            p.join(timeout=10)
+            p.join(timeout=slow(10))
             if p.is_alive():
                 p.kill()
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]

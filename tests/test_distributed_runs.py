@@ -14,8 +14,10 @@ import torch
 import yaml
 
 from tests.conftest import REPO, read_jsonl, toy_config
+from tests.timeouts import slow
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed"),
+              pytest.mark.timeout(slow(600))]  # pyproject's 600 s, scaled like the timeouts below
 
 
 def command(config: Path, run_dir: Path, nproc: int | None, *extra: str) -> list[str]:
@@ -24,9 +26,9 @@ def command(config: Path, run_dir: Path, nproc: int | None, *extra: str) -> list
 
 
 def train(config: Path, run_dir: Path, nproc: int | None = 2, *extra: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TRAINGUARD_DIST_TIMEOUT": "60"}  # a hang inside a collective fails within a minute
+    env = {**os.environ, "TRAINGUARD_DIST_TIMEOUT": str(round(slow(60)))}  # a hang inside a collective fails within a minute
     return subprocess.run(command(config, run_dir, nproc, *extra), cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=slow(timeout))
 
 
 def write(tmp_path: Path, name: str, **sections) -> Path:
@@ -66,7 +68,7 @@ def test_two_processes_follow_the_loss_curve_of_one(tmp_path):
 
 
 def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
-    metrics, deadline = run_dir / "metrics.jsonl", time.time() + timeout
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + slow(timeout)
     while time.time() < deadline and not (metrics.exists() and any(r["step"] >= step for r in read_jsonl(metrics))):
         time.sleep(0.05)
 
@@ -85,7 +87,7 @@ def test_sigterm_and_kill_9_of_a_two_process_run_resume_to_the_same_weights(tmp_
     proc = subprocess.Popen(command(cfg, run_dir, 2), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_step(run_dir, 8)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=150)
+    _, err = proc.communicate(timeout=slow(150))
     assert proc.returncode == 143, err
     summary = yaml.safe_load((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["last_checkpoint"].endswith(f"step_{summary['steps']:07d}")
@@ -97,7 +99,7 @@ def test_sigterm_and_kill_9_of_a_two_process_run_resume_to_the_same_weights(tmp_
     assert len(everyone) >= 3  # the launcher and the two ranks (torchrun gives each a session of its own)
     for pid in everyone:  # all at once, as a lost node would
         os.kill(pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.wait(timeout=slow(30))
     assert yaml.safe_load((run_dir / "summary.json").read_text())["status"] == "interrupted"  # the first stop's
 
     again = train(cfg, run_dir)
@@ -153,8 +155,8 @@ def test_kill_9_of_the_launcher_alone_stops_the_ranks_with_a_checkpoint(tmp_path
     ranks = psutil.Process(proc.pid).children(recursive=True)
     assert len(ranks) >= 2
     proc.kill()
-    proc.wait(timeout=30)
-    gone, alive = psutil.wait_procs(ranks, timeout=60)
+    proc.wait(timeout=slow(30))
+    gone, alive = psutil.wait_procs(ranks, timeout=slow(60))
     assert not alive, [p.pid for p in alive]
     summary = yaml.safe_load((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] < 400, summary
@@ -258,11 +260,11 @@ def test_fsdp_out_of_memory_restarts_the_job_with_half_the_micro_batch(tmp_path)
 
     # the same under a bare torchrun, which restarts the workers itself (their group then needs a
     # store of its own: pytorch issue 167288)
-    env = {**os.environ, "TRAINGUARD_DIST_TIMEOUT": "60"}
+    env = {**os.environ, "TRAINGUARD_DIST_TIMEOUT": str(round(slow(60)))}
     raw = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "--max-restarts", "1", "-m", "trainguard", "train", "--config", str(cfg), "--run-dir",
                           str(tmp_path / "raw"), "--memory-budget", "1.8MB", "--set", "train.micro_batch_size=8"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=slow(180))
     assert raw.returncode == 0, raw.stderr
     assert losses(tmp_path / "raw") == losses(tmp_path / "small")
 
@@ -289,10 +291,10 @@ def test_fsdp_memory_per_rank_is_below_ddp_and_forecast_by_diagnose_and_auto(tmp
     assert ddp.returncode == 0, ddp.stderr
     assert peaks(tmp_path / "fsdp") < 0.9 * peaks(tmp_path / "ddp")
 
-    env = {**os.environ, "TRAINGUARD_DIST_TIMEOUT": "60"}
+    env = {**os.environ, "TRAINGUARD_DIST_TIMEOUT": str(round(slow(60)))}
     diag = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "trainguard", "diagnose", "--config", str(cfg), "--memory-budget", "1GB", "--json"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=slow(180))
     assert diag.returncode == 0, diag.stdout + diag.stderr
     checks = {c["name"]: c for c in json.loads(diag.stdout)["checks"]}
     assert checks["model.forward"]["status"] == "pass" and checks["data.fields"]["message"].find("FSDP") > 0
@@ -312,7 +314,7 @@ def test_fsdp_memory_per_rank_is_below_ddp_and_forecast_by_diagnose_and_auto(tmp
 
     # `autoconfig --nproc-per-node 2` (one process, the fake group of 2) answers what the job chose
     tuned = subprocess.run([sys.executable, "-m", "trainguard", "autoconfig", "--config", str(cfg), "--memory-budget", "4MB",
-                            "--nproc-per-node", "2", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                            "--nproc-per-node", "2", "--json"], cwd=REPO, capture_output=True, text=True, timeout=slow(120))
     assert tuned.returncode == 0, tuned.stderr
     t = json.loads(tuned.stdout)
     assert (t["micro_batch_size"], t["grad_accum"], t["processes"], t["batch_size"]) == (summary["micro_batch_size"], 2, 2, 16)

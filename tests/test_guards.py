@@ -293,7 +293,8 @@ def test_loss_spikes_are_skipped_when_enabled(cli, tmp_path):
     assert code == 0, out
     spikes = [e for e in events if e["type"] == "skip" and "loss spike" in e["reason"]]
     assert spikes and all(set(e["sample_ids"]) & {40, 140, 240} for e in spikes)
-    assert summary["skipped_steps"] == len(spikes)
+    # the step that holds one is redone without it (action `dropped`); a step is skipped whole only where none stands out
+    assert summary["skipped_steps"] == sum(e["action"] == "skip" for e in spikes) < len(spikes)
 
 
 def test_unstackable_sample_in_a_worker_is_a_clean_error(cli, tmp_path):

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("TRAINGUARD_DIST_TIMEOUT", "600")))
+TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("TRAINGUARD_DIST_TIMEOUT", "600")))  # the store's; and the group's when set
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
 
 
@@ -48,10 +48,12 @@ def current() -> World:
     return World(rank=int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", env["RANK"])), size=int(env["WORLD_SIZE"]))
 
 
-def init(device_type: str) -> World:
+def init(device_type: str, timeout_s: float | None = None) -> World:
     """Join the job's process group (once; NCCL for CUDA, gloo otherwise). A world of 1 joins
     nothing, except under torchrun (``--nproc-per-node 1``), where the backend is initialised
-    all the same: that is the smoke test of a launch on one GPU."""
+    all the same: that is the smoke test of a launch on one GPU. ``timeout_s``: the group's own
+    timeout (a collective that waits longer fails), from ``guard.stall_timeout``
+    (:func:`trainguard.guards.stall.group_timeout`); ``TRAINGUARD_DIST_TIMEOUT`` overrides it."""
     w = current()
     launched = w.size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if launched and not torch.distributed.is_initialized():
@@ -62,8 +64,25 @@ def init(device_type: str) -> World:
         store = _restart_store(w)
         if store is not None:
             kwargs.update(store=store, rank=w.rank, world_size=w.size)
-        torch.distributed.init_process_group(backend=backend, timeout=TIMEOUT, **kwargs)
+        timeout = TIMEOUT if timeout_s is None or "TRAINGUARD_DIST_TIMEOUT" in os.environ else \
+            datetime.timedelta(seconds=timeout_s)
+        torch.distributed.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return w
+
+
+def progress_store():
+    """A client of the job's c10d store (torchrun's agent's, at ``MASTER_ADDR:MASTER_PORT``), under
+    a prefix of this job's own: where each rank's stall watchdog publishes its progress, from its
+    own thread. None outside a process group."""
+    env = os.environ
+    if current().size < 2 or "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        return None
+    from torch.distributed import PrefixStore, TCPStore
+
+    base = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                    timeout=datetime.timedelta(seconds=10))
+    job = f"{env.get('TORCHELASTIC_RUN_ID', '')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return PrefixStore(f"trainguard/progress/{job}", base)
 
 
 def _restart_store(w: World):

@@ -111,6 +111,10 @@ def summarize(run: Run) -> dict[str, Any]:
             for e in run.events if e.get("type") == "oom" and e.get("new_micro_batch_size")]
     rollbacks = [{"from_step": e.get("from_step"), "to_step": e.get("to_step"), "reason": e.get("reason")}
                  for e in run.events if e.get("type") == "rollback"]
+    spikes = [{"step": e["step"], "loss": e.get("loss"), "ratio": e.get("ratio"), "z": e.get("z"),
+               "action": e.get("action") or ("warn" if e["type"] == "spike" else "skip"), "sample_ids": e.get("sample_ids") or []}
+              for e in run.events if e.get("type") == "spike" and e.get("action") != "restart"
+              or e.get("type") == "skip" and _kind(e.get("reason", "")) == "loss spike"]  # guard.on_spike
     times = [e["time"] for e in run.events if "time" in e]
     peaks = [m["peak_memory_bytes"] for m in train if m.get("peak_memory_bytes")]
     waits = [m["input_wait_fraction"] for m in train if m.get("input_wait_fraction") is not None]
@@ -130,8 +134,11 @@ def summarize(run: Run) -> dict[str, Any]:
         "skips": skips,
         "oom_splits": ooms,
         "rollbacks": rollbacks,
+        "spikes": spikes,
         "overflow_steps": sum(e.get("type") == "overflow" for e in run.events),
         "resumes": sum(e.get("type") == "resume" for e in run.events),
+        "segments": (s or {}).get("segments"),  # one per process that trained the run (summary.json's)
+        "last_attempt": (s or {}).get("last_attempt"),  # a later attempt that failed before training
         "peak_memory_bytes": (s or {}).get("peak_memory_bytes") or (max(peaks) if peaks else None),
         "input_wait_fraction": (s or {}).get("input_wait_fraction",
                                             round(sum(waits) / len(waits), 4) if waits else None),
@@ -206,6 +213,10 @@ def plot(runs: list[Run], out: Path) -> Path:
         if skipped and steps:
             ys = [_at(steps, loss, s) for s in skipped]
             ax_loss.scatter(skipped, ys, marker="x", color="red", s=40, zorder=5, label=label("skipped step / samples"))
+        warned = [e["step"] for e in run.events if e.get("type") == "spike" and e.get("action") == "warn"]
+        if warned and steps:  # guard.on_spike: warn (a skipped spike is a skipped step, above)
+            ax_loss.scatter(warned, [_at(steps, loss, s) for s in warned], marker="^", color="darkorange", s=40,
+                            zorder=5, label=label("loss spike (warned)"))
         splits: dict[int, list] = {}  # step -> micro-batch sizes (one step may split twice)
         for e in run.events:
             if e.get("type") == "oom" and e.get("new_micro_batch_size"):
@@ -221,7 +232,7 @@ def plot(runs: list[Run], out: Path) -> Path:
                 ax_loss.annotate(f"rollback to {e.get('to_step')}", (e.get("from_step", e["step"]), 0.98),
                                  xycoords=("data", "axes fraction"), fontsize=8, color="purple", rotation=90,
                                  va="top", ha="right")
-            elif e.get("type") == "resume":
+            elif e.get("type") == "resume" and steps and e["step"] < max(steps):  # not one at the end
                 ax_loss.axvline(e["step"], color="gray", ls="-", lw=0.8, alpha=0.6, label=label("resumed"))
     finite = [m.get("loss") for r in runs for m in r.train if isinstance(m.get("loss"), (int, float))]
     if finite and min(finite) > 0 and max(finite) / min(finite) > 50:
@@ -287,8 +298,8 @@ def sparkline(run: Run, width: int = 60) -> list[str]:
     line = "".join(" " if v is None else BLOCKS[min(7, int((v - lo) / (hi - lo + 1e-12) * 8))] for v in vals)
     marks = [" "] * width
     for e in run.events:
-        kind = {"skip": "x", "oom": "M", "rollback": "R"}.get(e.get("type", ""))
+        kind = {"skip": "x", "oom": "M", "rollback": "R", "spike": "!"}.get(e.get("type", ""))
         if kind and first <= e.get("step", -1) <= last:
             marks[col(e["step"])] = kind if marks[col(e["step"])] in (" ", "x") else marks[col(e["step"])]
     return [f"loss |{line}| {lo:.4g} .. {hi:.4g}, steps {first}-{rows[-1][0]}",
-            f"      {''.join(marks)}  (x skipped, M out-of-memory split, R rollback)"]
+            f"      {''.join(marks)}  (x skipped, M out-of-memory split, R rollback, ! loss spike warned)"]

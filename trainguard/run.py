@@ -25,7 +25,7 @@ from trainguard.callbacks.logging import ConsoleProgress, MetricsLogger
 from trainguard.callbacks.runlog import RunLog
 from trainguard.callbacks.sinks import open_sinks
 from trainguard.callbacks.signals import SignalHandler
-from trainguard.callbacks.summary import SummaryWriter, make_summary, write_json_atomic
+from trainguard.callbacks.summary import SummaryWriter, after_failed_setup, fmt_duration, read_summary, write_json_atomic
 from trainguard.callbacks.timing import Timing
 from trainguard.checkpoint import lock as run_lock
 from trainguard.checkpoint import store
@@ -45,6 +45,7 @@ from trainguard.errors import ConfigError, RunFailed, first_line
 from trainguard.guards.guard import Guard
 from trainguard.guards.oom import JobRestart, OomRecovery, restart_pending
 from trainguard.guards.preflight import batch_coupling, preflight, require
+from trainguard.guards.stall import StallWatchdog, allowances, group_timeout
 from trainguard.hardware.probe import probe
 from trainguard.memory.meter import host_side, open_memory, prefer_expandable_segments
 from trainguard.memory.sizes import fmt_bytes, parse_size
@@ -180,13 +181,18 @@ def _find_resume(resume: str, ckpt_root: Path) -> tuple[Path | None, list[tuple[
     if (path / "checkpoints").is_dir():  # a run directory
         found, rejected = store.latest_valid(path / "checkpoints")
         if found is None:
-            raise ConfigError(f"--resume {resume}: no valid checkpoint there", "use --resume auto or never")
+            raise ConfigError(f"--resume {resume}: no valid checkpoint there"
+                              + "".join(f"\n{bad.name}: {why}" for bad, why in rejected), "use --resume auto or never")
         return found, rejected
     if not path.is_dir():
         raise ConfigError(f"--resume {resume}: no such checkpoint directory", "give a checkpoints/step_NNNNNNN directory, auto or never")
     why = store.verify(path)
     if why:
         raise ConfigError(f"--resume {resume}: the checkpoint does not verify: {why}", "pick an older checkpoint, or --resume auto")
+    why = store.check_loadable(path)  # checksums that match a file that does not load weights-only
+    if why:
+        raise ConfigError(f"--resume {resume}: the checkpoint does not load: {why}",
+                          "pick an older checkpoint (checkpoints/step_NNNNNNN), or --resume auto, which skips it")
     return path, []
 
 
@@ -207,10 +213,16 @@ def build_train_data(cfg: Config, world: distributed.World = distributed.World()
     if cfg.data.train is None:
         raise ConfigError("no training data: the config has no `data.train`", "add `data: {train: {_target_: pkg.module:build_dataset}}`")
     train_ds = _build_dataset(cfg.data.train, "data.train")
-    return DataStream(train_ds, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
+    data = DataStream(train_ds, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
                       num_workers=int(cfg.data.num_workers), pin_memory=bool(cfg.data.pin_memory),
                       per_item=cfg.data.item_seeding == "always", rank=world.rank, world=world.size,
-                      collate_fn=build_collate(cfg.data.collate_fn, cfg.seed), stream_split=cfg.data.stream_split)
+                      collate_fn=build_collate(cfg.data.collate_fn, cfg.seed), stream_split=cfg.data.stream_split,
+                      fetch_timeout=allowances(cfg.guard.stall_timeout)[2])
+    if not data.iterable and cfg.train.batch_size > data.sampler.n:  # each rank's share is cut from one global batch
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than data.train, which has {data.sampler.n} "
+                          "samples: an epoch would be shorter than one batch",
+                          f"set train.batch_size to at most {data.sampler.n}, or check data.train (its path, split and filters)")
+    return data
 
 
 def epochs_to_steps(epochs: float, data: DataStream) -> int:
@@ -304,6 +316,32 @@ def _tune_micro_batch(trainer: Trainer, cfg: Config, prof, info) -> int:
     return tuning.micro_batch_size
 
 
+class RunComplete(Exception):
+    """Raised by :func:`build_trainer` when the run directory holds this run completed: nothing to train."""
+
+    def __init__(self, summary: dict, max_steps: int):
+        super().__init__("the run is complete")
+        self.summary, self.max_steps = summary, max_steps
+
+
+def completed_run(run_dir: Path, found: Path | None, old: dict | None, cfg: Config) -> tuple[dict, int] | None:
+    """The run's summary.json and max_steps if it completed at ``found``, its newest valid checkpoint,
+    with nothing left to train under ``cfg``; None otherwise. A raised ``train.max_steps`` continues the run,
+    and a config that differs where it matters is refused later, where it always is."""
+    prev = read_summary(run_dir / "summary.json")
+    if (prev is None or found is None or old is None or prev.get("status") != "completed"
+            or found.parent != run_dir / "checkpoints" or prev.get("steps") != store.step_of(found)):
+        return None
+    same = cfg.model_copy(deep=True)
+    if cfg.train.epochs is not None:  # train.epochs becomes max_steps once the data is built: the run's, if the same
+        if cfg.train.epochs != old["train"].get("epochs"):
+            return None
+        same.train.max_steps = old["train"]["max_steps"]
+    if prev["steps"] < same.train.max_steps or config_diff(old, same.model_dump(mode="json")):
+        return None
+    return {**prev, "run_dir": str(run_dir)}, old["train"]["max_steps"]  # the run's own length (a lowered one changes nothing)
+
+
 def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "auto",
                   extra_hooks: Iterable[Hook] = (), memory_budget: int | None = None,
                   started: float | None = None) -> Trainer:
@@ -314,7 +352,7 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
     """
     prefer_expandable_segments()
     info = probe(cfg.train.device)
-    world = distributed.init(info.type)
+    world = distributed.init(info.type, group_timeout(cfg.guard.stall_timeout))
     if world.size > 1:
         check_world_batch(cfg, world.size)
         console.quiet = not world.is_main  # one console: rank 0's
@@ -341,6 +379,9 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
         cfg.train.micro_batch_size = old["train"]["micro_batch_size"]
     if old is not None and auto_workers:  # and with its loader workers: a stream's parts are per worker
         cfg.data.num_workers = old["data"]["num_workers"]
+    done = distributed.broadcast_object(completed_run(run_dir, found, old, cfg) if world.is_main else None)
+    if done is not None:  # nothing to train: said before anything is built or written
+        raise RunComplete(*done)
 
     memory = open_memory(device, memory_budget)
     if memory is not None:
@@ -376,6 +417,7 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
     log = RunLog(run_dir, enabled=writer)
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     ckpt_root = run_dir / "checkpoints"
+    had_checkpoints = found is None and not rejected and bool(store.list_checkpoints(ckpt_root))  # --resume never
     if found is not None:
         diff = config_diff(old, cfg.model_dump(mode="json"))
         if diff:
@@ -386,13 +428,18 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
     elif writer and any((run_dir / n).exists() for n in PREVIOUS_RUN_FILES):
         aside = _set_aside(run_dir)  # starting afresh: the earlier files are kept, not mixed in
         console.print(f"[yellow]note[/yellow]: starting afresh; moved the earlier run's files to {aside}")
-    for bad, reason in rejected:
-        console.print(f"[yellow]warning[/yellow]: skipping checkpoint {bad}: {reason}; falling back to an older one")
-        log.event(store.step_of(bad), "checkpoint_corrupt", reason, path=str(bad))
+    for i, (bad, reason) in enumerate(rejected):
+        older = found is not None or i + 1 < len(rejected)
+        kept = store.set_aside_rejected(bad) if writer and bad.parent == ckpt_root and bad.is_dir() else None
+        console.print(f"[yellow]warning[/yellow]: skipping checkpoint {bad}: {reason}; "
+                      + (f"kept as {kept.name}; " if kept else "")
+                      + ("falling back to an older one" if older else "there is no older one"))
+        log.event(store.step_of(bad), "checkpoint_corrupt", reason, path=str(bad), **({"kept_as": str(kept)} if kept else {}))
     if writer:
         (run_dir / "config.yaml").write_text(config_yaml)
 
     sinks = open_sinks(cfg.log, run_dir, log, cfg.model_dump(mode="json"), config_yaml) if writer else None
+    stall = StallWatchdog(cfg.guard.stall_timeout, run_dir, log, cfg.guard.remember_bad_samples)
     try:
         metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, sinks, memory=trainer.memory)
         checkpointer = Checkpointer(ckpt_root, cfg.checkpoint, config_yaml, log)
@@ -404,6 +451,7 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
         if val is not None and cfg.train.eval_every:
             hooks.append(Evaluator(val, cfg.train.eval_every, cfg.train.eval_batches))
         hooks.append(checkpointer)
+        hooks.append(stall)  # after the Checkpointer: its final save is watched too
         hooks += [instantiate(h, f"hooks[{i}]") for i, h in enumerate(cfg.hooks)]
         hooks += list(extra_hooks)
         for h in hooks:
@@ -412,7 +460,8 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
         info_fields = {"precision": cfg.train.precision, "device": info.name, "profile": prof.name, "run_dir": str(run_dir)}
         if world.size > 1:
             info_fields["world_size"] = world.size
-        hooks += [SignalHandler(log), SummaryWriter(run_dir, info_fields, log, write=writer, rank=world.rank)]
+        # the summary before the signal handler's end: a signal after the summary finds the run complete
+        hooks += [SummaryWriter(run_dir, info_fields, log, write=writer, rank=world.rank, started=started), SignalHandler(log)]
         trainer.hooks = hooks
 
         if found is not None:
@@ -421,14 +470,17 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
                 trainer.micro_batch_size = int(ts.get("micro_batch_size") or mbs)
             log.truncate_after(trainer.state.step)
             stream = trainer.data.resume_note()  # a stream: from its saved state, or replayed (how many items)
-            log.event(trainer.state.step, "resume", f"resumed from {found}" + (f"; {stream}" if stream else ""), path=str(found),
+            log.event(trainer.state.step, "resume", f"resumed from {found} at step {trainer.state.step}" + (f"; {stream}" if stream else ""), path=str(found),
                       micro_batch_size=trainer.micro_batch_size,
                       **({"stream_replayed": trainer.data.replayed_items()} if stream else {}))
             console.print(f"resumed from {found} at step {trainer.state.step}"
                           + (f" (micro-batch {trainer.micro_batch_size})" if trainer.micro_batch_size != mbs else "")
                           + (f"; {stream}" if stream else ""))
-        else:
-            log.event(0, "start", f"device {info.name}, profile {prof.name}, precision {cfg.train.precision}"
+        else:  # said as plainly as a resume: a kill before the first checkpoint is no silent restart
+            where = (f"no valid checkpoint ({len(rejected)} rejected, left on disk): starting at step 0" if rejected else
+                     "starting afresh at step 0 (--resume never)" if had_checkpoints else "no checkpoint yet: starting at step 0")
+            console.print(where)
+            log.event(0, "start", f"{where}; device {info.name}, profile {prof.name}, precision {cfg.train.precision}"
                       + (f", {world.size} processes" if world.size > 1 else ""), micro_batch_size=mbs,
                       **({"world_size": world.size} if world.size > 1 else {}))
         for n in [*optim_notes(trainer.optimizer, trainer.scheduler), trainer.data.split_note()]:  # said once at start
@@ -437,6 +489,7 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
             console.print(f"[yellow]note[/yellow]: {n}")
             log.event(trainer.state.step, "note", n)
         oom.after_restart(trainer)
+        stall.watch(trainer)  # the preflight (and compile) is watched too, with the first step's allowance
         checks = preflight(trainer, coupling=trainer.grad_accum > 1)
         for c in checks:
             if c.status == "pass" and (c.name in ("model.compile", "model.output") or c.name == "data.fields" and trainer.adapter.dropped):
@@ -451,6 +504,7 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
             oom.batch_coupling = lambda: batch_coupling(trainer, trainer.batch, trainer.micro_batch_size)
         oom.warn_batch_coupled(trainer, trainer.state.step)
     except BaseException:  # a run that stops before its first step: the loggers' runs are ended too
+        stall.close()
         if sinks is not None:
             sinks.close()
         raise
@@ -510,13 +564,23 @@ def _train(cfg: Config, prof, why: str, rd: Path, resume: str, hooks: Iterable[H
     try:
         trainer = build_trainer(cfg, prof, why, run_dir=rd, resume=resume, extra_hooks=hooks, memory_budget=budget,
                                 started=started)
+    except RunComplete as done:  # a re-run of a completed run: its directory is left exactly as it is
+        s = done.summary
+        if distributed.current().is_main:
+            console.print(f"{rd} is complete (step {s['steps']} of {done.max_steps}, {fmt_duration(s.get('wall_s') or 0)}); "
+                          "nothing to do. To train further: raise train.max_steps (resumes) or use --resume never / "
+                          "another --run-dir")
+        return s
     except Exception as e:  # summary.json is written at every end, a failed setup included
         if not distributed.current().is_main:
             raise
-        rd.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(rd / "summary.json", make_summary(
-            profile=prof.name, error=getattr(e, "message", None) or f"{type(e).__name__}: {e}",
-            exit_code=getattr(e, "exit_code", 1)))
+        try:  # an earlier record here is kept: a failed attempt never replaces a completed run's summary
+            rd.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(rd / "summary.json", after_failed_setup(
+                read_summary(rd / "summary.json"), profile=prof.name,
+                error=getattr(e, "message", None) or f"{type(e).__name__}: {e}", exit_code=getattr(e, "exit_code", 1)))
+        except OSError as io:  # the run directory itself is the problem (a file, read-only, full): the error says so
+            console.print(f"[yellow]warning[/yellow]: could not write {rd / 'summary.json'}: {io}")
         raise
     try:
         trainer.fit()

@@ -20,7 +20,9 @@ class MetricsLogger(Hook):
     scalars on those steps only.
 
     The loss is averaged over the steps since the last line. It is summed on the device,
-    so steps between log lines cost no host sync.
+    so steps between log lines cost no host sync. The window's sum and count go into every
+    checkpoint (:meth:`state_dict`, read only then), so the first line after a resume averages
+    over the same steps as in an uninterrupted run: the logged curve does not change.
     """
 
     def __init__(self, log: RunLog, log_every: int, max_steps: int, sinks: Sinks | None = None, memory=None):
@@ -31,13 +33,28 @@ class MetricsLogger(Hook):
             log.sinks = self.sinks  # the log mirrors guard events there
         self.last: dict = {}
         self.logged_step = -1
+        self._saved: dict | None = None  # the window of the checkpoint resumed from
+        self.loss_sum, self.n = None, 0  # from fit start
+
+    def state_dict(self) -> dict:
+        """The logging window so far: its loss sum (read from the device now, at a checkpoint) and count."""
+        if self.loss_sum is None:  # before fit start
+            return dict(self._saved or {"loss_sum": torch.zeros(()), "n": 0})
+        return {"loss_sum": self.loss_sum.detach().cpu().clone(), "n": self.n}
+
+    def load_state_dict(self, d: dict) -> None:
+        self._saved = d
 
     def on_fit_start(self, trainer) -> None:
         self._reset(trainer)
+        if self._saved is not None:  # the window goes on from the checkpoint's steps
+            self.loss_sum = self._saved["loss_sum"].to(device=trainer.device, dtype=self.loss_sum.dtype)
+            self.n = int(self._saved["n"])
 
     def _reset(self, trainer) -> None:
         self.loss_sum = torch.zeros((), device=trainer.device)
         self.n, self.t0, self.samples0 = 0, time.perf_counter(), trainer.state.samples
+        self.steps0 = trainer.state.step  # the rates are over this process's own steps (n may go back further)
         self.wait0 = trainer.state.input_wait_s
 
     def on_step_end(self, trainer) -> None:
@@ -59,7 +76,7 @@ class MetricsLogger(Hook):
         self.last.update(mem)
         wait = min(1.0, (st.input_wait_s - self.wait0) / dt)
         self.log.metric(st.step, "train", loss=loss, lr=lr, samples_per_s=round(sps, 2),
-                        step_time_s=round(dt / max(1, self.n), 5), input_wait_fraction=round(wait, 4),
+                        step_time_s=round(dt / max(1, st.step - self.steps0), 5), input_wait_fraction=round(wait, 4),
                         samples=st.samples, epoch=st.epoch, **mem)
         if self.sinks is not None:
             self.sinks.scalars(st.step, {"train/loss": loss, "train/lr": lr, "train/samples_per_s": sps})

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ def _clean(v: Any) -> Any:
 
 
 GUARD_EVENTS = ("skip", "oom", "overflow", "rollback", "stop", "checkpoint_refused", "checkpoint_corrupt", "resume",
-                "batch_coupled")
+                "batch_coupled", "spike")
 
 
 class RunLog:
@@ -31,6 +34,7 @@ class RunLog:
         self.events_path = self.run_dir / "events.jsonl"
         self.sinks = None  # the loggers (callbacks.sinks.Sinks: TensorBoard, W&B, MLflow) guard events are mirrored to
         self.counts: dict[str, int] = {}
+        self.lost_lines = 0  # lines a full (or failing) disk refused; the run goes on, and says so once
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop metric lines logged after ``step`` (they will be logged again)."""
@@ -42,8 +46,24 @@ class RunLog:
     def _append(self, path: Path, row: dict) -> None:
         if not self.enabled:
             return
-        with path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        data = (json.dumps({k: _clean(v) for k, v in row.items()}) + "\n").encode("utf-8")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    if os.write(fd, data) != len(data):
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                except OSError:
+                    os.ftruncate(fd, start)  # never half a line: a resume reads every line back
+                    raise
+            finally:
+                os.close(fd)
+        except OSError as e:  # a full disk: not worth the run (a checkpoint that cannot be written stops it)
+            self.lost_lines += 1
+            if self.lost_lines == 1:
+                print(f"warning: cannot write {path}: {e.strerror or e}; the run goes on, its lines are lost "
+                      "until the disk takes them again", file=sys.stderr)
 
     def metric(self, step: int, split: str, **fields: Any) -> None:
         """Append a metrics.jsonl line: ``step``, ``split``, then ``fields``."""

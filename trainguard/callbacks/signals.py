@@ -10,12 +10,18 @@ torchrun starts each rank in a session of its own, so a kill -9 of the launcher 
 would leave the ranks training, rank 0 holding the run directory's lock and the same command
 refused until they finish. In a process group each rank therefore watches its launcher: once it
 is gone, the rank stops as on SIGTERM (a checkpoint, then exit 143), and the command resumes.
+
+Once a run has completed (its last checkpoint and summary.json written), a SIGINT/SIGTERM while
+the process tears down (loggers closing, loader workers shutting down) must not turn it into a
+failure: under the CLI (:func:`hold_after_completion`) the process then exits 0 at once. Called
+as a library, the caller's own handlers come back at the end of ``fit()``.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
 from trainguard.engine.events import Hook
@@ -23,6 +29,26 @@ from trainguard.engine.events import Hook
 
 def _ignore(signum, frame) -> None:
     pass
+
+
+_HOLD_AFTER_COMPLETION = False
+
+
+def hold_after_completion() -> None:
+    """For a process that ends with its run (the CLI): once a run has completed, SIGINT/SIGTERM exit
+    0 instead of killing the process (-15) or raising KeyboardInterrupt (130) during its teardown."""
+    global _HOLD_AFTER_COMPLETION
+    _HOLD_AFTER_COMPLETION = True
+
+
+def _exit_completed(signum, frame) -> None:
+    os.write(2, f"note: {signal.Signals(signum).name} after the run completed: exiting 0\n".encode())
+    for stream in (sys.stdout, sys.stderr):  # the lines printed so far (os._exit flushes nothing)
+        try:
+            stream.flush()
+        except (OSError, ValueError, RuntimeError) as e:  # closed, or interrupted mid-write: said, and on
+            os.write(2, f"note: could not flush {getattr(stream, 'name', 'a stream')}: {e}\n".encode())
+    os._exit(0)
 
 
 class SignalHandler(Hook):
@@ -82,6 +108,7 @@ class SignalHandler(Hook):
 
     def on_fit_end(self, trainer) -> None:
         self._done.set()
+        held = _HOLD_AFTER_COMPLETION and trainer.state.status == "completed"
         for s, old in self._old.items():
-            signal.signal(s, old)
+            signal.signal(s, _exit_completed if held and s in (signal.SIGINT, signal.SIGTERM) else old)
         self._old.clear()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -10,6 +12,7 @@ import torch
 from trainguard import distributed
 from trainguard.checkpoint import rng, sharded, store
 from trainguard.config.schema import CheckpointConfig
+from trainguard.engine import watchdog
 from trainguard.engine.events import Event, Hook
 from trainguard.errors import require_package
 
@@ -45,9 +48,11 @@ def trainer_state(trainer, rngs: list[dict] | None = None, streams: list | None 
 
 
 def restore_weights_and_optimizer(trainer, ckpt: Path) -> dict:
-    """Load weights, optimizer, scheduler and GradScaler from ``ckpt``; returns its trainer state."""
-    distributed.load_model_state(trainer.model, store.load_file(ckpt, "model.pt"))
-    ts = store.load_file(ckpt, "trainer.pt")
+    """Load weights, optimizer, scheduler and GradScaler from ``ckpt``; returns its trainer state.
+    Both files are read before anything is applied: one that does not load (:class:`store.Unloadable`)
+    leaves the trainer as it was."""
+    weights, ts = store.load_file(ckpt, "model.pt"), store.load_file(ckpt, "trainer.pt")
+    distributed.load_model_state(trainer.model, weights)
     if (ckpt / sharded.DIRNAME).is_dir():  # a sharded run's: every rank reads its own shards
         sharded.load_optimizer(trainer.model, trainer.optimizer, ckpt / sharded.DIRNAME)
     else:
@@ -88,9 +93,10 @@ def higher_is_better(metric: str, mode: str = "auto") -> bool:
 
 
 class Checkpointer(Hook):
-    """Saves every ``every_steps`` steps, after a new best evaluation, and when the loop ends at a
-    step boundary (completed, interrupted, or stopped by a guard); keeps the newest ``keep_last``
-    plus the best."""
+    """Saves every ``every_steps`` steps, every ``every_minutes`` of wall-clock time since the last
+    save, after a new best evaluation, and when the loop ends at a step boundary (completed,
+    interrupted, or stopped by a guard); keeps the newest ``keep_last`` plus the best. A save the
+    disk refuses (full) stops the run (failed) with nothing of it left behind."""
 
     def __init__(self, root: Path, cfg: CheckpointConfig, config_yaml: str, log=None):
         self.root, self.cfg, self.config_yaml, self.log = Path(root), cfg, config_yaml, log
@@ -100,6 +106,11 @@ class Checkpointer(Hook):
         self.best_value: float | None = None
         self.best_step: int | None = None
         self._best_pending = False
+        self.every_s = cfg.every_minutes * 60
+        self._deadline = math.inf  # time.monotonic() when the next save on time is due
+        self._next_check = 0  # a process group: the step at which rank 0's clock is asked next
+        self._last_check = (0, 0.0)  # (step, time) of that last question
+        self.write_failed: store.CheckpointWriteFailed | None = None
 
     def state_dict(self) -> dict:
         return {"best_value": self.best_value, "best_step": self.best_step}
@@ -111,6 +122,9 @@ class Checkpointer(Hook):
         if trainer.world.is_main:
             store.clean_temporaries(self.root)
         self.last_saved = trainer.state.step if trainer.state.step else -1
+        now = time.monotonic()
+        self._deadline = now + self.every_s if self.every_s else math.inf
+        self._next_check, self._last_check = trainer.state.step + 1, (trainer.state.step, now)
 
     def on_eval_end(self, trainer) -> None:
         metric = self.cfg.best_metric
@@ -123,21 +137,23 @@ class Checkpointer(Hook):
 
     def on_step_end(self, trainer) -> None:
         step = trainer.state.step
-        due = self.cfg.every_steps and step % self.cfg.every_steps == 0
-        if (due or self._best_pending) and step < trainer.cfg.max_steps and step != self.last_saved:
-            self.save(trainer)
+        on_steps = bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
+        on_time = not on_steps and bool(self.every_s) and (
+            time.monotonic() >= self._deadline if trainer.world.size == 1 else self._due_in_group(trainer, step))
+        if (on_steps or on_time or self._best_pending) and step < trainer.cfg.max_steps and step != self.last_saved:
+            self.save(trainer, trigger="steps" if on_steps else "time" if on_time else "best")
 
     def on_fit_end(self, trainer) -> None:
         # a guard stop (failed) also ends at a step boundary: keep that work too (save() refuses
         # non-finite parameters), so raising a budget and re-running continues from here
         ended = trainer.at_boundary and trainer.state.status in ("completed", "interrupted", "failed")
-        if ended and trainer.state.step != self.last_saved:
+        if ended and trainer.state.step != self.last_saved and self.write_failed is None:
             self.save(trainer)
         if self.best_step is not None and (self.root / store.step_dir_name(self.best_step)).is_dir():
             trainer.state.report["best"] = {"metric": self.cfg.best_metric, "value": self.best_value, "step": self.best_step,
                                             "checkpoint": str(self.root / store.step_dir_name(self.best_step))}
 
-    def save(self, trainer) -> Path | None:
+    def save(self, trainer, trigger: str | None = None) -> Path | None:
         """Commit a checkpoint of the current step, then prune old ones.
 
         In a process group every rank calls this at the same step. Replicated (DDP), the weights and
@@ -146,10 +162,12 @@ class Checkpointer(Hook):
         temporary directory rank 0 made, and the model is gathered whole to rank 0. Either way
         rank 0 commits the directory, so a checkpoint is whole or absent for all ranks at once."""
         st = trainer.state
+        self._deadline = time.monotonic() + self.every_s if self.every_s else math.inf
         if not params_finite(trainer.model):
             if self.log:
                 self.log.event(st.step, "checkpoint_refused", "parameters are not finite; the last good checkpoint is kept")
             return None
+        phase = watchdog.begin("checkpoint")  # a write has its own allowance (guard.stall_timeout)
         rngs = distributed.gather_objects(rng.capture()) if trainer.world.size > 1 else None
         streams = (distributed.gather_objects(trainer.data.stream_state(st.epoch, st.position))
                    if trainer.world.size > 1 and trainer.data.iterable else None)  # each rank reads its own part
@@ -162,17 +180,51 @@ class Checkpointer(Hook):
             files = {"model.pt": weights, "trainer.pt": trainer_state(trainer, rngs, streams), "config.yaml": self.config_yaml}
             if self.cfg.safetensors:  # the same (under fsdp: gathered) state dict, in the same atomic write
                 files["model.safetensors"] = store.safetensors_writer(weights)
-            path = store.write_checkpoint(self.root, st.step, files, {"world_size": trainer.world.size}, tmp=tmp)
+            try:
+                path = store.write_checkpoint(self.root, st.step, files, {"world_size": trainer.world.size}, tmp=tmp)
+            except store.CheckpointWriteFailed as e:
+                watchdog.begin(phase)
+                return self._failed(trainer, e)
         else:
             path = self.root / store.step_dir_name(st.step)
         self.last_saved, self._best_pending = st.step, False
         st.last_checkpoint = str(path)
         if self.log:
-            self.log.event(st.step, "checkpoint", "saved", path=str(path))
+            self.log.event(st.step, "checkpoint", "saved", path=str(path), **({"trigger": trigger} if trigger else {}))
         if trainer.world.is_main:
             self._prune()
+        watchdog.begin(phase)
         trainer.fire(Event.CHECKPOINT_SAVED)
         return path
+
+    def _due_in_group(self, trainer, step: int) -> bool:
+        """Whether a save on time is due, the same on every rank (saving is a collective): rank 0's
+        clock decides, asked only at steps every rank knows in advance: half the steps that rank 0
+        predicts to the deadline (at most 15 s of them), so that healthy steps carry no collective
+        of this and a misjudged step time costs little lateness."""
+        if step < self._next_check:
+            return False
+        answer = None
+        if trainer.world.is_main:
+            now = time.monotonic()
+            last_step, last_time = self._last_check
+            per_step = max((now - last_time) / max(step - last_step, 1), 1e-6)
+            due = now >= self._deadline
+            left = self.every_s if due else self._deadline - now
+            answer = (due, step + max(1, int(min(left, 30.0) / 2 / per_step)))
+            self._last_check = (step, now)
+        due, self._next_check = distributed.broadcast_object(answer)
+        return due
+
+    def _failed(self, trainer, e) -> None:
+        """A checkpoint the disk refused: the run stops here (failed), naming the newest intact one."""
+        self.write_failed = e
+        st = trainer.state
+        if self.log:
+            self.log.event(st.step, "checkpoint_failed", e.message)
+        if st.status != "failed":  # a guard's stop keeps its own diagnosis
+            st.request_stop("failed", e.message, hint=e.hint)
+        return None
 
     def _prune(self) -> None:
         keep_best = store.step_dir_name(self.best_step) if self.best_step is not None else None

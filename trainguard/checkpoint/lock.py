@@ -52,10 +52,38 @@ def _in_use(run_dir: Path, holder: dict) -> ConfigError:
                        "or pass --run-dir with another directory")
 
 
+def writable(run_dir: Path) -> None:
+    """Create ``run_dir`` if missing and prove it takes a file (created, written, removed): a
+    ConfigError (exit 2) naming the path if it is a file, or read-only, full or not permitted.
+    Root ignores permission bits, so only a real write tells."""
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        what = "is a file" if blocker == run_dir else f"is inside {blocker}, which is a file"
+        raise ConfigError(f"run directory {run_dir} {what}, not a directory (nothing was trained)",
+                          "give --run-dir a directory (a new one is created), or move that file away")
+    probe = run_dir / f".write_test_{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"trainguard")  # a full disk takes the name but not the bytes
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as e:
+        with contextlib.suppress(OSError):  # on a full disk the name may have been created: leave nothing
+            probe.unlink()
+        why = os.strerror(e.errno).lower() if e.errno else str(e)
+        raise ConfigError(f"run directory {run_dir} is not writable: {why} (nothing was trained)",
+                          "give --run-dir a directory you can write to (on a disk with space; not a read-only mount), "
+                          "or fix its permissions") from None
+
+
 @contextlib.contextmanager
 def hold(run_dir: Path) -> Iterator[None]:
-    """Hold ``run_dir`` for this process (created if missing); ConfigError if another holds it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Hold ``run_dir`` for this process (created if missing); ConfigError if another holds it, or
+    if it is a file or cannot be written (checked before anything is built)."""
+    writable(run_dir)
     fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

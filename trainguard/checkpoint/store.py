@@ -12,15 +12,18 @@
     manifest.json   {"step": N, "files": {relative path: sha256}, "world_size": W}, written last
 
 A checkpoint is written into a hidden temporary directory, every file fsynced, the manifest
-written last, and the directory renamed into place atomically. A directory without a
-manifest that verifies is not a checkpoint.
+written last, and the directory renamed into place atomically; a write that fails (a full disk)
+is removed and raises :class:`CheckpointWriteFailed`. A directory without a manifest that
+verifies, or whose files do not load weights-only (:func:`check_loadable`), is not a checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 from collections import Counter
@@ -28,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+
+from trainguard.checkpoint import sharded
+from trainguard.errors import RunFailed, first_line
 
 MANIFEST = "manifest.json"
 STEP_RE = re.compile(r"^step_(\d{7,})$")
@@ -58,6 +65,55 @@ def _write_file(path: Path, writer) -> None:
         writer(f)
         f.flush()
         os.fsync(f.fileno())
+
+
+class _Recorder:
+    """The file torch.save writes through, keeping the OSError it hides: torch reports a full disk
+    as ``RuntimeError: ... unexpected pos 704 vs 598``."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(obj: Any, f) -> None:
+    rec = _Recorder(f)
+    try:
+        torch.save(obj, rec)
+    except RuntimeError:
+        if rec.error is not None:
+            raise rec.error from None  # the disk's own error (ENOSPC, EIO), not torch's
+        raise
+
+
+class CheckpointWriteFailed(RunFailed):
+    """A checkpoint could not be written (a full disk, an I/O error); nothing of it is left behind."""
+
+    def __init__(self, message: str, hint: str, no_space: bool):
+        super().__init__(message, hint)
+        self.no_space = no_space
+
+
+def _write_failed(root: Path, final: Path, e: BaseException) -> CheckpointWriteFailed:
+    no_space = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    why = ("no space left on device" if no_space else
+           os.strerror(e.errno).lower() if isinstance(e, OSError) and e.errno else f"{type(e).__name__}: {first_line(e, 160)}")
+    intact = next((p for p in list_checkpoints(root) if (p / MANIFEST).is_file()), None)
+    kept = f"the newest checkpoint, {intact}, is intact" if intact else "there is no earlier checkpoint"
+    fix = "free space on the disk that holds it (or lower checkpoint.keep_last, or give --run-dir on a larger disk)" \
+        if no_space else "check the disk that holds it"
+    again = f"it resumes from {intact.name}" if intact else "it starts again from step 0"
+    return CheckpointWriteFailed(f"cannot write checkpoint {final}: {why}; nothing of it was kept, {kept}",
+                                 f"{fix}, then run the same command again: {again}", no_space)
 
 
 def _write_path(path: Path, writer) -> None:
@@ -129,23 +185,30 @@ def write_checkpoint(root: Path, step: int, files: dict[str, Any], extra_meta: d
     existing directory for the same step is replaced only after the new one is complete.
     """
     final = root / step_dir_name(step)
-    tmp = tmp if tmp is not None else begin(root, step)
-    for name, obj in files.items():
-        p = tmp / name
-        if isinstance(obj, (str, bytes)):
-            data = obj.encode() if isinstance(obj, str) else obj
-            _write_file(p, lambda f, d=data: f.write(d))
-        elif callable(obj):
-            _write_path(p, obj)
-        else:
-            _write_file(p, lambda f, o=obj: torch.save(o, f))
-    written = sorted(p for p in tmp.rglob("*") if p.is_file())
-    sums = {p.relative_to(tmp).as_posix(): _sha256(p) for p in written}
-    for sub in {p.parent for p in written} - {tmp}:
-        _fsync_dir(sub)
-    manifest = {"step": step, "files": sums, **(extra_meta or {})}
-    _write_file(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-    _fsync_dir(tmp)
+    try:  # a write that fails (a full disk) leaves nothing behind: the newest checkpoint stays the newest
+        tmp = tmp if tmp is not None else begin(root, step)
+        for name, obj in files.items():
+            p = tmp / name
+            if isinstance(obj, (str, bytes)):
+                data = obj.encode() if isinstance(obj, str) else obj
+                _write_file(p, lambda f, d=data: f.write(d))
+            elif callable(obj):
+                _write_path(p, obj)
+            else:
+                _write_file(p, lambda f, o=obj: _torch_save(o, f))
+        written = sorted(p for p in tmp.rglob("*") if p.is_file())
+        sums = {p.relative_to(tmp).as_posix(): _sha256(p) for p in written}
+        for sub in {p.parent for p in written} - {tmp}:
+            _fsync_dir(sub)
+        manifest = {"step": step, "files": sums, **(extra_meta or {})}
+        _write_file(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        _fsync_dir(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise _write_failed(root, final, e) from None
+        raise
     if final.exists():  # same step saved again (e.g. final save after a periodic one): swap
         old = root / f".old_{final.name}_{os.getpid()}"
         os.replace(final, old)
@@ -195,7 +258,7 @@ def latest_valid(root: Path, before: int | None = None) -> tuple[Path | None, li
     for p in list_checkpoints(root):
         if before is not None and step_of(p) >= before:
             continue
-        why = verify(p)
+        why = verify(p) or check_loadable(p)
         if why is None:
             return p, rejected
         rejected.append((p, why))
@@ -207,9 +270,79 @@ def world_size(ckpt: Path) -> int:
     return int(json.loads((ckpt / MANIFEST).read_text()).get("world_size", 1))
 
 
+class Unloadable(RunFailed):
+    """A checkpoint file that verifies but does not load weights-only (the reason says why, without
+    torch's advice to load it with ``weights_only=False``, which would run whatever it holds)."""
+
+
+# the sentences of torch's message that advise loading unsafely, or point at its documentation
+_TORCH_ADVICE = re.compile(r"weights_only|trusted source|safe_globals|torch\.load|If you are seeing this|"
+                           r"This can happen|internal miniz", re.IGNORECASE)
+
+
+def load_error(name: str, e: BaseException) -> str:
+    """Why checkpoint file ``name`` did not load, in one line (torch's unsafe advice left out)."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
+        m = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"unsupported global: {m.group(1)}" if m else _plain(text).replace("WeightsUnpickler error: ", "")
+        return f"{name}: not loadable with weights_only ({what or 'refused by the weights-only unpickler'})"
+    if "mmap can only be used" in text:  # torch's check that the file is its zip format
+        return f"{name}: not loadable (not a file torch.save wrote)"
+    return f"{name}: not loadable ({type(e).__name__}" + (f": {_plain(text)})" if _plain(text) else ")")
+
+
+def _plain(text: str) -> str:
+    sentences = (s.strip() for line in text.splitlines() for s in re.split(r"(?<=\.)\s+", line))
+    return next((s.rstrip(".") for s in sentences if s and not _TORCH_ADVICE.search(s)), "")[:200]
+
+
+_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError,
+                AttributeError, OSError)  # what torch.load raises on a file it cannot read
+
+
+def check_loadable(ckpt: Path) -> str | None:
+    """None if every file a resume reads loads weights-only, else why not. The tensors are mapped
+    (``mmap``), not read: the check unpickles everything, and costs little for a large checkpoint."""
+    for name in ("model.pt", "trainer.pt"):
+        if not (ckpt / name).is_file():
+            return f"{name} is missing"
+        try:
+            torch.load(ckpt / name, map_location="cpu", weights_only=True, mmap=True)
+        except _LOAD_ERRORS as e:
+            return load_error(name, e)
+    try:
+        config = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        return f"config.yaml: not readable ({type(e).__name__}: {first_line(e, 160)})"
+    if not isinstance(config, dict):
+        return "config.yaml: not a config mapping"
+    if (ckpt / sharded.DIRNAME / ".metadata").is_file():
+        try:
+            sharded.read_metadata(ckpt / sharded.DIRNAME / ".metadata")
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
+            return f"{sharded.DIRNAME}/.metadata: not loadable ({first_line(e, 160)})"
+    return None
+
+
 def load_file(ckpt: Path, name: str) -> Any:
-    """Load one file of a checkpoint with ``weights_only=True``."""
-    return torch.load(ckpt / name, map_location="cpu", weights_only=True)
+    """Load one file of a checkpoint with ``weights_only=True``; :class:`Unloadable` if it does not."""
+    try:
+        return torch.load(ckpt / name, map_location="cpu", weights_only=True)
+    except _LOAD_ERRORS as e:
+        raise Unloadable(f"checkpoint {ckpt}: {load_error(name, e)}",
+                         "move that checkpoint directory away and run the same command again: it resumes from the one before") from None
+
+
+def set_aside_rejected(ckpt: Path) -> Path:
+    """Rename a checkpoint that resume rejected to ``rejected-step_NNNNNNN`` beside it: kept for a
+    look, never deleted, and neither replaced by a new save of its step nor pruned."""
+    target, n = ckpt.with_name(f"rejected-{ckpt.name}"), 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"rejected-{ckpt.name}.{n}")
+    os.replace(ckpt, target)
+    return target
 
 
 def clean_temporaries(root: Path) -> None:

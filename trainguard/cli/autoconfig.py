@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from trainguard.cli._errors import user_errors
-from trainguard.cli.train import BudgetOpt, ConfigOpt, ProfileOpt, SetOpt
+from trainguard.cli.train import BudgetOpt, ConfigOpt, DebugOpt, JsonOpt, ProfileOpt, SetOpt, at_least_one
 
 
 def autoconfig_command(
@@ -17,13 +17,15 @@ def autoconfig_command(
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     memory_budget: BudgetOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the tuned config here, ready for `trainguard train --config`.")] = None,
-    nproc_per_node: Annotated[int, typer.Option("--nproc-per-node", min=1, help="Tune for a job of N processes: each steps on train.batch_size / N samples; with train.strategy: fsdp, one rank's step with the model sharded over N (forecast).")] = 1,
-    json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="PATH", show_default=False, help="Write the tuned config here, ready for `trainguard train --config`.")] = None,
+    nproc_per_node: Annotated[int, typer.Option("--nproc-per-node", metavar="N", callback=at_least_one, help="Tune for a job of N processes: each steps on train.batch_size / N samples; with train.strategy: fsdp, one rank's step with the model sharded over N (forecast).")] = 1,
+    json_: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
-    """Pick micro-batch size, accumulation and precision: measured on this device (at most 12 trial
-    steps; the effective batch is unchanged), or predicted for a --profile whose card is not here."""
+    """Pick the micro-batch size, accumulation and precision for a config.
+
+    Measured on this device (at most 12 trial steps; the effective batch is unchanged), or predicted
+    for a --profile whose card is not here."""
     with user_errors(debug):
         import yaml
         from rich.console import Console

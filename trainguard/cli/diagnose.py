@@ -9,23 +9,24 @@ from typing import Annotated, Optional
 import typer
 
 from trainguard.cli._errors import user_errors
-from trainguard.cli.train import BudgetOpt, ProfileOpt, SetOpt
+from trainguard.cli.train import BudgetOpt, DebugOpt, ProfileOpt, SetOpt
 
 STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 
 
 def diagnose_command(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Run config YAML. Without it: environment and hardware only.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", metavar="PATH", show_default=False, help="Run config YAML. Without it: environment and hardware only.")] = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     memory_budget: BudgetOpt = None,
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Where train would write (for the disk check; default runs/<config stem>).")] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print {ok, checks: [{name, status, message, hint}]} as JSON (for CI).")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", metavar="DIR", show_default=False, help="Where train would write (for the disk check; default runs/NAME for a config NAME.yaml).")] = None,
+    json_: Annotated[bool, typer.Option("--json", metavar="", help="Print {ok, checks: [{name, status, message, hint}]} as JSON (for CI).")] = False,
+    debug: DebugOpt = False,
 ) -> None:
-    """Check, in seconds, everything that would kill a run or waste the hardware: environment,
-    hardware, config, data, model (one real forward/backward, as train's preflight) and memory.
-    Exit 1 if a check fails, 2 if the config cannot be read."""
+    """Check, in seconds, everything that would kill a run or waste the hardware.
+
+    The environment, the hardware, the config, the data, the model (one real forward/backward, as
+    train's preflight) and the memory. Exit 1 if a check fails, 2 if the config cannot be read."""
     with user_errors(debug):
         from rich.console import Console
 

@@ -9,18 +9,20 @@ from typing import Annotated, Optional
 import typer
 
 from trainguard.cli._errors import user_errors
+from trainguard.cli.train import DebugOpt
 
 
 def report_command(
-    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run directories (several: curves overlaid).", show_default=False)],
-    json_: Annotated[bool, typer.Option("--json", help="Print {runs: [...], plot: PATH|null} as JSON (for scripts).")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Where the PNG goes (default RUN_DIR/report.png; several runs: ./report-A-vs-B.png).")] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", help="One or more run directories (several: curves overlaid).", show_default=False)],
+    json_: Annotated[bool, typer.Option("--json", metavar="", help="Print {runs: [...], plot: PATH|null} as JSON (for scripts).")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="PATH", show_default=False, help="Where the PNG goes (default RUN_DIR/report.png; several runs: ./report-A-vs-B.png).")] = None,
+    debug: DebugOpt = False,
 ) -> None:
-    """What happened in a run (finished, failed, killed or still running): a table of status, steps,
-    time, skips by reason, OOM splits, rollbacks, peak memory and input wait, and the loss / val /
-    learning-rate curves with those events marked, as a PNG (with matplotlib: pip install
-    the `plot` extra) or a compact curve in the terminal."""
+    """What happened in a run: finished, failed, killed or still running.
+
+    A table of status, steps, time, skips by reason, OOM splits, rollbacks, peak memory and input
+    wait, and the loss / val / learning-rate curves with those events marked, as a PNG (with
+    matplotlib: pip install the `plot` extra) or a compact curve in the terminal."""
     with user_errors(debug):
         from trainguard.report import plot, read_run, sparkline, summarize
 
@@ -70,19 +72,41 @@ def _cells(row: dict) -> dict[str, str]:
         "skips by reason": skips,
         "OOM splits": ", ".join(f"step {o['step']}: micro {o['from']}->{o['to']}" for o in row["oom_splits"]) or "-",
         "rollbacks": ", ".join(f"{r['from_step']}->{r['to_step']}" for r in row["rollbacks"]) or "-",
+        "loss spikes": (f"{len(row['spikes'])}: " + ", ".join(f"step {k['step']} ({k['action']})" for k in row["spikes"][:8])
+                        + (" ..." if len(row["spikes"]) > 8 else "")) if row.get("spikes") else "-",
         "fp16 overflow steps": str(row["overflow_steps"]),
-        "resumes": str(row["resumes"]),
+        "segments": _segments(row),
         "peak memory": _fmt_bytes(row["peak_memory_bytes"]),
         "input wait": f"{row['input_wait_fraction']:.0%} of step time" if row["input_wait_fraction"] is not None else "-",
         "micro-batch": str(row["micro_batch_size"] or "-"),
         "device": f"{row['device'] or '-'}, {row['precision'] or '-'}",
         "error": row["error"] or "-",
+        "last attempt": (f"{row['last_attempt']['status']} at {row['last_attempt']['time']}: "
+                         f"{row['last_attempt']['error'].splitlines()[0]}" if row.get("last_attempt") else "-"),
     }
 
 
+def _segments(row: dict) -> str:
+    """``3 segments, 12 min 3 s in all: 0-40 died, 40-120 interrupted, 120-200 completed``."""
+    from trainguard.callbacks.summary import fmt_duration
+
+    segs = row.get("segments")
+    if not segs:  # a summary from before segments were recorded, or none yet (running, killed)
+        n = row["resumes"]
+        return f"{n} resume{'s' if n > 1 else ''} so far" if n else "-"
+    total = sum(s.get("wall_s") or 0 for s in segs)
+    if len(segs) == 1:
+        return f"1 segment, {fmt_duration(total)}"
+    shown = segs if len(segs) <= 6 else [*segs[:2], None, *segs[-3:]]
+    parts = ", ".join("..." if s is None else f"{s.get('from_step', '?')}-{s.get('to_step', '?')} {s.get('status', '?')}"
+                      for s in shown)
+    return f"{len(segs)} segments, {fmt_duration(total)} in all: {parts}"
+
+
 def print_table(rows: list[dict]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from trainguard.cli._errors import console
 
     t = Table(box=None, padding=(0, 2), show_header=True, header_style="bold")
     t.add_column("", style="bold", no_wrap=True)
@@ -90,7 +114,7 @@ def print_table(rows: list[dict]) -> None:
         t.add_column(Path(row["run_dir"]).name or row["run_dir"], overflow="fold")
     cells = [_cells(r) for r in rows]
     for key in cells[0]:
-        if key == "error" and all(c[key] == "-" for c in cells):
+        if key in ("error", "last attempt") and all(c[key] == "-" for c in cells):
             continue
         t.add_row(key, *(c[key] for c in cells))
-    Console(highlight=False).print(t)
+    console().print(t)

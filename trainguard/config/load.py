@@ -20,6 +20,7 @@ from trainguard.config.schema import Config
 from trainguard.errors import ConfigError
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_UNION_BRANCH = re.compile(r"(int|float|bool|str|none|literal\[.*\]|function-\w+\[.*\]|\w+Config)")  # pydantic's loc of a union member
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -27,8 +28,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}", "check the path; configs are resolved relative to the current directory")
+    text = _decode(p)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
+        _no_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), p)  # the node tree: nothing is constructed
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
@@ -41,6 +44,46 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p} must contain a YAML mapping at the top level, got {type(data).__name__}",
                           "start the file with keys such as `model:`, `data:`, `train:`")
     return data
+
+
+def _decode(p: Path) -> str:
+    """The file's text; a byte that is not UTF-8 (even in a comment) is named by line and column."""
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}", "check the file's permissions") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = len(raw[raw.rfind(b"\n", 0, e.start) + 1:e.start].decode("utf-8", errors="replace")) + 1  # in characters
+        raise ConfigError(f"{p}:{line}:{column}: byte 0x{raw[e.start]:02x} is not valid UTF-8 (byte {e.start} of the file)",
+                          "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 old.yaml > new.yaml`, or your "
+                          "editor's 'save with encoding'); a character pasted from another program is a common cause") from None
+
+
+def _no_duplicate_keys(node: yaml.Node | None, p: Path, path: str = "", seen: set | None = None) -> None:
+    """A key written twice in one mapping (YAML would keep the last, silently) is an error naming both lines."""
+    seen = set() if seen is None else seen
+    if node is None or id(node) in seen:  # an alias repeats a node already walked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                key = f"{path}.{k.value}" if path else k.value
+                line = k.start_mark.line + 1
+                if (k.tag, k.value) in first:
+                    raise ConfigError(f"{p}: duplicate key `{key}` at lines {first[k.tag, k.value]} and {line}",
+                                      "keep one of the two (YAML would silently use the last one)")
+                first[k.tag, k.value] = line
+                _no_duplicate_keys(v, p, key, seen)
+            else:
+                _no_duplicate_keys(v, p, path, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _no_duplicate_keys(v, p, f"{path}[{i}]", seen)
 
 
 def deep_merge(base: dict, top: dict) -> dict:
@@ -111,6 +154,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 def format_validation_error(err: ValidationError, source: str) -> ConfigError:
     """One ConfigError naming the file, the key path and the fix for the first problem."""
     lines, hint = [], None
+    branches: dict[str, int] = {}  # a key's line, where a union's other members add to it
     for e in err.errors():
         loc = tuple(e["loc"])
         path = ".".join(str(x) for x in loc) or "(top level)"
@@ -125,11 +169,18 @@ def format_validation_error(err: ValidationError, source: str) -> ConfigError:
             else:
                 hint = hint or f"known keys here: {', '.join(known)}"
         else:
+            loc = tuple(x for x in loc if not (isinstance(x, str) and _UNION_BRANCH.fullmatch(x)))
+            path = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".") or "(top level)"
             msg = e["msg"].removeprefix("Value error, ")
+            if path in branches:  # another member of the same union (`int | "auto"`): one line, "... or 'auto'"
+                lines[branches[path]] = lines[branches[path]].replace(" (got ", f" or {msg.removeprefix('Input should be ')} (got ", 1)
+                continue
             got = e.get("input")
             shown = f" (got {got!r})" if not isinstance(got, (dict, list)) and "input" in e else ""
+            branches[path] = len(lines)
             lines.append(f"`{path}`: {msg}{shown}")
-            hint = hint or f"fix `{path}` in {source} or with --set {path}=..."
+            key = ".".join(str(x) for x in loc[:next((i for i, x in enumerate(loc) if isinstance(x, int)), len(loc))])
+            hint = hint or f"fix `{path}` in {source} or with --set {key}=..."
     return ConfigError(f"invalid config {source}: " + "; ".join(lines), hint or "see docs/config.md for every key")
 
 

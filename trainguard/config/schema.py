@@ -19,9 +19,10 @@ Target = dict[str, Any]
 
 
 class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+    """Base for every config section: unknown keys are errors, values are validated on assignment,
+    and no number is inf or NaN (``.inf`` means nothing for a learning rate, a fraction or a size)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _check_target(v: Target | None, where: str) -> Target | None:
@@ -185,14 +186,60 @@ class GuardConfig(Section):
     rollback_after: int = Field(3, gt=0, description="With `rollback`: roll back after this many bad steps in a row (or at once if parameters are non-finite).")
     max_rollbacks: int = Field(3, ge=0, description="With `rollback`: stop (failed) after this many rollbacks.")
     rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="With `rollback`: multiply the learning rate by this after each rollback.")
-    spike_factor: float = Field(0.0, ge=0, description="Treat a finite loss above this multiple of the running median as a bad step; 0 = off.")
-    spike_window: int = Field(50, ge=5, description="Number of recent finite losses in the running median for spike detection.")
+    on_spike: Literal["off", "warn", "skip", "rollback"] = Field("warn", description="A finite loss spike (see `spike_factor`, `spike_zscore`): `warn` records a `spike` event and says so, training unchanged; `skip` skips the step, or redoes it without the samples whose own loss spikes; `rollback` skips, and rolls back like `on_nonfinite: rollback` when spikes repeat `rollback_after` steps in a row; `off`.")
+    spike_factor: float = Field(3.0, ge=0, description="A spike is a loss above this multiple (>= 1) of the median of the last `spike_window` healthy steps' losses (and `spike_zscore` times their noise above it, on the log-loss).")
+    spike_zscore: float = Field(6.0, gt=0, description="A spike's log-loss is more than this many times the window's noise above the median of its log-losses (the noise: 1.4826 x the median absolute step-to-step change of the log-loss, / sqrt(2): a robust standard deviation that a falling loss does not inflate).")
+    spike_window: int = Field(100, ge=5, description="Number of recent healthy (finite, not spiking) losses the spike rule compares a step's loss with.")
+    spike_warmup: int = Field(50, ge=5, description="Healthy steps in the window before the spike rule judges a step (the loss falls fastest at first); a smaller `spike_window` lowers it to the window's size.")
     remember_bad_samples: bool = Field(True, description="A sample the guard dropped to heal a non-finite step is left out of later batches before the forward (recorded, and counted in the skip budget), instead of making a step bad and being found again each epoch. Map-style datasets only; off: every occurrence is found anew.")
     on_oom: Literal["split", "stop"] = Field("split", description="Out of device memory in a step: `split` redoes it with half the micro-batch (twice the accumulation, same effective batch) and keeps that size; `stop` ends the run before the step.")
+    stall_timeout: Union[Literal["auto"], float] = Field("auto", description="Seconds without progress that make a stall: a sample whose fetch hangs that long is skipped and recorded; a step, collective or evaluation batch that hangs stops the run, naming where (the preflight, the first step and checkpoint writes get 10 times as long). `auto`: 300 s or 10 times the slowest step so far, whichever is longer (30 minutes for the preflight, the first step and checkpoint writes).")
+
+    @field_validator("stall_timeout")
+    @classmethod
+    def _stall(cls, v):
+        if not isinstance(v, str) and not 0 < v < float("inf"):
+            raise ValueError("stall_timeout must be a number of seconds > 0, or `auto`")
+        return v
+
+    _notes: list[str] = PrivateAttr(default_factory=list)  # deprecated spellings met, said once at start
+
+    @field_validator("spike_factor")
+    @classmethod
+    def _spike_factor(cls, v, info):
+        if info.data.get("on_spike", "off") != "off" and v < 1:
+            raise ValueError("must be >= 1: a spike is a loss this many times the median; "
+                             "to turn spike detection off, set guard.on_spike: off")
+        return v
+
+    @field_validator("spike_warmup")
+    @classmethod
+    def _spike_warmup(cls, v, info):
+        window = info.data.get("spike_window")
+        if window is not None and v > window:
+            raise ValueError(f"must be <= spike_window ({window}), or the window never holds enough steps to judge one")
+        return v
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _spike_factor_alone(cls, data, handler):
+        """The old spelling: `spike_factor` alone turned spike skipping on (0 = off). It still does, and says so."""
+        note = None
+        if isinstance(data, dict) and "spike_factor" in data and "on_spike" not in data:
+            on = "skip" if data["spike_factor"] else "off"
+            data = {**data, "on_spike": on}
+            note = (f"guard.spike_factor: {data['spike_factor']} without guard.on_spike is deprecated (it meant "
+                    f"on_spike: {on}): set guard.on_spike: {on} (off | warn | skip | rollback)")
+        if isinstance(data, dict) and "spike_warmup" not in data and isinstance(data.get("spike_window"), int):
+            data = {**data, "spike_warmup": max(5, min(data["spike_window"], cls.model_fields["spike_warmup"].default))}
+        model = handler(data)
+        if note:
+            model._notes = [note]
+        return model
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.on_nonfinite == "rollback" and self.rollback_after > self.max_consecutive_bad_steps:
+        if "rollback" in (self.on_nonfinite, self.on_spike) and self.rollback_after > self.max_consecutive_bad_steps:
             raise ValueError(f"rollback_after ({self.rollback_after}) must be <= max_consecutive_bad_steps "
                              f"({self.max_consecutive_bad_steps}), or the run stops before it can roll back")
         return self
@@ -202,6 +249,7 @@ class CheckpointConfig(Section):
     """Checkpoints in `<run_dir>/checkpoints/`."""
 
     every_steps: int = Field(100, ge=0, description="Save a checkpoint every N optimizer steps (0 = only at the end). A completed run always saves its last step.")
+    every_minutes: float = Field(30.0, ge=0, allow_inf_nan=False, description="Also save a checkpoint when this many minutes of wall-clock time have passed since the last save, at the end of the step then running (0 = only by steps), so that a slow run loses at most this much work.")
     keep_last: int = Field(3, gt=0, description="Keep the newest N checkpoints (plus the best one, if `best_metric` is set).")
     best_metric: str | None = Field(None, description="Keep the checkpoint with the best value of this validation metric (e.g. `loss`, `accuracy`); `summary.json`'s `best` names it.")
     best_mode: Literal["auto", "min", "max"] = Field("auto", description="Whether lower or higher `best_metric` is better. `auto`: higher for accuracy-like names (containing acc, f1, auc, precision, recall, bleu, rouge, map, iou, dice or score), lower otherwise (loss, perplexity, error, ...).")
@@ -243,7 +291,7 @@ class Config(Section):
     """The root config. Precedence: defaults < hardware profile < YAML (with `extends:`) < `--set`."""
 
     hardware: str = Field("auto", description="Hardware profile: a name from `trainguard profiles`, a path to a profile YAML, or `auto`.")
-    seed: int = Field(0, description="Seed for model init, data order and dropout; the same seed gives the same run.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for model init, data order and dropout, from 0 to 2**32 - 1 (numpy's range); the same seed gives the same run.")
     model: Target | None = Field(None, description="The model: `{_target_: pkg.mod:fn, ...}` returning an nn.Module.")
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets and loading.")
     loss: Target | None = Field(None, description="Optional loss `{_target_: ...}` called as `loss(output, target)`; without it the model's output is the loss.")

@@ -7,7 +7,11 @@
 * dicts (any mapping: a ``BatchEncoding`` too) collate field by field into a dict, tuples/lists
   position by position.
 
-Items that cannot be stacked raise an error naming the field and the shapes.
+Items that cannot be stacked raise an error naming the field and the shapes. Items of one batch
+that differ in form (a 3-tuple among ``(x, y)`` pairs, a dict with other keys, a tensor among
+tuples) raise :class:`MixedItems` with the odd ones' places: the minority is skipped and recorded
+as bad samples, like items that fail to load. This is checked only where collating fails, so a
+healthy batch costs nothing more.
 
 A user's collator (``data.collate_fn``) replaces these rules; :class:`UserCollate` calls it and
 applies the dtype rules to what it returns (a mapping becomes a dict, int tensors ``long``).
@@ -74,8 +78,54 @@ def _stack(values: list, field: str) -> torch.Tensor:
                         "pad or crop the samples to one shape in the dataset, or give the field a fixed length") from None
 
 
+class MixedItems(RunFailed):
+    """Some items of a batch differ in form from the others: ``rows`` (their places in the batch,
+    the minority; ties: those unlike the first item) are each ``kinds[row]`` where the others are
+    ``usual``."""
+
+    def __init__(self, rows: list[int], kinds: dict[int, str], usual: str):
+        super().__init__(f"items {', '.join(map(str, rows))} of the batch are {', '.join(sorted(set(kinds.values())))}, "
+                         f"the others {usual}", "make every item of the dataset the same form, e.g. always (inputs, target)")
+        self.rows, self.kinds, self.usual = rows, kinds, usual
+
+
+def _form(x: Any) -> str:
+    """What an item is, in words, as far as collating it goes (``2-tuple``, ``dict with keys a, b``, ``tensor``)."""
+    if isinstance(x, Mapping):
+        return f"dicts with keys {', '.join(sorted(map(str, x)))}"
+    if isinstance(x, tuple) and not all(_is_num(v) for v in x):
+        return f"{len(x)}-tuples"  # fields, (inputs, target): their number is the form
+    if isinstance(x, (tuple, list)) and (not x or _nested_numbers(x)):
+        return "sequences of numbers"  # token ids or features: a length that varies is a ragged field, not a form
+    if isinstance(x, list):
+        return f"{len(x)}-lists"
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return "tensors"
+    if _is_num(x) or isinstance(x, bool):
+        return "numbers"
+    return f"{type(x).__name__} objects"
+
+
+def _mixed(items: list) -> None:
+    """Raise :class:`MixedItems` if the items are not all of one form (called where collating failed)."""
+    forms = [_form(x) for x in items]
+    counts: dict[str, int] = {}
+    for f in forms:
+        counts[f] = counts.get(f, 0) + 1
+    if len(counts) < 2:
+        return
+    usual = max(counts, key=counts.__getitem__)  # ties: the first item's form (dicts keep insertion order)
+    rows = [r for r, f in enumerate(forms) if f != usual]
+    raise MixedItems(rows, {r: forms[r] for r in rows}, usual)
+
+
 def collate_samples(items: list, field: str = "item") -> Any:
-    """Collate a list of samples (dicts, tuples, tensors, numbers, strings) into one batch."""
+    """Collate a list of samples (dicts, tuples, tensors, numbers, strings) into one batch.
+
+    Raises:
+        MixedItems: (the top level only) items of different forms; the caller skips the odd ones.
+        RunFailed: a field that cannot be stacked.
+    """
     first = items[0]
     if type(first) is tuple and all(type(x) is torch.Tensor for x in first) \
             and all(type(x) is tuple and len(x) == len(first) for x in items):  # (inputs, target) tensors: the common case
@@ -87,11 +137,18 @@ def collate_samples(items: list, field: str = "item") -> Any:
         keys = list(first)
         for it in items[1:]:
             if not isinstance(it, Mapping) or set(it) != set(keys):
+                if field == "item":
+                    _mixed(items)
                 raise RunFailed(f"samples have different fields: {sorted(keys)} vs {sorted(it) if isinstance(it, Mapping) else type(it).__name__}",
                                 "make every sample return the same keys")
         return {k: collate_samples([it[k] for it in items], k if field == "item" else f"{field}.{k}") for k in keys}
     if isinstance(first, torch.Tensor):
-        return _stack(items, field)
+        try:
+            return _stack(items, field)
+        except TypeError:  # torch.stack: an item that is not a tensor
+            if field == "item":
+                _mixed(items)
+            raise
     if isinstance(first, np.ndarray):
         return _stack([torch.as_tensor(x) for x in items], field)
     if isinstance(first, bool):
@@ -106,6 +163,11 @@ def collate_samples(items: list, field: str = "item") -> Any:
         except ValueError:
             arr = None
         if arr is None or arr.dtype == object:
+            if field == "item":
+                _mixed(items)
+            if isinstance(first, tuple) and not all(_is_num(v) for v in first) \
+                    and all(type(x) is tuple and len(x) == len(first) for x in items):  # (list, int) pairs: by position
+                return tuple(collate_samples([x[i] for x in items], f"{field}[{i}]") for i in range(len(first)))
             lens = sorted({str(_shape(x)) for x in items})
             raise RunFailed(f"field `{field}` cannot be stacked into a batch: samples have lengths {', '.join(lens)}",
                             RAGGED_HINT)
@@ -114,6 +176,8 @@ def collate_samples(items: list, field: str = "item") -> Any:
     if isinstance(first, tuple) or (isinstance(first, list) and not isinstance(first, str)):
         if all(isinstance(x, (list, tuple)) and len(x) == len(first) for x in items):
             return tuple(collate_samples([x[i] for x in items], f"{field}[{i}]") for i in range(len(first)))
+    if field == "item":
+        _mixed(items)
     return list(items)
 
 

@@ -6,7 +6,9 @@
   python/numpy/torch RNGs were seeded from ``(seed, epoch, index)`` around the user's
   ``__getitem__`` (they are, once an item is seen to draw from them): random augmentation is the
   same with 0 or N workers, and after resume.
-* An item that raises or returns ``None`` becomes a :class:`BadSample` (recorded, not fatal).
+* An item that raises or returns ``None`` becomes a :class:`BadSample` (recorded, not fatal); so
+  does one whose fetch hangs past ``guard.stall_timeout`` (:meth:`DataStream.watch_stalls`), which
+  later epochs then leave out without fetching it.
 * Iterable datasets (streams): split over ranks and loader workers, numbered, and resumed from
   their ``state_dict()`` or by replay (:mod:`trainguard.engine.stream`).
 """
@@ -18,6 +20,7 @@ import contextlib
 import ctypes
 import functools
 import multiprocessing
+import os
 import pickle
 import random
 import signal
@@ -32,8 +35,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from trainguard.engine.collate import StreamSample, UserCollate, collate_samples
+from trainguard.engine.collate import MixedItems, StreamSample, UserCollate, collate_samples
 from trainguard.engine.stream import StreamCollate, StreamPart, StreamPosition, for_rank, is_hf_stream
+from trainguard.engine.watchdog import PROGRESS, Stalled, StallStop
+from trainguard.engine import watchdog
 from trainguard.errors import ConfigError, RunFailed, first_line
 
 
@@ -196,6 +201,11 @@ def _host_rng_kept():
         RngWatch.restore(saved)
 
 
+IDLE = 2**32 - 1  # a loader worker's beat between batches
+STALLED = "fetch stalled"  # how the reason of a sample abandoned by the fetch alarm begins
+LEFT_OUT = "fetch stalled before: left out, not fetched again (guard.remember_bad_samples)"
+
+
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + index) % (2**31 - 1)
 
@@ -214,18 +224,31 @@ class SampleFetcher(Dataset):
     ``per_item=True`` seeds from the start (what the tests compare against).
     """
 
-    def __init__(self, dataset: Dataset, seed: int, per_item: bool = False):
+    def __init__(self, dataset: Dataset, seed: int, per_item: bool = False, fetch_timeout: float | None = None):
         self.dataset, self.seed, self.per_item = dataset, seed, per_item
+        self.fetch_timeout = fetch_timeout  # abandon an item's fetch after this many seconds (None: never)
+        self.beats = None  # with loader workers: per worker, (items begun << 32) | the item (IDLE: between batches); then their pids
+        self.slot: int | None = None  # this worker's place in `beats` (-1: not a worker)
+        self.begun = 0
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def _get(self, index: int):
+        PROGRESS.item = index  # what the fetch alarm (and, with 0 workers, the watchdog) watches
+        if self.beats is not None:
+            self._beat(index)
         try:
             item = self.dataset[index]
-            return index, (item if item is not None else BadSample(index, "the dataset returned None"))
+            PROGRESS.item = None  # inside the try: an alarm that comes as it returns still lands in it
+        except Stalled as e:  # abandoned by the fetch alarm: a hung sample is data too
+            return index, BadSample(index, e.reason)
+        except StallStop:
+            raise
         except Exception as e:  # a broken sample is data, not a crash: recorded and budgeted
+            PROGRESS.item = None
             return index, BadSample(index, f"{type(e).__name__}: {e}")
+        return index, (item if item is not None else BadSample(index, "the dataset returned None"))
 
     def _unseeded(self, indices: list[int]) -> list:
         """The items at ``indices``: in one call when the dataset has ``__getitems__`` (a Hugging
@@ -233,9 +256,13 @@ class SampleFetcher(Dataset):
         so that only the broken samples are dropped."""
         many = getattr(self.dataset, "__getitems__", None)
         if many is not None:
+            PROGRESS.item = -1  # the batch's call: if it hangs, it is abandoned and the items fetched one by one
             try:
                 items = many(indices)
-            except Exception:
+                PROGRESS.item = None
+            except StallStop:
+                raise
+            except (Exception, Stalled):  # redone item by item below, each with its own verdict
                 items = None
             if items is not None and len(items) == len(indices):
                 return [(i, x if x is not None else BadSample(i, "the dataset returned None")) for i, x in zip(indices, items)]
@@ -254,7 +281,29 @@ class SampleFetcher(Dataset):
         with _host_rng_kept():  # keep the training process's RNG streams (dropout, ...) untouched
             return [self._fetch(*k) for k in keys]
 
+    def _beat(self, index: int) -> None:
+        if self.slot is None:
+            info = get_worker_info()
+            self.slot = info.id if info is not None else -1
+            if self.slot >= 0:
+                self.beats[len(self.beats) // 2 + self.slot] = os.getpid()
+        if self.slot >= 0:
+            self.begun = (self.begun + 1) % 2**30
+            self.beats[self.slot] = self.begun << 32 | index
+
     def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        if not self.fetch_timeout:
+            return self._items(keys)
+        PROGRESS.fetches += 1
+        watchdog.arm(self.fetch_timeout)  # not in a thread other than the main one (then the watchdog stops the run)
+        try:
+            return self._items(keys)
+        finally:
+            PROGRESS.item = None
+            if self.beats is not None and self.slot is not None and self.slot >= 0:
+                self.beats[self.slot] = self.begun << 32 | IDLE
+
+    def _items(self, keys: list[tuple[int, int]]) -> list:
         if self.per_item:
             return self._seeded(keys)
         before = RngWatch.mark()
@@ -263,6 +312,7 @@ class SampleFetcher(Dataset):
             return items  # nothing drew from the RNGs: exactly the seeded path's items
         RngWatch.restore(before)  # the training process's streams, as if nothing had been fetched
         self.per_item = True
+        PROGRESS.fetches += 1  # the same items again: a fetch of its own for the fetch alarm
         return self._seeded(keys)
 
     def __getitem__(self, key: tuple[int, int]):
@@ -279,6 +329,8 @@ class EpochBatchSampler(Sampler):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.rank, self.world = rank, world
         self.epoch, self.start = 0, 0
+        self.leave_out: set[int] = set()  # samples whose fetch stalled before: not fetched again
+        self._order: tuple[int, list[int]] = (-1, [])
 
     def __len__(self) -> int:
         return max(1, self.n // self.batch_size)
@@ -292,9 +344,18 @@ class EpochBatchSampler(Sampler):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order, bs = self.order(self.epoch), min(self.batch_size, self.n)
         share = bs // self.world
+        self._order, out = (self.epoch, order), self.leave_out
         for b in range(self.start, len(self)):
             first = b * bs + self.rank * share
-            yield [(self.epoch, i) for i in order[first:first + share]]
+            yield [(self.epoch, i) for i in order[first:first + share] if not out or i not in out]
+
+    def batch_ids(self, epoch: int, b: int) -> list[int]:
+        """The ids of batch ``b`` of ``epoch`` on this rank (the epoch being iterated, or any: recomputed)."""
+        order = self._order[1] if self._order[0] == epoch else self.order(epoch)
+        bs = min(self.batch_size, self.n)
+        share = bs // self.world
+        first = b * bs + self.rank * share
+        return order[first:first + share]
 
 
 def _collate(pairs: list, user: UserCollate | None = None) -> Batch:
@@ -306,7 +367,12 @@ def _collate(pairs: list, user: UserCollate | None = None) -> Batch:
     if user is not None:
         return _user_collate(user, ids, items, bad)
     try:
-        data = collate_samples(items) if items else None
+        try:
+            data = collate_samples(items) if items else None
+        except MixedItems as e:  # the odd ones out (a 3-tuple among pairs) are bad samples, skipped and recorded
+            bad = bad + [BadSample(ids[r], f"an item of another form than its batch's ({e.kinds[r]} among {e.usual})") for r in e.rows]
+            ids, items = [i for r, i in enumerate(ids) if r not in e.rows], [x for r, x in enumerate(items) if r not in e.rows]
+            data = collate_samples(items)
     except RunFailed as e:  # carried to the main process whole (a worker would re-raise it with its traceback)
         return Batch(ids=ids, data=None, bad=bad, error=(e.message, e.hint))
     return Batch(ids=ids, data=data, bad=bad)
@@ -403,7 +469,8 @@ class DataStream:
 
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, shuffle: bool,
                  num_workers: int, pin_memory: bool, name: str = "train", per_item: bool = False,
-                 rank: int = 0, world: int = 1, collate_fn: UserCollate | None = None, stream_split: str = "auto"):
+                 rank: int = 0, world: int = 1, collate_fn: UserCollate | None = None, stream_split: str = "auto",
+                 fetch_timeout: float | None = None):
         self.iterable = isinstance(dataset, IterableDataset)
         try:
             n = None if self.iterable else len(dataset)  # type: ignore[arg-type]
@@ -417,6 +484,7 @@ class DataStream:
             raise RunFailed(f"data.{name}: batch {batch_size} does not split evenly over {world} ranks",
                             f"a batch size that is a multiple of {world}")
         self.dataset, self.seed, self.batch_size = dataset, seed, batch_size // world
+        self.fetch_timeout = fetch_timeout  # a sample's fetch that hangs this long is abandoned (guard.stall_timeout)
         self.epoch, self.position = 0, 0
         self.collate_fn = collate_fn
         common: dict[str, Any] = dict(collate_fn=_loader_collate(collate_fn, num_workers, name), pin_memory=pin_memory)
@@ -432,10 +500,71 @@ class DataStream:
         else:
             self.sampler = EpochBatchSampler(n, batch_size, seed, shuffle, rank, world)  # type: ignore[arg-type]
             g = torch.Generator().manual_seed(seed)
-            self.loader = DataLoader(SampleFetcher(dataset, seed, per_item), batch_sampler=self.sampler,
+            self.loader = DataLoader(SampleFetcher(dataset, seed, per_item, fetch_timeout), batch_sampler=self.sampler,
                                      num_workers=num_workers, worker_init_fn=_seed_worker, generator=g,
                                      persistent_workers=num_workers > 0, **common)
         self._it: Iterator | None = None
+        self._remember = False
+        self._stalled_before: set[int] = set()  # stalled in the preflight or the scan: not fetched again
+
+    def _early_stalls(self, pairs: list) -> None:
+        self._stalled_before.update(x.sample_id for _, x in pairs if type(x) is BadSample and x.reason.startswith(STALLED))
+
+    def watch_stalls(self, left_out: set[int] | None = None) -> None:
+        """For the stall watchdog, before the first batch (loader workers get this when they start):
+        each worker's progress (:meth:`fetch_beats`); ``left_out``: samples whose fetch stalled
+        before (None: do not remember them), left out of later batches without being fetched, and
+        reported as bad samples each time. Map-style datasets only (a stream's next() that hangs
+        cannot be skipped: the watchdog stops the run)."""
+        if self.iterable:
+            return
+        fetcher = self.loader.dataset
+        if fetcher.fetch_timeout and self.loader.num_workers and fetcher.beats is None:
+            fetcher.beats = multiprocessing.RawArray("q", [IDLE] * self.loader.num_workers + [0] * self.loader.num_workers)
+        self._remember = left_out is not None
+        if left_out is not None:
+            left_out.update(self._stalled_before)
+        self.sampler.leave_out = left_out if left_out is not None else set()
+
+    def fetch_beats(self) -> list[int] | None:
+        """Each loader worker's ``(items begun << 32) | item`` (``IDLE`` between batches); None without workers."""
+        beats = None if self.iterable else self.loader.dataset.beats
+        return list(beats[:len(beats) // 2]) if beats is not None else None
+
+    def worker_pid(self, worker: int) -> int | None:
+        """The process id of loader worker ``worker`` (once it has fetched a sample)."""
+        beats = None if self.iterable else self.loader.dataset.beats
+        return (beats[len(beats) // 2 + worker] or None) if beats is not None else None
+
+    def end_workers(self) -> None:
+        """Shut the loader's current pass down now (after a stall): its workers end, one still in a
+        fetch (blocked in C) by SIGKILL once the loader has let go of it; the next batch starts a new
+        pass. Dropping the iterator is not enough while a traceback still holds it, and torch has no
+        public call for this: its own shutdown (private) is called, once, here."""
+        it, self._it = self._it, None
+        stuck = [self.worker_pid(w) for w, b in enumerate(self.fetch_beats() or []) if b & IDLE != IDLE]
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # waits a few seconds for each worker, then lets them go
+        for pid in stuck:
+            if pid:
+                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                    os.kill(pid, signal.SIGKILL)
+
+    def pending_ids(self) -> list[int]:
+        """The ids of the batch this rank waits for now (map-style; [] for a stream)."""
+        if self.iterable or self._it is None:
+            return []
+        return self.sampler.batch_ids(self.epoch, self.position)
+
+    def _stalls(self, batch: Batch) -> None:
+        """Remember samples whose fetch stalled; report those left out of this batch for it."""
+        out = self.sampler.leave_out
+        if out:
+            here = set(batch.ids).union(b.sample_id for b in batch.bad)
+            batch.bad = batch.bad + [BadSample(i, LEFT_OUT) for i in self.sampler.batch_ids(self.epoch, self.position)
+                                     if i in out and i not in here]
+        out.update(b.sample_id for b in batch.bad if b.reason.startswith(STALLED))
 
     def seek(self, epoch: int, position: int) -> None:
         """Continue from ``position`` (batches, or items for iterables) of ``epoch``. A stream is
@@ -494,7 +623,9 @@ class DataStream:
         if self.iterable:
             pairs = self._source.first(n)
         else:
-            pairs = SampleFetcher(self.dataset, self.seed).__getitems__([(0, i) for i in self.sampler.order(0)[:n]])
+            pairs = SampleFetcher(self.dataset, self.seed, fetch_timeout=self.fetch_timeout).__getitems__(
+                [(0, i) for i in self.sampler.order(0)[:n]])
+            self._early_stalls(pairs)
         return _collate(pairs, self.collate_fn)
 
     def collate(self, items: list) -> Any:
@@ -516,7 +647,8 @@ class DataStream:
         else:
             n = self.sampler.n
             idx = sorted({round(i * (n - 1) / max(1, limit - 1)) for i in range(min(n, limit))})
-            pairs = SampleFetcher(self.dataset, self.seed).__getitems__([(0, i) for i in idx])
+            pairs = SampleFetcher(self.dataset, self.seed, fetch_timeout=self.fetch_timeout).__getitems__([(0, i) for i in idx])
+            self._early_stalls(pairs)
         good = [(i, x) for i, x in pairs if not isinstance(x, BadSample)]
         bad = [x for _, x in pairs if isinstance(x, BadSample)]
         if not good:
@@ -562,6 +694,8 @@ class DataStream:
                 self._pos.advance((self.epoch, self.position), where)
                 self.position += len(batch.ids) + len(batch.bad)
             else:
+                if self._remember and (batch.bad or self.sampler.leave_out):
+                    self._stalls(batch)
                 self.position += 1
             return batch
         raise RunFailed("the training data yielded no batch in a whole epoch",

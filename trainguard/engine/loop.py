@@ -22,6 +22,7 @@ from trainguard.engine.data import Batch, DataStream
 from trainguard.engine.events import Event, Hook, hook_method
 from trainguard.engine.precision import autocast
 from trainguard.engine.state import OutOfMemory, RunState
+from trainguard.engine import watchdog
 from trainguard.errors import RunFailed, first_line
 from trainguard.guards import consensus
 from trainguard.guards.localize import preserved_state
@@ -91,10 +92,12 @@ class Trainer:
         try:
             self.fire(Event.FIT_START)
             while not st.stop and st.step < self.cfg.max_steps:
+                watchdog.step_begins(st.step + 1)  # progress marks for the stall watchdog (a few stores)
                 t = time.perf_counter()
                 self.batch = next(self.data)
                 st.input_wait_s += time.perf_counter() - t
                 st.batch_ids = self.batch.ids
+                watchdog.begin("step")
                 self.fire(Event.STEP_START)
                 if not self.train_step(self.batch):
                     break  # the step could not be computed: the run ends before it (state as after the last step)
@@ -114,6 +117,7 @@ class Trainer:
                 st.hint = getattr(e, "hint", None)  # set by trainguard's own errors: a diagnosis, not a symptom
             raise
         finally:
+            watchdog.begin("end")
             self.fire(Event.FIT_END)
         return st
 
@@ -306,8 +310,10 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         counted = torch.zeros((), device=self.device, dtype=torch.long)
         n_samples = 0
+        phase = watchdog.begin("eval")  # progress is per batch: a long evaluation is not a stall
         try:
             for i, batch in enumerate(data.one_pass()):
+                watchdog.touch()
                 if max_batches and i >= max_batches:
                     break
                 if batch.data is None:
@@ -324,6 +330,7 @@ class Trainer:
                         correct += ((logits.argmax(-1) == labels) & mask).sum()
                         counted += mask.sum()
         finally:
+            watchdog.begin(phase)
             self.model.train(was_training)
             if self.sharded:  # forwards without a backward leave FSDP's root gathered whole
                 distributed.reshard(self.model)

@@ -7,8 +7,7 @@ Healthy steps cost one host sync (the fused finite check of loss and gradient no
 from __future__ import annotations
 
 import math
-import statistics
-from collections import Counter, deque
+from collections import Counter
 
 import torch
 
@@ -19,8 +18,13 @@ from trainguard.engine.data import BadSample
 from trainguard.engine.events import Hook
 from trainguard.guards.consensus import verdict
 from trainguard.guards.localize import Finding, batchnorms, find_nonfinite, find_nonfinite_together
+from trainguard.guards.spike import Spike, SpikeRule, culprits, sample_losses
 
 KNOWN_BAD = "non-finite loss, sample known from an earlier step"
+SPIKE = "loss spike"
+SPIKE_HINT = ("the sample ids are in events.jsonl: look at those samples; if the loss level changed for a reason "
+              "(new data, the schedule), set guard.on_spike: warn, or raise guard.spike_factor / guard.spike_zscore")
+SPIKE_LINES = 10  # console lines for spikes (warn); the rest are in events.jsonl only
 
 # Per rank, on a bad step: (its finding or None, its samples present, their ids). One process: one entry.
 Found = list[tuple[Finding | None, int, list[int]]]
@@ -52,7 +56,10 @@ class Guard(Hook):
         self._stats_before: list = []
         self.lr_scale = 1.0
         self.overflow_steps = 0
-        self.window: deque[float] = deque(maxlen=cfg.spike_window)
+        self.spike_on = cfg.on_spike != "off"
+        self.spike = SpikeRule(cfg.spike_factor, cfg.spike_zscore, cfg.spike_window, cfg.spike_warmup)
+        self.spikes = 0        # spikes seen, any mode
+        self.spike_streak = 0  # warn: spikes in a row (a new level of the loss after max_consecutive_bad_steps)
         self.reasons: Counter[str] = Counter()      # reason -> samples skipped
         self.reason_steps: Counter[str] = Counter()  # reason -> steps involved
         self.last_finding: Finding | None = None
@@ -64,7 +71,8 @@ class Guard(Hook):
     # ---- checkpointed state ------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"consecutive": self.consecutive, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
-                "overflow_steps": self.overflow_steps, "window": list(self.window),
+                "overflow_steps": self.overflow_steps, **self.spike.state_dict(), "spikes": self.spikes,
+                "spike_streak": self.spike_streak,
                 "reasons": dict(self.reasons), "reason_steps": dict(self.reason_steps),
                 "places": dict(self.places), "every_sample": dict(self.every_sample),
                 "known_bad": sorted(self.known_bad)}
@@ -72,7 +80,8 @@ class Guard(Hook):
     def load_state_dict(self, d: dict) -> None:
         self.consecutive, self.rollbacks, self.lr_scale = d["consecutive"], d["rollbacks"], d["lr_scale"]
         self.overflow_steps = d["overflow_steps"]
-        self.window = deque(d["window"], maxlen=self.cfg.spike_window)
+        self.spike.load_state_dict(d)
+        self.spikes, self.spike_streak = d.get("spikes", 0), d.get("spike_streak", 0)
         self.reasons, self.reason_steps = Counter(d["reasons"]), Counter(d["reason_steps"])
         self.places, self.every_sample = Counter(d.get("places", {})), Counter(d.get("every_sample", {}))
         self.known_bad = set(d.get("known_bad", []))
@@ -81,7 +90,13 @@ class Guard(Hook):
     def on_fit_start(self, trainer) -> None:
         self.norm_stats = norm_statistics(trainer.model)
         self._stats_before = [t.clone() for t in self.norm_stats]
-        if self.cfg.on_nonfinite == "rollback" and self.checkpointer is not None \
+        for note in self.cfg._notes:  # deprecated spellings in the config
+            self.log.event(trainer.state.step, "deprecated", note)
+            if trainer.world.is_main:
+                from rich.console import Console
+
+                Console(stderr=True, soft_wrap=True, highlight=False).print(f"[yellow]warning[/yellow]: {note}")
+        if "rollback" in (self.cfg.on_nonfinite, self.cfg.on_spike) and self.checkpointer is not None \
                 and distributed.broadcast_object(not store.list_checkpoints(self.checkpointer.root)):
             self.checkpointer.save(trainer)  # something to roll back to before step 1 (rank 0 decides)
 
@@ -160,12 +175,11 @@ class Guard(Hook):
             if self._drop_culprits(trainer, found):
                 return
             return self._bad_step(trainer, "non-finite loss or gradient", found)
-        if self.cfg.spike_factor and len(self.window) >= min(10, self.window.maxlen or 10) \
-                and loss > self.cfg.spike_factor * min(self.window):  # the median is at least the minimum
-            median = statistics.median(self.window)
-            if loss > self.cfg.spike_factor * median:
-                return self._bad_step(trainer, f"loss spike ({loss:.4g} > {self.cfg.spike_factor:g} x median {median:.4g})", None)
-        self.window.append(loss)
+        if self.spike_on:  # a healthy step: one comparison and an append (guards/spike.py)
+            if loss > self.spike.bound and (spike := self.spike.judge(loss)) is not None:
+                return self._on_spike(trainer, spike)
+            self.spike.add(loss)
+            self.spike_streak = 0
         self.consecutive = 0
 
     def on_step_end(self, trainer) -> None:
@@ -181,16 +195,18 @@ class Guard(Hook):
         if st.skipped_samples > limit and not st.stop:
             self._stop(trainer, f"skip budget exceeded: {st.skipped_samples} samples skipped, more than "
                                 f"guard.max_skip_fraction={self.cfg.max_skip_fraction:g} of the {self.planned} planned "
-                                f"({self._reason_text()})")
+                                f"({self._reason_text()})",
+                       hint=SPIKE_HINT if self.reasons and self.reasons.most_common(1)[0][0] == SPIKE else None)
 
     def on_fit_end(self, trainer) -> None:
         st = trainer.state
-        if (self.reasons or self.overflow_steps or self.rollbacks) and trainer.world.is_main:
+        if (self.reasons or self.overflow_steps or self.rollbacks or self.spikes) and trainer.world.is_main:
             from rich.console import Console
             from rich.table import Table
 
             t = Table(title=f"guards: {st.skipped_samples} samples and {st.skipped_steps} steps skipped, "
-                            f"{self.rollbacks} rollbacks, {self.overflow_steps} fp16 overflow steps")
+                            f"{self.rollbacks} rollbacks, {self.overflow_steps} fp16 overflow steps, "
+                            f"{self.spikes} loss spikes (guard.on_spike={self.cfg.on_spike})")
             for col in ("why", "samples", "steps"):
                 t.add_column(col)
             for reason, n in self.reasons.most_common():
@@ -201,10 +217,94 @@ class Guard(Hook):
             "skip_reasons": dict(self.reasons), "overflow_steps": self.overflow_steps,
             "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
             "first_nonfinite": self.last_finding.describe() if self.last_finding else None,
-            "nonfinite_places": dict(self.places),
+            "nonfinite_places": dict(self.places), "spikes": self.spikes,
         }
 
     # ---- decisions -----------------------------------------------------------------------
+    def _on_spike(self, trainer, spike: Spike) -> None:
+        """A finite loss spike (guard.on_spike): say so (warn), or skip the step, redone without the
+        samples whose own loss spikes where a few stand out (skip, rollback). Every rank alike."""
+        st, step = trainer.state, trainer.state.step + 1
+        self.spikes += 1
+        ids, batch_ids, why = self._spike_samples(trainer)
+        named = (f"; samples {ids[:10]}{'...' if len(ids) > 10 else ''} spike by their own loss" if ids else
+                 f"; its samples were not examined ({why})" if why else "; no few samples stand out")
+        if ids and why:
+            named += f" ({why})"
+        if self.cfg.on_spike == "warn":  # training unchanged: the step is applied, its loss kept out of the window
+            self.spike_streak += 1
+            self.consecutive = 0
+            self.log.event(step, "spike", spike.describe() + named, sample_ids=ids, batch_ids=batch_ids[:1000],
+                           action="warn", **spike.fields())
+            self._say(trainer, f"step {step}: {spike.describe()}{named} (guard.on_spike=warn: training goes on)")
+            if self.spike_streak >= self.cfg.max_consecutive_bad_steps:  # not a spike: the loss moved
+                self.spike.restart()
+                self.spike_streak = 0
+                self.log.event(step, "spike", f"{self.cfg.max_consecutive_bad_steps} spikes in a row: the loss has moved "
+                               f"to a new level; the spike window starts again ({self.cfg.spike_warmup} steps to warm up)",
+                               action="restart")
+            return
+        if self.norm_stats:  # the spiking forward's BatchNorm statistics go, as for a non-finite step
+            torch._foreach_copy_(self.norm_stats, self._stats_before)
+        if ids and not why and self._spike_retry(trainer, spike, ids, batch_ids, named):
+            return
+        if self.norm_stats:
+            torch._foreach_copy_(self.norm_stats, self._stats_before)
+        self._say(trainer, f"step {step}: {spike.describe()}{named}: the step is skipped (guard.on_spike={self.cfg.on_spike})")
+        self._bad_step(trainer, SPIKE, None, policy=self.cfg.on_spike, detail=": " + spike.describe().removeprefix(SPIKE + ": ") + named,
+                       hint=SPIKE_HINT, culprits=ids, batch_ids=batch_ids, action="skip", **spike.fields())
+
+    def _spike_samples(self, trainer) -> tuple[list[int], list[int], str | None]:
+        """``(culprits, the batch's ids, why they were not looked for or the step cannot go on without
+        them)``, every rank's together, the same on every rank."""
+        batch = trainer.batch
+        if trainer.sharded:  # a forward is a collective there: one sample alone on one rank cannot run
+            mine, why = None, "not examined under train.strategy: fsdp"
+        else:
+            mine, why = sample_losses(trainer, batch)
+        found = distributed.gather_objects((batch.ids, mine, why))
+        batch_ids = [i for ids, _, _ in found for i in ids]
+        whys = [w for _, _, w in found if w]
+        if whys:
+            return [], batch_ids, whys[0]
+        ids = culprits(self.spike, batch_ids, [v for _, losses, _ in found for v in losses])
+        if any(ranks_ids and set(ranks_ids) <= set(ids) for ranks_ids, _, _ in found):
+            return ids, batch_ids, "they are all of one rank's samples"
+        return ids, batch_ids, None
+
+    def _spike_retry(self, trainer, spike: Spike, ids: list[int], batch_ids: list[int], named: str) -> bool:
+        """Redo the step without the samples whose own loss spikes (not under an fp16 GradScaler:
+        one unscale per step). True when it went on without them."""
+        st, agreed = trainer.state, trainer.state.agreed
+        if trainer.scaler.is_enabled():
+            return False
+        if not trainer.retry_step(trainer.batch.without(set(ids))):
+            st.skip_step = True  # out of memory and the run stops: nothing of this step is applied
+            return True
+        bad, loss = verdict(trainer)
+        if bad or self.spike.judge(loss) is not None:  # still one (or worse): the step is skipped whole
+            st.agreed = agreed
+            return False
+        self.reasons[SPIKE] += len(ids)
+        self.reason_steps[SPIKE] += 1
+        st.skipped_samples += len(ids)
+        self.log.event(st.step + 1, "skip", f"{spike.describe()}{named}; the step went on without them (loss {loss:.4g})",
+                       sample_ids=ids, batch_ids=batch_ids[:1000], action="dropped", loss_without=loss, **spike.fields())
+        self._say(trainer, f"step {st.step + 1}: {spike.describe()}{named}: the step went on without them (loss {loss:.4g})")
+        self.spike.add(loss)
+        self.consecutive = 0
+        return True
+
+    def _say(self, trainer, text: str) -> None:
+        """A console line for a spike (the first SPIKE_LINES of them; all are in events.jsonl)."""
+        if not trainer.world.is_main or self.spikes > SPIKE_LINES:
+            return
+        from rich.console import Console
+        from rich.markup import escape
+
+        more = f" (further spikes: {self.log.events_path} only)" if self.spikes == SPIKE_LINES else ""
+        Console(stderr=True, soft_wrap=True, highlight=False).print(f"[yellow]spike[/yellow]: {escape(text + more)}")
+
     def _drop_culprits(self, trainer, found: Found) -> bool:
         """If only some samples make the step non-finite, redo the step without them (on every
         rank together: each drops its own culprits).
@@ -240,7 +340,7 @@ class Guard(Hook):
                        sample_ids=culprits, module=finding.where, **self._ranks(found))
         if self.cfg.remember_bad_samples and not trainer.data.iterable:  # an iterable's ids are stream positions
             self.known_bad.update(culprits)
-        self.window.append(loss)
+        self.spike.add(loss)
         self.consecutive = 0
         return True
 
@@ -268,13 +368,18 @@ class Guard(Hook):
         return (f"; first non-finite at the {place} in {n} of {total} bad steps",
                 "the sample ids are in events.jsonl: if the same samples recur, fix or drop them in the dataset")
 
-    def _stop(self, trainer, error: str) -> None:
-        source, hint = self._source()
+    def _stop(self, trainer, error: str, hint: str | None = None) -> None:
+        source, hint = ("", hint) if hint else self._source()
         trainer.state.request_stop("failed", error + source + "; details in events.jsonl", exit_code=1, hint=hint)
         self.log.event(trainer.state.step, "stop", error + source)
 
-    def _bad_step(self, trainer, reason: str, found: Found | None) -> None:
+    def _bad_step(self, trainer, reason: str, found: Found | None, policy: str | None = None, detail: str = "",
+                  hint: str | None = None, culprits: list[int] | None = None, batch_ids: list[int] | None = None,
+                  **fields) -> None:
+        """A skipped step (counted by ``reason``; ``detail`` only in the texts). ``policy``: what repeats
+        of it do (default ``guard.on_nonfinite``); the spike path names its samples and rule."""
         st, batch, agreed = trainer.state, trainer.batch, trainer.state.agreed
+        policy = policy or self.cfg.on_nonfinite
         finding = _first(found)
         samples = agreed.samples if agreed is not None else len(batch)
         st.skip_step = True
@@ -287,22 +392,22 @@ class Guard(Hook):
             self.last_finding = finding
             self.places[finding.place()] += 1
             self.every_sample[finding.place()] += finding.every_sample
-        where = f"; {finding.describe()}" if finding else ""
-        batch_ids = [i for _, _, ids in found for i in ids] if found else batch.ids
-        culprits = _culprits(found) if found else []
+        where = f"; {finding.describe()}" if finding else detail
+        batch_ids = batch_ids or ([i for _, _, ids in found for i in ids] if found else batch.ids)
+        culprits = culprits or (_culprits(found) if found else [])
         self.log.event(st.step + 1, "skip", reason + where, sample_ids=culprits or batch_ids, batch_ids=batch_ids[:1000],
                        samples=len(batch_ids),
-                       module=finding.where if finding else None, **self._ranks(found))
+                       module=finding.where if finding else None, **self._ranks(found), **fields)
         step = st.step + 1
-        if self.cfg.on_nonfinite == "stop":
+        if policy == "stop":
             return self._stop(trainer, f"step {step}: {reason}{where} (guard.on_nonfinite=stop)")
-        if self.cfg.on_nonfinite == "rollback" and (self.consecutive >= self.cfg.rollback_after
-                                                   or (finding is not None and finding.kind == "parameter")):
+        if policy == "rollback" and (self.consecutive >= self.cfg.rollback_after
+                                     or (finding is not None and finding.kind == "parameter")):
             self._rollback_pending = f"{reason}{where}"
             return
         if self.consecutive >= self.cfg.max_consecutive_bad_steps:
             self._stop(trainer, f"{self.consecutive} bad steps in a row (guard.max_consecutive_bad_steps="
-                                f"{self.cfg.max_consecutive_bad_steps}), last at step {step}: {reason}{where}")
+                                f"{self.cfg.max_consecutive_bad_steps}), last at step {step}: {reason}{where}", hint=hint)
 
     def _rollback(self, trainer, why: str) -> None:
         from trainguard.checkpoint.checkpointer import restore_weights_and_optimizer

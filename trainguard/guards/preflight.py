@@ -1,8 +1,8 @@
 """Preflight: one real forward and backward on the first micro-batch, before the first step.
 
-A shape mismatch, a missing forward() argument, an empty dataset or a model without a loss
-fails here in seconds (exit 1) with the module's qualified name, both shapes and a hint,
-instead of an hour into the run. Embedding lookups are checked for float or out-of-range ids
+A shape mismatch, a missing forward() argument, an empty dataset, a model without a loss or with
+nothing to train (:func:`nothing_to_train`) fails here in seconds (exit 1) with the module's
+qualified name, both shapes and a hint, instead of an hour into the run. Embedding lookups are checked for float or out-of-range ids
 (:func:`embedding_inputs`), and the loss for coupling the samples of a batch (:func:`batch_coupling`).
 ``trainguard diagnose`` calls :func:`preflight` too: they cannot disagree.
 It leaves no trace: RNG streams, buffers and gradients are as they were.
@@ -64,6 +64,10 @@ def preflight(trainer, coupling: bool = True) -> list[Check]:
                         f"first micro-batch: {len(batch)} samples" + (f", {len(batch.bad)} failed to load" if batch.bad else "")))
     n = len(batch)
     model = trainer.model
+    nothing = nothing_to_train(model)
+    if nothing is not None:
+        checks.append(nothing)
+        return checks
     compiled, trainer.adapter.model = trainer.adapter.model, model  # eager first: errors name the module
     try:
         while True:
@@ -136,6 +140,28 @@ def preflight(trainer, coupling: bool = True) -> list[Check]:
     if compiled is not model:
         checks.append(compile_or_fall_back(trainer, slice_batch(batch.data, 0, n)))
     return checks
+
+
+def nothing_to_train(model: nn.Module) -> Check | None:
+    """``model.parameters``: a fail if not one parameter element requires a gradient (no parameters,
+    all frozen, or all of size 0: a width read as 0); None otherwise. A model with some frozen
+    parameters (a frozen backbone and a head) is healthy. Sizes only: no host sync."""
+    params = list(model.parameters())
+    if any(p.requires_grad and p.numel() for p in params):
+        return None
+    name = type(model).__name__
+    frozen = sum(p.numel() for p in params if not p.requires_grad)
+    if not params:
+        what, hint = "has no parameters at all", ("return the module that holds the layers from model._target_ "
+                                                    "(parameters registered as nn.Parameter or in submodules)")
+    elif frozen:
+        what = f"has {frozen:,} parameter elements, all frozen (requires_grad=False)" + (
+            ", and its trainable parameters are of size 0" if any(p.requires_grad for p in params) else "")
+        hint = "unfreeze what should train, e.g. `model.head.requires_grad_(True)` over a frozen backbone"
+    else:
+        what = f"has {len(params)} parameter tensors, all of size 0 (shapes {', '.join(str(tuple(p.shape)) for p in params[:3])})"
+        hint = "check the model's sizes: a layer width of 0 (e.g. a size read from a config or from the data that is 0)"
+    return Check("model.parameters", "fail", f"the model {name} {what}: nothing to train", hint)
 
 
 class Coupling(Check):
