@@ -144,14 +144,17 @@ def test_a_completed_run_whose_last_checkpoint_is_damaged_is_resumed_not_skipped
     assert s["status"] == "completed" and s["steps"] == 20 and len(s["segments"]) == 4
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_a_signal_during_teardown_after_the_end_exits_0(tmp_path, sig):
-    """The signal comes from a timer the run's last hook starts: the process waits for it at exit."""
-    cfg = _write(tmp_path / "late.yaml", hooks=[{"_target_": "tests.records_toys:SignalAfterEnd", "name": sig}],
+@pytest.mark.parametrize("sig,to", [("SIGTERM", "self"), ("SIGINT", "self"), ("SIGTERM", "launcher")])
+def test_a_signal_during_teardown_after_the_end_exits_0(tmp_path, sig, to):
+    """The signal comes from a timer the run's last hook starts: the process waits for it at exit.
+    ``launcher``: a two-process job's launcher (--nproc-per-node) gets it, from rank 0, as the job closes."""
+    cfg = _write(tmp_path / "late.yaml", hooks=[{"_target_": "tests.records_toys:SignalAfterEnd", "name": sig, "to": to}],
                  train={"max_steps": 2, "batch_size": 16}, checkpoint={"every_steps": 0})
-    proc = subprocess.run([sys.executable, "-m", "trainguard", "train", "--config", str(cfg), "--run-dir", str(tmp_path / "run")],
+    nproc = ["--nproc-per-node", "2"] if to == "launcher" else []
+    proc = subprocess.run([sys.executable, "-m", "trainguard", "train", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), *nproc],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.returncode, proc.stderr)
-    assert f"{sig} after the run completed" in proc.stderr and "Traceback" not in proc.stderr
+    out = proc.stdout + proc.stderr
+    assert f"{sig} after the run completed" in out and "Traceback" not in out, out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 2

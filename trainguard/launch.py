@@ -6,7 +6,8 @@ Each process then finds torchrun's environment (``RANK``, ``WORLD_SIZE``, ...) a
 rank's (a config error stays 2, a stop by SIGTERM 143). torchrun starts each process in a session
 of its own, so a Ctrl-C or SIGTERM reaches them through the launcher, which passes it on and
 waits (up to 120 s; 30 s with an older torch whose torchrun has no ``--shutdown-timeout``, such as 2.11)
-for them to checkpoint and exit.
+for them to checkpoint and exit. A signal that reaches the launcher after the job has completed
+(rank 0 wrote a completed ``summary.json`` during this launch) exits 0, as one process does.
 
 A sharded (fsdp) process that runs out of memory ends with exit 75 after recording a smaller
 micro-batch (trainguard.guards.oom): the launcher then starts the job again, which resumes from
@@ -16,20 +17,24 @@ is a backstop.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import time
+from pathlib import Path
 
 
 MAX_RESTARTS = 16  # out-of-memory restarts of one job (each halves the micro-batch, so ~log2 of it happen)
 
 
-def launch(nproc: int, argv: list[str], debug: bool = False) -> int:
-    """Run ``trainguard *argv`` in ``nproc`` processes on this node; returns the job's exit code."""
+def launch(nproc: int, argv: list[str], debug: bool = False, run_dir: str | Path | None = None) -> int:
+    """Run ``trainguard *argv`` in ``nproc`` processes on this node; returns the job's exit code.
+    ``run_dir``: the job's run directory, read after a signal to tell a completed job from a stopped one."""
     from trainguard.guards.oom import RESTART_EXIT
 
     for restart in range(MAX_RESTARTS + 1):
-        code = _run_once(nproc, argv, debug)
+        code = _run_once(nproc, argv, debug, run_dir)
         if code != RESTART_EXIT:
             return code
         if restart < MAX_RESTARTS:
@@ -39,7 +44,18 @@ def launch(nproc: int, argv: list[str], debug: bool = False) -> int:
     return 1
 
 
-def _run_once(nproc: int, argv: list[str], debug: bool) -> int:
+def _completed_since(run_dir: str | Path | None, since: float) -> bool:
+    """Whether rank 0 wrote a completed summary.json into ``run_dir`` at or after ``since``."""
+    if run_dir is None:
+        return False
+    path = Path(run_dir) / "summary.json"
+    try:
+        return path.stat().st_mtime >= since and json.loads(path.read_text()).get("status") == "completed"
+    except (OSError, ValueError):  # none yet, or being replaced: not completed
+        return False
+
+
+def _run_once(nproc: int, argv: list[str], debug: bool, run_dir: str | Path | None = None) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -52,6 +68,7 @@ def _run_once(nproc: int, argv: list[str], debug: bool) -> int:
     if "--shutdown-timeout" in torchrun.get_args_parser()._option_string_actions:  # not in 2.11
         flags.append("--shutdown-timeout=120")
     args = torchrun.parse_args([*flags, "-m", "trainguard", *argv])
+    began = time.time() - 1  # a summary written by this launch's job (mtime granularity)
     try:
         torchrun.run(args)
         return 0
@@ -70,4 +87,7 @@ def _run_once(nproc: int, argv: list[str], debug: bool) -> int:
             return 128 - code
         return code
     except SignalException as e:  # Ctrl-C or SIGTERM: passed on to the processes, which saved and exited
+        if _completed_since(run_dir, began):  # it came as the job closed: the run is complete
+            print(f"note: {signal.Signals(int(e.sigval)).name} after the run completed: exiting 0", flush=True)
+            return 0
         return 128 + int(e.sigval)

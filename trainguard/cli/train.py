@@ -56,7 +56,7 @@ def train_command(
     if nproc_per_node is not None and "RANK" not in os.environ:  # under torchrun already: its environment wins
         with user_errors(debug):
             from trainguard.launch import launch
-            from trainguard.run import check_config
+            from trainguard.run import check_config, default_run_dir
 
             check_config(config, set_ or [], profile=profile, world=nproc_per_node)  # one error, before any process starts
             argv = ["train", "--config", str(config), "--resume", resume]
@@ -65,7 +65,8 @@ def train_command(
                     argv += [flag, str(value)]
             for s in set_ or []:
                 argv += ["--set", s]
-            code = launch(nproc_per_node, argv + (["--debug"] if debug else []), debug)
+            code = launch(nproc_per_node, argv + (["--debug"] if debug else []), debug,
+                          run_dir=run_dir if run_dir is not None else default_run_dir(config))
         if code:
             raise typer.Exit(code)
         return
