@@ -51,6 +51,21 @@ def test_a_duplicate_key_at_any_depth_names_both_lines(cli, tmp_path):
         resolve_config(anchors)
 
 
+def test_a_hardware_profile_file_gets_the_same_utf8_and_duplicate_key_checks(cli, tmp_path, write_config):
+    from trainguard.hardware.profiles import PROFILE_DIR
+
+    run = write_config("run")
+    text = (PROFILE_DIR / "cpu.yaml").read_text()
+    dup = tmp_path / "dup-profile.yaml"
+    dup.write_text(text + "name: cpu-again\n")
+    out = _bad(cli, "train", "--config", run, "--profile", dup, "--print-config")
+    assert f"{dup}: duplicate key `name` at lines" in out, out
+    latin = tmp_path / "latin-profile.yaml"
+    latin.write_bytes(b"# r\xe9glage\n" + text.encode())
+    out = _bad(cli, "train", "--config", run, "--profile", latin, "--print-config")
+    assert f"{latin}:1:4: byte 0xe9 is not valid UTF-8" in out, out
+
+
 @pytest.mark.parametrize("key, value", [("optim.lr", ".inf"), ("guard.max_skip_fraction", ".nan"),
                                         ("memory.headroom", "-.inf"), ("train.grad_clip", "inf"),
                                         ("optim.betas", "[0.9, .nan]"), ("schedule.min_lr_ratio", ".nan")])

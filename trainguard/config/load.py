@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from trainguard.config.schema import Config
 from trainguard.errors import ConfigError
+from trainguard.yamlfile import no_duplicate_keys, read_text
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _UNION_BRANCH = re.compile(r"(int|float|bool|str|none|literal\[.*\]|function-\w+\[.*\]|\w+Config)")  # pydantic's loc of a union member
@@ -28,10 +29,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}", "check the path; configs are resolved relative to the current directory")
-    text = _decode(p)
+    text = read_text(p)
     try:
         data = yaml.safe_load(text)
-        _no_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), p)  # the node tree: nothing is constructed
+        no_duplicate_keys(text, p)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
@@ -44,46 +45,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p} must contain a YAML mapping at the top level, got {type(data).__name__}",
                           "start the file with keys such as `model:`, `data:`, `train:`")
     return data
-
-
-def _decode(p: Path) -> str:
-    """The file's text; a byte that is not UTF-8 (even in a comment) is named by line and column."""
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}", "check the file's permissions") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = len(raw[raw.rfind(b"\n", 0, e.start) + 1:e.start].decode("utf-8", errors="replace")) + 1  # in characters
-        raise ConfigError(f"{p}:{line}:{column}: byte 0x{raw[e.start]:02x} is not valid UTF-8 (byte {e.start} of the file)",
-                          "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 old.yaml > new.yaml`, or your "
-                          "editor's 'save with encoding'); a character pasted from another program is a common cause") from None
-
-
-def _no_duplicate_keys(node: yaml.Node | None, p: Path, path: str = "", seen: set | None = None) -> None:
-    """A key written twice in one mapping (YAML would keep the last, silently) is an error naming both lines."""
-    seen = set() if seen is None else seen
-    if node is None or id(node) in seen:  # an alias repeats a node already walked
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        first: dict[tuple[str, str], int] = {}
-        for k, v in node.value:
-            if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
-                key = f"{path}.{k.value}" if path else k.value
-                line = k.start_mark.line + 1
-                if (k.tag, k.value) in first:
-                    raise ConfigError(f"{p}: duplicate key `{key}` at lines {first[k.tag, k.value]} and {line}",
-                                      "keep one of the two (YAML would silently use the last one)")
-                first[k.tag, k.value] = line
-                _no_duplicate_keys(v, p, key, seen)
-            else:
-                _no_duplicate_keys(v, p, path, seen)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            _no_duplicate_keys(v, p, f"{path}[{i}]", seen)
 
 
 def deep_merge(base: dict, top: dict) -> dict:

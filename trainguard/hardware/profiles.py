@@ -54,8 +54,12 @@ def load_profile_file(path: Path) -> Profile:
     """Load and validate one profile YAML."""
     import yaml
 
+    from trainguard.yamlfile import no_duplicate_keys, read_text
+
+    text = read_text(path)  # a byte that is not UTF-8: named by line, as in a run config
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(text) or {}
+        no_duplicate_keys(text, path)
         return Profile.model_validate(data)
     except (yaml.YAMLError, ValidationError) as e:
         raise ConfigError(f"invalid hardware profile {path}: {str(e).splitlines()[0]}",
