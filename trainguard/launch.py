@@ -17,7 +17,6 @@ is a backstop.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -48,10 +47,13 @@ def _completed_since(run_dir: str | Path | None, since: float) -> bool:
     """Whether rank 0 wrote a completed summary.json into ``run_dir`` at or after ``since``."""
     if run_dir is None:
         return False
+    from trainguard.callbacks.summary import read_summary
+
     path = Path(run_dir) / "summary.json"
+    summary = read_summary(path)  # None: none yet, or unreadable
     try:
-        return path.stat().st_mtime >= since and json.loads(path.read_text()).get("status") == "completed"
-    except (OSError, ValueError):  # none yet, or being replaced: not completed
+        return summary is not None and summary.get("status") == "completed" and path.stat().st_mtime >= since
+    except OSError:  # replaced meanwhile: not this launch's
         return False
 
 

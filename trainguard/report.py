@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from trainguard.callbacks.summary import read_summary
 from trainguard.errors import ConfigError
 
 RUN_FILES = ("summary.json", "metrics.jsonl", "events.jsonl", "config.yaml")
@@ -74,12 +75,7 @@ def read_run(run_dir: str | Path) -> Run:
     if not rd.is_dir() or not any((rd / f).exists() for f in RUN_FILES):
         raise ConfigError(f"{rd} is not a run directory (no {', '.join(RUN_FILES)})",
                           "give the --run-dir of a `trainguard train` (default runs/<config stem>)")
-    summary = None
-    if (rd / "summary.json").exists():
-        try:
-            summary = json.loads((rd / "summary.json").read_text())
-        except ValueError:
-            summary = None
+    summary = read_summary(rd / "summary.json")
     config = yaml.safe_load((rd / "config.yaml").read_text()) if (rd / "config.yaml").exists() else {}
     metrics = _jsonl(rd / "metrics.jsonl")
     return Run(rd, summary, config or {}, [m for m in metrics if m.get("split") == "train"],
