@@ -73,7 +73,7 @@ def main() -> None:
     from trainguard.memory.autoconfig import forecast
     from trainguard.memory.meter import open_memory
     from trainguard.memory.sizes import fmt_bytes
-    from trainguard.run import _device, _resolve_runtime, build_core
+    from trainguard.build import build_core, device_of as _device, resolve_runtime as _resolve_runtime
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="h100-80gb", help="the profile whose forecast is compared")

@@ -9,7 +9,8 @@ import yaml
 
 from tests.conftest import read_jsonl, toy_config
 from trainguard.errors import ConfigError
-from trainguard.run import build_train_data, check_config, resolve_config
+from trainguard.build import build_train_data
+from trainguard.run import check_config, resolve_config
 
 
 def _bad(cli, *args, code=2):

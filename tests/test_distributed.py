@@ -42,7 +42,7 @@ def run_ranks(tmp_path, fn, world: int = 2, timeout: float = 60) -> dict:
 
 def _signals(rank: int):
     from trainguard import distributed
-    from trainguard.guards.consensus import step_signals
+    from trainguard.distributed.agree import step_signals
 
     healthy = step_signals(torch.tensor(1.0 + rank), torch.tensor(0.5))
     nan_on_rank_1 = step_signals(torch.tensor(float("nan") if rank == 1 else 2.0), torch.tensor(0.5))
@@ -117,7 +117,8 @@ def check_step_collectives(tmp_path, backend: str, device: str) -> None:
     exchange's flags, and the bucket reduce with gradients as views (a layer the backward never
     reached keeps no gradient). tests/test_gpu.py runs it on NCCL."""
     from trainguard import distributed
-    from trainguard.guards.consensus import exchange
+    from trainguard.distributed.agree import exchange
+    from trainguard.engine.grads import total_norm
 
     kwargs = {"device_id": torch.device(device, 0)} if device == "cuda" else {}
     torch.distributed.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1, **kwargs)
@@ -131,12 +132,12 @@ def check_step_collectives(tmp_path, backend: str, device: str) -> None:
         assert all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(used.parameters(), views.buckets[0][2]))  # in place
         present = views.present(params)
         assert present == [True, True, False, False]
-        agreed = exchange(torch.tensor(1.5, device=device), params, 5, 0, False, None, present)
+        agreed = exchange(torch.tensor(1.5, device=device), total_norm(params), 5, 0, False, None, present)
         assert not agreed.bad and agreed.samples == 5 and abs(agreed.loss - 1.5) < 1e-6 and agreed.present == present
         views.reduce(1.0, agreed.present, params)
         assert all(torch.equal(p.grad, e) for p, e in zip(used.parameters(), expected))
         assert spare.weight.grad is None and spare.bias.grad is None
-        bad = exchange(torch.tensor(float("nan"), device=device), params, 5, 0, False, None, present)
+        bad = exchange(torch.tensor(float("nan"), device=device), total_norm(params), 5, 0, False, None, present)
         assert bad.bad and bad.bad_ranks == [0]
     finally:
         torch.distributed.destroy_process_group()
@@ -153,6 +154,7 @@ def test_sharded_optimizer_state_loads_weights_only_and_refuses_foreign_metadata
     import pickle
 
     from trainguard.checkpoint import sharded
+    from trainguard.engine.strategy import Sharded
     from trainguard.errors import RunFailed
 
     torch.manual_seed(0)
@@ -162,9 +164,12 @@ def test_sharded_optimizer_state_loads_weights_only_and_refuses_foreign_metadata
         model(torch.randn(5, 4)).sum().backward()
         opt.step()
         opt.zero_grad()
-    sharded.save_optimizer(model, opt, tmp_path / "optimizer")
+    fsdp = Sharded()  # the fsdp strategy's optimizer state, in one process
+    sharded.save_optimizer(fsdp.optimizer_shards(model, opt), tmp_path / "optimizer")
     fresh = torch.optim.AdamW(model.parameters(), lr=1.0)
-    sharded.load_optimizer(model, fresh, tmp_path / "optimizer")
+    state = fsdp.optimizer_shards(model, fresh)  # the layout to fill
+    sharded.load_optimizer(state, tmp_path / "optimizer")
+    fsdp.load_optimizer_shards(model, fresh, state)
     a, b = opt.state_dict(), fresh.state_dict()
     assert a["param_groups"] == b["param_groups"]
     assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
@@ -177,5 +182,5 @@ def test_sharded_optimizer_state_loads_weights_only_and_refuses_foreign_metadata
 
     (tmp_path / "optimizer" / ".metadata").write_bytes(pickle.dumps(Payload()))
     with pytest.raises(RunFailed, match=r"names (posix|os|nt)\.system") as e:
-        sharded.load_optimizer(model, fresh, tmp_path / "optimizer")
+        sharded.load_optimizer(fsdp.optimizer_shards(model, fresh), tmp_path / "optimizer")
     assert "not a checkpoint trainguard wrote" in e.value.hint and not marker.exists()

@@ -171,7 +171,7 @@ def test_autoconfig_under_a_budget_finds_the_largest_micro_batch(cli, tmp_path):
     from trainguard.memory import trial
     from trainguard.memory.meter import SimulatedMemory
     from trainguard.config.load import resolve_config
-    from trainguard.run import build_core
+    from trainguard.build import build_core
 
     conf, _, _ = resolve_config(cfg, overrides=["train.micro_batch_size=1"])
     mem = SimulatedMemory(400_000).start()

@@ -166,7 +166,7 @@ def test_set_reaches_the_optimizers_own_keys_and_the_dump_round_trips(tmp_path):
     assert dumped["optim"] == {**CUSTOM["optim"], "lr": 0.5, "alpha": 0.9, "fused": False}
     assert dumped["schedule"] == {**CUSTOM["schedule"], "max_lr": 0.7}
     assert validate(yaml.safe_load(yaml.safe_dump(dumped)), "config.yaml") == cfg  # what resume reads back
-    from trainguard.run import config_diff  # resume: the optimizer's own keys count, trainguard's `fused` may change
+    from trainguard.run_dir import config_diff  # resume: the optimizer's own keys count, trainguard's `fused` may change
 
     changed, _, _ = resolve_config(path, overrides=["optim.lr=0.25", "optim.alpha=0.9", "optim.fused=true", "schedule.max_lr=0.7"])
     assert config_diff(dumped, changed.model_dump(mode="json")) == ["optim.lr: 0.5 in the checkpoint, 0.25 now"]

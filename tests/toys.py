@@ -81,6 +81,26 @@ class BusyC(Hook):
             torch.linalg.matrix_power(x / 256, 4000)  # ~tens of ms in C per call
 
 
+class StepCounter(Hook):
+    """Counts the steps it saw from ``start``, in its checkpointed state; writes the count to ``path`` at the end."""
+
+    def __init__(self, path: str, start: int = 0):
+        self.path, self.count = path, start
+
+    def on_step_end(self, trainer) -> None:
+        self.count += 1
+
+    def on_fit_end(self, trainer) -> None:
+        with open(self.path, "w") as f:
+            f.write(str(self.count))
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+
+
 class Recorder(Hook):
     """Appends every event it receives to a file, one name per line."""
 

@@ -1,25 +1,22 @@
-"""Building a run from its config, and the public entry point :func:`train`.
+"""A run's lifecycle, and the public entry point :func:`train`.
 
-``train()`` resolves the config (one precedence rule), probes the device, builds the parts
-from their own config sections, resumes from the newest valid checkpoint, and calls
-``Trainer.fit()``. The CLI's ``trainguard train`` is a thin wrapper over it.
+``train()`` resolves the config (one precedence rule), probes the device, finds where the run
+resumes (:mod:`trainguard.run_dir`), builds the parts (:mod:`trainguard.build`, shared with
+diagnose and autoconfig), attaches the hooks in their declared order, resumes from the newest
+valid checkpoint, and calls ``Trainer.fit()``. The CLI's ``trainguard train`` is a thin wrapper over it.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import random
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
-import numpy as np
 import torch
 import yaml
-from rich.console import Console
 
 from trainguard import distributed
+from trainguard.build import build_core, build_val_data, check_world_batch, console, device_of, resolve_runtime
 from trainguard.callbacks.evaluate import Evaluator
 from trainguard.callbacks.logging import ConsoleProgress, MetricsLogger
 from trainguard.callbacks.runlog import RunLog
@@ -33,259 +30,51 @@ from trainguard.checkpoint.checkpointer import Checkpointer, restore_trainer
 from trainguard.config.instantiate import instantiate
 from trainguard.config.load import resolve_config
 from trainguard.config.schema import Config
-from trainguard.engine.batch import ModelAdapter
-from trainguard.engine.collate import build_collate
-from trainguard.engine.data import DataStream
-from trainguard.engine.events import Hook
+from trainguard.engine.events import Hook, HookOrderError, order_hooks
 from trainguard.engine.loop import Trainer
-from trainguard.engine.optim import build_optimizer, build_scheduler, materialize_state
 from trainguard.engine.optim import notes as optim_notes
-from trainguard.engine.precision import grad_scaler, resolve_precision
-from trainguard.errors import ConfigError, RunFailed, first_line
+from trainguard.errors import ConfigError, RunFailed
 from trainguard.guards.guard import Guard
 from trainguard.guards.oom import JobRestart, OomRecovery, restart_pending
 from trainguard.guards.preflight import batch_coupling, preflight, require
-from trainguard.guards.stall import StallWatchdog, allowances, group_timeout
+from trainguard.guards.stall import StallWatchdog, group_timeout
 from trainguard.hardware.probe import probe
-from trainguard.memory.meter import host_side, open_memory, prefer_expandable_segments
+from trainguard.memory.meter import open_memory, prefer_expandable_segments
 from trainguard.memory.sizes import fmt_bytes, parse_size
-
-console = Console(stderr=True, highlight=False, soft_wrap=True)
-
-# Config fields that may differ when resuming: they do not change what a step computes.
-# micro_batch_size: accumulation gives the same gradient (up to float rounding), so a run may
-# resume on a smaller card with smaller micro-batches; optim.fused: the same update up to float rounding.
-RESUMABLE_CHANGES = ("hardware", "train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.eval_batches",
-                     "train.micro_batch_size", "train.compile", "optim.fused", "data.item_seeding", "data.num_workers",
-                     "data.pin_memory", "checkpoint.", "log.", "guard.", "hooks", "memory.")
+from trainguard.run_dir import PREVIOUS_RUN_FILES, completed_run, config_diff, default_run_dir, find_resume, set_aside
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    # a component spec is one value, except the optimizer's and schedule's own (optim.fused may change)
-    if isinstance(d, dict) and not (prefix and "_target_" in d and prefix not in ("optim.", "schedule.")):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
 
 
-def _with_defaults(old: dict) -> dict:
-    """A checkpoint's config with the defaults of keys added since it was written (they changed nothing)."""
-    try:
-        return Config.model_validate(old).model_dump(mode="json")
-    except Exception:  # noqa: BLE001 - a config of an older layout: compared as written
-        return old
 
 
-def config_diff(old: dict, new: dict) -> list[str]:
-    """Training-relevant fields that differ between two resolved configs, as readable lines."""
-    a, b = _flatten(_with_defaults(old)), _flatten(new)
-    # a schedule of the user's keeps its length in its own state (OneCycleLR's total_steps): not resumable longer
-    fixed = ("train.max_steps", "train.epochs") if "_target_" in (new.get("schedule") or {}) else ()
-    lines = []
-    for key in sorted(set(a) | set(b)):
-        if key.startswith(RESUMABLE_CHANGES) and key not in fixed or a.get(key) == b.get(key):
-            continue
-        why = " (schedule._target_ keeps the run's length in its state)" if key in fixed else ""
-        lines.append(f"{key}: {a.get(key)!r} in the checkpoint, {b.get(key)!r} now{why}")
-    return lines
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
-def _device(info) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if info.type == "cuda" else torch.device(info.type)
 
 
-def check_world_batch(cfg: Config, world: int) -> None:
-    """micro-batch x accumulation x processes = ``train.batch_size``, exactly (a config error otherwise)."""
-    from trainguard.memory.search import divisor_at_most
-
-    batch, micro = cfg.train.batch_size, cfg.train.micro_batch_size
-    if batch % world:
-        lower, upper = batch // world * world, (batch // world + 1) * world
-        raise ConfigError(f"train.batch_size {batch} does not split evenly over {world} processes "
-                          "(micro-batch x accumulation x processes = batch_size)",
-                          f"set train.batch_size to " + (f"{lower} or {upper}" if lower else f"{upper}"))
-    share = batch // world
-    if micro != "auto" and share % micro:
-        below = divisor_at_most(share, micro)
-        above = next((k for k in range(micro, share + 1) if share % k == 0), None)
-        raise ConfigError(f"train.micro_batch_size {micro} does not divide the {share} samples each of the {world} "
-                          f"processes takes per step (batch_size {batch} / {world})",
-                          f"set train.micro_batch_size to {below}" + (f" or {above}" if above and above != below else "")
-                          + f", or train.batch_size to {world * micro * max(1, round(share / micro))}")
 
 
-def _resolve_runtime(cfg: Config, prof, info, world: int = 1) -> tuple[Config, list[str]]:
-    """Replace every `auto` with the value this run uses; returns notes to show the user."""
-    notes = []
-    precision, note = resolve_precision(cfg.train.precision, info, prof)
-    if note:
-        notes.append(note)
-    if cfg.train.device in ("cuda", "mps") and info.type != cfg.train.device:
-        raise ConfigError(f"train.device is {cfg.train.device} but no {cfg.train.device} device is available",
-                          "set train.device: auto (or cpu)")
-    mbs = cfg.train.batch_size // world if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size
-    workers = cfg.data.num_workers
-    if workers == "auto":  # the node's cores shared by its processes, one left for each main loop
-        workers = max(0, min(prof.num_workers, info.cpu_count // world - 1))
-    pin = (info.type == "cuda") if cfg.data.pin_memory == "auto" else (cfg.data.pin_memory and info.type == "cuda")
-    compile_ = cfg.train.compile and prof.device == info.type
-    if cfg.train.compile and prof.device != info.type:
-        notes.append(f"train.compile is ignored: profile {prof.name} is for {prof.device}, this run is on {info.type}")
-    cfg = cfg.model_copy(deep=True)
-    cfg.train.compile = compile_
-    cfg.train.precision, cfg.train.micro_batch_size = precision, mbs
-    cfg.data.num_workers, cfg.data.pin_memory = workers, pin
-    cfg.hardware = prof.name
-    return cfg, notes
 
 
-def _build_dataset(spec: dict, where: str):
-    ds = instantiate(spec, where)
-    if not isinstance(ds, (torch.utils.data.Dataset, torch.utils.data.IterableDataset)) and not hasattr(ds, "__getitem__"):
-        raise ConfigError(f"{where}._target_ returned {type(ds).__name__}, not a Dataset",
-                          "return a torch.utils.data.Dataset (with __len__/__getitem__) or an IterableDataset")
-    return ds
 
 
-PREVIOUS_RUN_FILES = ("checkpoints", "metrics.jsonl", "events.jsonl", "summary.json", "config.yaml", "tb")
 
 
-def _set_aside(run_dir: Path) -> Path:
-    """Move an earlier run's files into ``run_dir/previous-<time>/`` (nothing is deleted)."""
-    aside = run_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    aside.mkdir()
-    for name in PREVIOUS_RUN_FILES:
-        if (run_dir / name).exists():
-            (run_dir / name).rename(aside / name)
-    return aside
 
 
-def default_run_dir(config_path: str | Path | None) -> Path:
-    return Path("runs") / (Path(config_path).stem if config_path else "run")
 
 
-def _find_resume(resume: str, ckpt_root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    if resume == "never":
-        return None, []
-    if resume == "auto":
-        return store.latest_valid(ckpt_root)
-    path = Path(resume)
-    if (path / "checkpoints").is_dir():  # a run directory
-        found, rejected = store.latest_valid(path / "checkpoints")
-        if found is None:
-            raise ConfigError(f"--resume {resume}: no valid checkpoint there"
-                              + "".join(f"\n{bad.name}: {why}" for bad, why in rejected), "use --resume auto or never")
-        return found, rejected
-    if not path.is_dir():
-        raise ConfigError(f"--resume {resume}: no such checkpoint directory", "give a checkpoints/step_NNNNNNN directory, auto or never")
-    why = store.verify(path)
-    if why:
-        raise ConfigError(f"--resume {resume}: the checkpoint does not verify: {why}", "pick an older checkpoint, or --resume auto")
-    why = store.check_loadable(path)  # checksums that match a file that does not load weights-only
-    if why:
-        raise ConfigError(f"--resume {resume}: the checkpoint does not load: {why}",
-                          "pick an older checkpoint (checkpoints/step_NNNNNNN), or --resume auto, which skips it")
-    return path, []
 
 
-def build_model(cfg: Config, device: torch.device):
-    """The model (seeded from ``cfg.seed``, on ``device``) and the loss function, if any."""
-    seed_everything(cfg.seed)
-    if cfg.model is None:
-        raise ConfigError("no model: the config has no `model:` section", "add `model: {_target_: pkg.module:build_model}`")
-    model = instantiate(cfg.model, "model")
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"model._target_ returned {type(model).__name__}, not a torch.nn.Module", "return an nn.Module instance")
-    model.to(device)
-    return model, (instantiate(cfg.loss, "loss") if cfg.loss else None)
 
 
-def build_train_data(cfg: Config, world: distributed.World = distributed.World()) -> DataStream:
-    """The training data stream in the engine-owned order (this rank's share of each batch)."""
-    if cfg.data.train is None:
-        raise ConfigError("no training data: the config has no `data.train`", "add `data: {train: {_target_: pkg.module:build_dataset}}`")
-    train_ds = _build_dataset(cfg.data.train, "data.train")
-    data = DataStream(train_ds, cfg.train.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
-                      num_workers=int(cfg.data.num_workers), pin_memory=bool(cfg.data.pin_memory),
-                      per_item=cfg.data.item_seeding == "always", rank=world.rank, world=world.size,
-                      collate_fn=build_collate(cfg.data.collate_fn, cfg.seed), stream_split=cfg.data.stream_split,
-                      fetch_timeout=allowances(cfg.guard.stall_timeout)[2])
-    if not data.iterable and cfg.train.batch_size > data.sampler.n:  # each rank's share is cut from one global batch
-        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than data.train, which has {data.sampler.n} "
-                          "samples: an epoch would be shorter than one batch",
-                          f"set train.batch_size to at most {data.sampler.n}, or check data.train (its path, split and filters)")
-    return data
 
 
-def epochs_to_steps(epochs: float, data: DataStream) -> int:
-    """``train.epochs`` as optimizer steps: whole batches per epoch (the last partial one is not used)."""
-    if data.iterable:
-        raise ConfigError("train.epochs needs a dataset with a length; data.train is an IterableDataset",
-                          "set train.max_steps instead")
-    return max(1, math.ceil(epochs * len(data.sampler)))
 
 
-def build_core(cfg: Config, device: torch.device, memory=None, parts: tuple | None = None,
-               world: distributed.World = distributed.World()) -> Trainer:
-    """Model, loss, training data, optimizer and schedule, each from its own config section, wired
-    into a :class:`Trainer` without hooks (what ``trainguard autoconfig`` measures, too).
-    ``cfg.train.micro_batch_size`` must be resolved (an int). ``parts``: ``(model, loss_fn, data)``
-    already built by :func:`build_model` and :func:`build_train_data` (``trainguard diagnose``).
-    In a process group (``world``), every rank starts from rank 0's weights, as under DDP. Sharded
-    (fsdp), the model is built whole in host memory and FSDP2 moves it to the device one block at a
-    time as it shards it: a rank's device holds its shards and at most one block whole, never the
-    whole model."""
-    sharded = world.size > 1 and cfg.train.strategy == "fsdp"
-    if parts is None:
-        model, loss_fn = build_model(cfg, torch.device("cpu") if sharded else device)
-        with host_side(memory):
-            parts = (model, loss_fn, build_train_data(cfg, world))
-    model, loss_fn, data = parts
-    if cfg.train.epochs is not None:
-        cfg.train.max_steps = epochs_to_steps(cfg.train.epochs, data)
-    if sharded:
-        whole = model.state_dict() if world.is_main else {}  # rank 0's weights, on the host
-        distributed.shard(model, device)
-        distributed.load_model_state(model, whole, from_rank0=True)  # into every rank's shards
-    elif world.size > 1:
-        distributed.broadcast_tensors([t.detach() for t in (*model.parameters(), *model.buffers())])
-    if world.rank:  # each rank its own dropout stream (rank 0's is that of one process)
-        torch.manual_seed(cfg.seed + 7919 * world.rank)
-    optimizer = build_optimizer(model, cfg.optim)
-    host = lambda: host_side(memory)  # noqa: E731 - the weights' host copy (an optimizer that may move them) is not device memory
-    try:
-        try:
-            materialize_state(optimizer, host, verify=True)  # the first step's allocation, now: an OOM here is a clear setup error
-        except RuntimeError as e:
-            if isinstance(e, torch.OutOfMemoryError) or cfg.optim.fused != "auto" or not optimizer.defaults.get("fused"):
-                raise
-            console.print(f"[yellow]note[/yellow]: the fused optimizer kernel failed here ({first_line(e, 120)}): "
-                          "torch's default implementation is used")
-            optimizer = build_optimizer(model, cfg.optim.model_copy(update={"fused": False}))
-            materialize_state(optimizer, host, verify=True)
-    except torch.OutOfMemoryError:
-        raise RunFailed(f"the model and its optimizer state alone do not fit in device memory"
-                        + (f" ({fmt_bytes(memory.limit)} available)" if memory is not None else ""),
-                        "a smaller model, an optimizer with less state (optim.name: sgd), or more memory", check="memory.fit") from None
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.max_steps)
-    forward_model = model  # compiled: checked (or dropped) by the preflight; sharded, block by block
-    if cfg.train.compile:
-        forward_model = distributed.CompiledBlocks(model) if sharded else torch.compile(model)
-    adapter = ModelAdapter(forward_model, loss_fn, cfg.data.fields)
-    if data.collate_fn is not None and cfg.data.filter_fields:  # the collator sees only the fields the model gets
-        data.collate_fn.keep = adapter.filter
-    return Trainer(model=model, adapter=adapter, optimizer=optimizer,
-                   scheduler=scheduler, scaler=grad_scaler(device.type, cfg.train.precision), data=data, device=device,
-                   precision=cfg.train.precision, micro_batch_size=int(cfg.train.micro_batch_size), cfg=cfg.train,
-                   memory=memory, world=world)
+
 
 
 def _tune_micro_batch(trainer: Trainer, cfg: Config, prof, info) -> int:
@@ -296,7 +85,7 @@ def _tune_micro_batch(trainer: Trainer, cfg: Config, prof, info) -> int:
 
     world = trainer.world.size
     with console.status("[bold]autoconfig[/bold]: searching the largest micro-batch that fits ..."):
-        if trainer.sharded:
+        if trainer.strategy.sharded:
             share = cfg.model_copy(deep=True)
             share.train.batch_size //= world
             fc = sharded_forecast(share, prof, trainer.memory, trainer.data.scan().worst_item, world)
@@ -306,7 +95,7 @@ def _tune_micro_batch(trainer: Trainer, cfg: Config, prof, info) -> int:
     if world > 1:  # every rank searched its own card: the smallest answer fits them all
         tuning = min(distributed.gather_objects(tuning), key=lambda t: t.micro_batch_size)
     how = ("from the cache (same model, config and device)" if cached else
-           f"forecast for one of {world} ranks in {tuning.trials} fake-tensor steps" if trainer.sharded else
+           f"forecast for one of {world} ranks in {tuning.trials} fake-tensor steps" if trainer.strategy.sharded else
            f"measured in {tuning.trials} trial steps")
     console.print(f"[bold]autoconfig[/bold]: micro-batch {tuning.micro_batch_size} x {tuning.grad_accum} accumulation "
                   f"= batch {tuning.batch_size}, peak {fmt_bytes(tuning.predicted_peak_bytes)} of "
@@ -324,22 +113,6 @@ class RunComplete(Exception):
         self.summary, self.max_steps = summary, max_steps
 
 
-def completed_run(run_dir: Path, found: Path | None, old: dict | None, cfg: Config) -> tuple[dict, int] | None:
-    """The run's summary.json and max_steps if it completed at ``found``, its newest valid checkpoint,
-    with nothing left to train under ``cfg``; None otherwise. A raised ``train.max_steps`` continues the run,
-    and a config that differs where it matters is refused later, where it always is."""
-    prev = read_summary(run_dir / "summary.json")
-    if (prev is None or found is None or old is None or prev.get("status") != "completed"
-            or found.parent != run_dir / "checkpoints" or prev.get("steps") != store.step_of(found)):
-        return None
-    same = cfg.model_copy(deep=True)
-    if cfg.train.epochs is not None:  # train.epochs becomes max_steps once the data is built: the run's, if the same
-        if cfg.train.epochs != old["train"].get("epochs"):
-            return None
-        same.train.max_steps = old["train"]["max_steps"]
-    if prev["steps"] < same.train.max_steps or config_diff(old, same.model_dump(mode="json")):
-        return None
-    return {**prev, "run_dir": str(run_dir)}, old["train"]["max_steps"]  # the run's own length (a lowered one changes nothing)
 
 
 def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "auto",
@@ -358,16 +131,16 @@ def build_trainer(cfg: Config, prof, why: str, *, run_dir: Path, resume: str = "
         console.quiet = not world.is_main  # one console: rank 0's
     auto_micro = cfg.train.micro_batch_size == "auto"
     auto_workers = cfg.data.num_workers == "auto"
-    cfg, notes = _resolve_runtime(cfg, prof, info, world.size)
+    cfg, notes = resolve_runtime(cfg, prof, info, world.size)
     console.print(f"[bold]trainguard[/bold]: device {info.name} ({info.type}), profile [bold]{prof.name}[/bold] ({why}), precision {cfg.train.precision}"
                   + (f", memory budget {fmt_bytes(memory_budget)}" if memory_budget else ""))
     for n in notes:
         console.print(f"[yellow]note[/yellow]: {n}")
-    device = _device(info)
+    device = device_of(info)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-    found, rejected = distributed.broadcast_object(_find_resume(resume, run_dir / "checkpoints") if world.is_main else None)
+    found, rejected = distributed.broadcast_object(find_resume(resume, run_dir / "checkpoints") if world.is_main else None)
     old = yaml.safe_load((found / "config.yaml").read_text()) if found is not None else None
     if found is not None and store.world_size(found) != world.size:  # per-rank RNG streams: not an exact resume
         saved = store.world_size(found)
@@ -402,16 +175,7 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
                 rejected: list, extra_hooks: Iterable[Hook], started: float) -> None:
     """The run directory, the hooks, the resume and the preflight around a built core."""
     mbs, world = int(cfg.train.micro_batch_size), trainer.world
-    val_ds = _build_dataset(cfg.data.val, "data.val") if cfg.data.val else None
-    if trainer.sharded and isinstance(val_ds, torch.utils.data.IterableDataset):  # every sharded forward is a collective
-        raise ConfigError("data.val is a stream (an IterableDataset): under train.strategy: fsdp every rank must evaluate "
-                          "the same number of batches, and the ranks' parts of a stream differ in length",
-                          "give data.val as a map-style dataset (__len__ and __getitem__), or use train.strategy: ddp")
-    val = (DataStream(val_ds, mbs * world.size, shuffle=False, name="val", seed=cfg.seed,
-                      num_workers=int(cfg.data.num_workers), pin_memory=bool(cfg.data.pin_memory),
-                      per_item=cfg.data.item_seeding == "always", rank=world.rank, world=world.size,
-                      collate_fn=trainer.data.collate_fn, stream_split=cfg.data.stream_split)
-           if val_ds is not None else None)
+    val = build_val_data(cfg, trainer.strategy, trainer.data.collate_fn)
 
     writer = world.is_main  # one writer per run directory: rank 0 of a process group
     log = RunLog(run_dir, enabled=writer)
@@ -426,7 +190,7 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
     elif writer and restart_pending(run_dir):  # the same job again, after a rank left it out of memory
         log.truncate_after(0)
     elif writer and any((run_dir / n).exists() for n in PREVIOUS_RUN_FILES):
-        aside = _set_aside(run_dir)  # starting afresh: the earlier files are kept, not mixed in
+        aside = set_aside(run_dir)  # starting afresh: the earlier files are kept, not mixed in
         console.print(f"[yellow]note[/yellow]: starting afresh; moved the earlier run's files to {aside}")
     for i, (bad, reason) in enumerate(rejected):
         older = found is not None or i + 1 < len(rejected)
@@ -443,7 +207,7 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
     try:
         metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, sinks, memory=trainer.memory)
         checkpointer = Checkpointer(ckpt_root, cfg.checkpoint, config_yaml, log)
-        hooks: list[Hook] = [Timing(started), metrics]
+        hooks: list[Hook] = [Timing(started), metrics]  # the built-in hooks, then the user's, then the record's
         if writer:  # one progress display: rank 0's
             hooks.append(ConsoleProgress(metrics, cfg.train.max_steps, cfg.log.progress))
         oom = OomRecovery(cfg.guard.on_oom, cfg.train.batch_size // world.size, log, mbs, run_dir)
@@ -451,7 +215,7 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
         if val is not None and cfg.train.eval_every:
             hooks.append(Evaluator(val, cfg.train.eval_every, cfg.train.eval_batches))
         hooks.append(checkpointer)
-        hooks.append(stall)  # after the Checkpointer: its final save is watched too
+        hooks.append(stall)
         hooks += [instantiate(h, f"hooks[{i}]") for i, h in enumerate(cfg.hooks)]
         hooks += list(extra_hooks)
         for h in hooks:
@@ -460,9 +224,11 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
         info_fields = {"precision": cfg.train.precision, "device": info.name, "profile": prof.name, "run_dir": str(run_dir)}
         if world.size > 1:
             info_fields["world_size"] = world.size
-        # the summary before the signal handler's end: a signal after the summary finds the run complete
         hooks += [SummaryWriter(run_dir, info_fields, log, write=writer, rank=world.rank, started=started), SignalHandler(log)]
-        trainer.hooks = hooks
+        try:
+            trainer.hooks = order_hooks(hooks)  # each hook's `after`; the order above otherwise
+        except HookOrderError as e:
+            raise ConfigError(str(e), "remove one of them from the other's `after`") from None
 
         if found is not None:
             ts = restore_trainer(trainer, found)
@@ -585,7 +351,7 @@ def _train(cfg: Config, prof, why: str, rd: Path, resume: str, hooks: Iterable[H
     try:
         trainer.fit()
     except Exception as e:
-        if trainer.sharded and not isinstance(e, JobRestart) and restart_pending(rd):
+        if trainer.strategy.sharded and not isinstance(e, JobRestart) and restart_pending(rd):
             # a collective failed because another rank left the job out of memory: that rank says why
             restart = JobRestart("another rank left the job out of memory; the job restarts")
             restart.quiet = True

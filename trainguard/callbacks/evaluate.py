@@ -9,6 +9,8 @@ from trainguard.engine.events import Event, Hook
 class Evaluator(Hook):
     """Evaluates every ``every`` steps and at the last step; fires EVAL_END with ``state.eval_metrics``."""
 
+    after = ('Guard',)  # evaluates the step the Guard let stand (a rollback comes first)
+
     def __init__(self, data: DataStream, every: int, max_batches: int = 0):
         self.data, self.every, self.max_batches = data, every, max_batches
         self.last_step = -1

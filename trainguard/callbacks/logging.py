@@ -25,6 +25,8 @@ class MetricsLogger(Hook):
     over the same steps as in an uninterrupted run: the logged curve does not change.
     """
 
+    after = ('Timing',)  # the step's times, measured at its start
+
     def __init__(self, log: RunLog, log_every: int, max_steps: int, sinks: Sinks | None = None, memory=None):
         self.log, self.every, self.max_steps = log, log_every, max_steps
         self.memory = memory  # a DeviceMemory: each line gets the peak since the last one
@@ -100,6 +102,8 @@ class MetricsLogger(Hook):
 
 class ConsoleProgress(Hook):
     """A rich progress bar with loss, lr and samples/s; plain log lines when stderr is not a terminal."""
+
+    after = ('MetricsLogger',)  # shows the logger's window
 
     def __init__(self, metrics: MetricsLogger, max_steps: int, enabled: bool | str = "auto"):
         self.metrics, self.max_steps = metrics, max_steps

@@ -54,6 +54,8 @@ def _exit_completed(signum, frame) -> None:
 class SignalHandler(Hook):
     """Turns SIGINT/SIGTERM into ``state.request_stop("interrupted")`` at the next step end."""
 
+    after = ('*', 'SummaryWriter')  # a signal after the summary finds the run complete
+
     def __init__(self, log=None):
         self.log = log
         self.received: int | None = None

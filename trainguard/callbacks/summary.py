@@ -106,6 +106,8 @@ class SummaryWriter(Hook):
     has its own.
     """
 
+    after = ('*',)  # the record of every other hook's end
+
     CARRIED = ("eval", "startup_s", "last_checkpoint")
 
     def __init__(self, run_dir: Path, info: dict, log=None, write: bool = True, rank: int = 0,

@@ -13,7 +13,7 @@ from trainguard import distributed
 from trainguard.checkpoint import rng, sharded, store
 from trainguard.config.schema import CheckpointConfig
 from trainguard.engine import watchdog
-from trainguard.engine.events import Event, Hook
+from trainguard.engine.events import Event, Hook, state_keys
 from trainguard.errors import require_package
 
 
@@ -32,10 +32,10 @@ def trainer_state(trainer, rngs: list[dict] | None = None, streams: list | None 
     rank's RNG states, in rank order (a process group); one process keeps only ``rng``. ``streams``:
     every rank's stream position (its own part of a stream); one process: its own. A sharded
     run's optimizer is not here (None) but in the checkpoint's shards (:mod:`sharded`)."""
-    hooks = {type(h).__name__: h.state_dict() for h in trainer.hooks if hasattr(h, "state_dict")}
+    hooks = {k: h.state_dict() for k, h in zip(state_keys(trainer.hooks), trainer.hooks) if hasattr(h, "state_dict")}
     return {
         "rng_ranks": rngs or [],
-        "optimizer": None if trainer.sharded else trainer.optimizer.state_dict(),
+        "optimizer": trainer.strategy.optimizer_state(trainer.model, trainer.optimizer),
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict(),
         "rng": rng.capture(),
@@ -52,11 +52,14 @@ def restore_weights_and_optimizer(trainer, ckpt: Path) -> dict:
     Both files are read before anything is applied: one that does not load (:class:`store.Unloadable`)
     leaves the trainer as it was."""
     weights, ts = store.load_file(ckpt, "model.pt"), store.load_file(ckpt, "trainer.pt")
-    distributed.load_model_state(trainer.model, weights)
-    if (ckpt / sharded.DIRNAME).is_dir():  # a sharded run's: every rank reads its own shards
-        sharded.load_optimizer(trainer.model, trainer.optimizer, ckpt / sharded.DIRNAME)
+    strategy, model, optimizer = trainer.strategy, trainer.model, trainer.optimizer
+    strategy.load_model_state(model, weights)
+    shards = strategy.optimizer_shards(model, optimizer) if (ckpt / sharded.DIRNAME).is_dir() else None
+    if shards is not None:  # a sharded run's: every rank reads its own shards into their layout
+        sharded.load_optimizer(shards, ckpt / sharded.DIRNAME)
+        strategy.load_optimizer_shards(model, optimizer, shards)
     else:
-        distributed.load_optimizer_state(trainer.model, trainer.optimizer, ts["optimizer"])
+        strategy.load_optimizer_state(model, optimizer, ts["optimizer"])
     trainer.scheduler.load_state_dict(ts["scheduler"])
     trainer.scaler.load_state_dict(ts["scaler"])
     return ts
@@ -69,9 +72,9 @@ def restore_trainer(trainer, ckpt: Path) -> dict:
     for k, v in ts["counters"].items():
         setattr(trainer.state, k, v)
     trainer.state.final_loss = ts.get("final_loss")
-    for h in trainer.hooks:
-        if hasattr(h, "load_state_dict") and type(h).__name__ in ts["hooks"]:
-            h.load_state_dict(ts["hooks"][type(h).__name__])
+    for k, h in zip(state_keys(trainer.hooks), trainer.hooks):  # each its own (two of one class included)
+        if hasattr(h, "load_state_dict") and k in ts["hooks"]:
+            h.load_state_dict(ts["hooks"][k])
     streams = ts.get("streams")  # each rank's part of a stream (absent in checkpoints from before streams had parts)
     if streams and trainer.data.iterable:
         trainer.data.load_stream_state(streams[trainer.world.rank if len(streams) > 1 else 0])
@@ -97,6 +100,8 @@ class Checkpointer(Hook):
     save, after a new best evaluation, and when the loop ends at a step boundary (completed,
     interrupted, or stopped by a guard); keeps the newest ``keep_last`` plus the best. A save the
     disk refuses (full) stops the run (failed) with nothing of it left behind."""
+
+    after = ('Guard', 'Evaluator')  # never saves a step the Guard refused; `best` reads the evaluation
 
     def __init__(self, root: Path, cfg: CheckpointConfig, config_yaml: str, log=None):
         self.root, self.cfg, self.config_yaml, self.log = Path(root), cfg, config_yaml, log
@@ -172,10 +177,11 @@ class Checkpointer(Hook):
         streams = (distributed.gather_objects(trainer.data.stream_state(st.epoch, st.position))
                    if trainer.world.size > 1 and trainer.data.iterable else None)  # each rank reads its own part
         tmp = None
-        if trainer.sharded:  # every rank writes its optimizer shards into rank 0's temporary directory
+        shards = trainer.strategy.optimizer_shards(trainer.model, trainer.optimizer)
+        if shards is not None:  # every rank writes its optimizer shards into rank 0's temporary directory
             tmp = distributed.broadcast_object(store.begin(self.root, st.step) if trainer.world.is_main else None)
-            sharded.save_optimizer(trainer.model, trainer.optimizer, tmp / sharded.DIRNAME)
-        weights = distributed.model_state(trainer.model)  # sharded: gathered, every rank taking part
+            sharded.save_optimizer(shards, tmp / sharded.DIRNAME)
+        weights = trainer.strategy.model_state(trainer.model)  # sharded: gathered, every rank taking part
         if trainer.world.is_main:
             files = {"model.pt": weights, "trainer.pt": trainer_state(trainer, rngs, streams), "config.yaml": self.config_yaml}
             if self.cfg.safetensors:  # the same (under fsdp: gathered) state dict, in the same atomic write

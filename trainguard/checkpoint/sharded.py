@@ -92,23 +92,21 @@ def _planner():
     return WeightsOnlyPlanner()
 
 
-def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Every rank writes its shards of ``optimizer``'s state under ``path`` (a collective: every rank
-    calls it; the files are fsynced before it returns, and rank 0 writes ``.metadata`` last)."""
+def save_optimizer(state: dict, path: Path) -> None:
+    """Every rank writes its shards of the optimizer ``state`` (the strategy's
+    :meth:`~trainguard.engine.strategy.base.Strategy.optimizer_shards`) under ``path`` (a collective:
+    every rank calls it; the files are fsynced before it returns, and rank 0 writes ``.metadata`` last)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path), sync_files=True))
 
 
-def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Load ``optimizer``'s state from the shards under ``path`` (a collective under a process group;
-    DCP reads each rank's part, resharding if the saved layout differs)."""
+def load_optimizer(state: dict, path: Path) -> None:
+    """Fill ``state`` (the layout the strategy's ``optimizer_shards`` gives) from the shards under
+    ``path`` (a collective under a process group; DCP reads each rank's part, resharding if the saved
+    layout differs). The strategy then loads it into the optimizer."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    from trainguard import distributed
     from trainguard.errors import RunFailed
 
     try:  # refused here, whole, before DCP reads it (DCP would log a traceback per fallback it tries)
@@ -116,6 +114,4 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
     except (OSError, pickle.UnpicklingError, EOFError) as e:
         raise RunFailed(f"{path}: cannot read the optimizer's shards: {e}",
                         "this is not a checkpoint trainguard wrote; move it away to resume from the one before") from e
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to fill (initialises state)
     dcp.load(state, storage_reader=_reader(path), planner=_planner())
-    distributed.set_sharded_optimizer_state(model, optimizer, state["optimizer"], full=False)

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from trainguard.cli import autoconfig, diagnose, profiles, report, train
+from trainguard.cli import _entry, autoconfig, diagnose, profiles, report, train
 from trainguard.cli._errors import UsageError, usage_failure
 
 
@@ -112,13 +112,9 @@ app.command("profiles", cls=_Command)(profiles.profiles_command)
 app.command("report", cls=_Command)(report.report_command)
 
 
-STARTED: float | None = None  # when this command's process started (summary.json's startup_s counts from it)
-
-
 def main() -> None:
     """Console-script entry point."""
-    global STARTED
     import psutil
 
-    STARTED = psutil.Process().create_time()
+    _entry.STARTED = psutil.Process().create_time()  # when this command's process started
     app()

@@ -56,7 +56,8 @@ def train_command(
     if nproc_per_node is not None and "RANK" not in os.environ:  # under torchrun already: its environment wins
         with user_errors(debug):
             from trainguard.launch import launch
-            from trainguard.run import check_config, default_run_dir
+            from trainguard.run import check_config
+            from trainguard.run_dir import default_run_dir
 
             check_config(config, set_ or [], profile=profile, world=nproc_per_node)  # one error, before any process starts
             argv = ["train", "--config", str(config), "--resume", resume]
@@ -71,16 +72,16 @@ def train_command(
             raise typer.Exit(code)
         return
     with user_errors(debug):
-        from trainguard import cli
+        from trainguard.cli import _entry
         from trainguard.memory.sizes import fmt_bytes, parse_size
         from trainguard.callbacks.signals import hold_after_completion
         from trainguard.run import train
 
-        if cli.STARTED is not None:  # the process's own entry (main()): it ends with the run, so a signal
+        if _entry.STARTED is not None:  # the process's own entry (main()): it ends with the run, so a signal
             hold_after_completion()  # after its end exits 0 (an in-process test runner keeps its handlers)
         budget = parse_size(memory_budget) if memory_budget is not None else None
         summary = train(config, set_ or [], profile=profile, run_dir=run_dir, resume=resume, memory_budget=budget,
-                        started=cli.STARTED)
+                        started=_entry.STARTED)
         code = int(summary.get("exit_code") or 0)
         from trainguard import distributed
 

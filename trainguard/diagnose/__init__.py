@@ -110,7 +110,7 @@ def _checks(report: Report, cfg, prof, why: str, config, memory_budget, run_dir,
     """The config's checks after it resolved (on every rank, under torchrun)."""
     from trainguard.diagnose.environment import device_checks, precision_check
     from trainguard.hardware.probe import probe
-    from trainguard.run import default_run_dir
+    from trainguard.run_dir import default_run_dir
 
     report.add(Check("config.valid", "pass", f"{config}: valid"))
     info = probe(cfg.train.device)
@@ -186,7 +186,7 @@ def torch_backend() -> str:
 def batch_check(cfg) -> Check:
     from trainguard import distributed
     from trainguard.errors import ConfigError
-    from trainguard.run import check_world_batch
+    from trainguard.build import check_world_batch
 
     world = distributed.current().size
     if world > 1:

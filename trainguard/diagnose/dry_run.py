@@ -1,8 +1,8 @@
 """The config built exactly as ``trainguard train`` builds it, one batch through it, and the memory
 forecast: the data, model and memory checks of ``trainguard diagnose``.
 
-Nothing here re-implements train: the parts come from :mod:`trainguard.run` (``build_model``,
-``build_train_data``, ``build_core``, ``_resolve_runtime``), the first step from the shared
+Nothing here re-implements train: the parts come from :mod:`trainguard.build` (``build_model``,
+``build_train_data``, ``build_core``, ``resolve_runtime``), the first step from the shared
 :func:`~trainguard.guards.preflight.preflight` (field filter, collate rules, embedding lookups,
 shapes, batch coupling, compile), the worst case from ``DataStream.scan``, and the memory figures from the same
 trial steps, cache and fake-tensor forecast that ``trainguard autoconfig`` uses.
@@ -52,7 +52,7 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
     """Build the run as train does and check data, model and memory. ``cfg`` is resolved but not
     yet runtime-resolved (``auto`` values still there)."""
     from trainguard.memory.meter import host_side, open_memory, prefer_expandable_segments
-    from trainguard.run import _device, _resolve_runtime, build_core, build_model, build_train_data, epochs_to_steps
+    from trainguard.build import build_core, build_model, build_train_data, device_of, epochs_to_steps, resolve_runtime
 
     checks: list[Check] = []
     auto_micro = cfg.train.micro_batch_size == "auto"
@@ -61,8 +61,8 @@ def dry_run(cfg, prof, info, *, memory_budget: int | None, run_dir: Path, say: C
     job = distributed.current()
     world = job.size
     sharded = world > 1 and cfg.train.strategy == "fsdp" and torch.distributed.is_initialized()  # sharded and stepped as in train
-    rcfg, _ = _resolve_runtime(cfg, prof, info, world)  # precision errors were reported by hardware.precision
-    device = _device(info)
+    rcfg, _ = resolve_runtime(cfg, prof, info, world)  # precision errors were reported by hardware.precision
+    device = device_of(info)
     workers = int(rcfg.data.num_workers)
     checks.append(cpu_check(info, workers))
     prefer_expandable_segments()

@@ -1,26 +1,43 @@
 """Named events of the training loop, and the :class:`Hook` base class.
 
-The loop, with the events marked (``fit()`` and ``train_step()`` in ``engine/loop.py``)::
+The loop, with the events and the strategy's calls marked (``fit()``, ``train_step()``,
+``forward_backward()`` and ``evaluate()`` in ``engine/loop.py``; the strategy is chosen once, at
+build time: one process, ddp or fsdp, :mod:`trainguard.engine.strategy`)::
 
     fire(FIT_START)                          # after setup and resume, before the first step
     while step < max_steps and not stop:
-        batch = next(data)                   # engine-owned order: epoch, position
+        batch = next(data)                   # engine-owned order: epoch, position (this rank's share)
         fire(STEP_START)
-        for micro_batch in split(batch):     # gradient accumulation
-            loss = forward(micro_batch)
-            backward(loss * share)
+        strategy.begin_step()                # in a group: rank 0's buffers (BatchNorm statistics) everywhere
+        loss = strategy.accumulate(batch)    # forward, backward(loss x share) per micro-batch (fsdp: stand-ins)
+        loss, oom = strategy.agree(loss)     # in a group: the step's one exchange, then the gradients reduced
         while out of memory:                 # the attempt is undone (gradients, RNG)
             fire(OUT_OF_MEMORY)              # OomRecovery: halve micro_batch_size, or stop
-            redo the forward/backward above  # nobody recovered: the run ends before this step
-        fire(AFTER_BACKWARD)                 # grads summed over micro-batches, still scaled
+            accumulate and agree again       # nobody recovered: the run ends before this step
+        fire(AFTER_BACKWARD)                 # grads summed over micro-batches (and ranks), still scaled
         unscale; clip
-        fire(BEFORE_OPTIMIZER_STEP)          # guards decide: state.skip_step, state.stop
+        fire(BEFORE_OPTIMIZER_STEP)          # guards read the verdict: state.skip_step, state.stop, or
+                                             # retry_step(fewer samples): accumulate, agree, unscale, clip again
         optimizer.step(); scheduler.step()   # unless skipped
         zero_grad; step += 1
+        samples += strategy.samples(batch)   # every rank's
         fire(STEP_END)                       # logging, evaluation, checkpoints (own cadence)
+            evaluate:                        # the Evaluator
+                strategy.begin_eval()        # rank 0's buffers
+                forwards over data.val       # this rank's share of each batch, no_grad
+                strategy.end_forwards()      # fsdp: reshard
+                strategy.reduce_sums(sums)   # every rank gets the whole pass's metrics
             fire(EVAL_END)                   # after each evaluation
+            save                             # the Checkpointer: the strategy's model state and optimizer
+                                             # state (or shards), gathered or written by every rank
             fire(CHECKPOINT_SAVED)           # after each committed checkpoint
     fire(FIT_END)                            # at every end: completed, failed, interrupted
+
+Hooks run in list order, each at the events it overrides. The order is declared where it matters:
+a hook's ``after`` names the hooks it must run after (``"*"``: after every hook that does not say
+``"*"`` itself), and :func:`order_hooks` sorts the run's hooks by it, keeping their order otherwise.
+A hook's checkpointed state is keyed by :func:`state_keys`: its ``name``, or its class name,
+numbered from the second instance on, so two instances of one class keep their own.
 
 Hooks change the run only through explicit fields on :class:`~trainguard.engine.state.RunState`
 (``skip_step``, ``stop``/``status``, ``oom``) and ``trainer.micro_batch_size``, never by raising
@@ -51,7 +68,14 @@ class Hook:
 
     Subclass it and override the events you need. Every method receives the trainer
     (``trainer.state`` is the :class:`RunState`; ``trainer.model``, ``trainer.optimizer`` ...).
+    A hook with ``state_dict()``/``load_state_dict()`` is checkpointed and restored on resume.
+
+    ``after``: names of hooks (``name``, else class name) this one must run after at every event, or
+    ``"*"`` for after all others; ``name``: what others call it, and its checkpoint state's key.
     """
+
+    after: tuple[str, ...] = ()
+    name: str | None = None
 
     def on_fit_start(self, trainer) -> None:
         """After setup and resume, before the first step."""
@@ -86,3 +110,50 @@ class Hook:
 def hook_method(event: Event) -> str:
     """The :class:`Hook` method name for an event."""
     return f"on_{event.value}"
+
+
+class HookOrderError(ValueError):
+    """Hooks whose ``after`` cannot all hold (a cycle)."""
+
+
+def hook_name(hook: Hook) -> str:
+    """What ``after`` refers to: the hook's ``name``, or its class name."""
+    name = getattr(hook, "name", None)
+    return name if isinstance(name, str) and name else type(hook).__name__
+
+
+def _after(hook: Hook) -> tuple[str, ...]:
+    after = getattr(hook, "after", ())
+    return tuple(a for a in after if isinstance(a, str)) if isinstance(after, (tuple, list)) else ()
+
+
+def order_hooks(hooks: list[Hook]) -> list[Hook]:
+    """``hooks`` in an order where each runs after every hook its ``after`` names (those present),
+    otherwise in the order given (a stable topological sort)."""
+    names = [hook_name(h) for h in hooks]
+
+    def needs(i: int) -> set[int]:
+        after = _after(hooks[i])
+        return {j for j, n in enumerate(names) if j != i and (n in after or "*" in after and "*" not in _after(hooks[j]))}
+
+    wait = {i: needs(i) for i in range(len(hooks))}
+    placed: list[int] = []
+    while len(placed) < len(hooks):
+        ready = next((i for i in range(len(hooks)) if i not in placed and wait[i] <= set(placed)), None)
+        if ready is None:
+            stuck = [names[i] for i in range(len(hooks)) if i not in placed]
+            raise HookOrderError(f"hooks {', '.join(stuck)} name each other in `after`: no order satisfies them")
+        placed.append(ready)
+    return [hooks[i] for i in placed]
+
+
+def state_keys(hooks: list[Hook]) -> list[str]:
+    """Per hook, the key of its state in a checkpoint: :func:`hook_name`, then ``#2``, ``#3`` ... for
+    later hooks of the same name (the first keeps the plain name, as checkpoints had it)."""
+    seen: dict[str, int] = {}
+    keys = []
+    for h in hooks:
+        n = hook_name(h)
+        seen[n] = seen.get(n, 0) + 1
+        keys.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return keys

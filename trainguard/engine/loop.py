@@ -6,7 +6,6 @@ step itself (logging, evaluation, checkpoints, guards, signals, the summary) is 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,33 +14,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainguard import distributed
 from trainguard.config.schema import TrainConfig
-from trainguard.engine.batch import ModelAdapter, extract_logits, slice_batch, split_batch, to_device
+from trainguard.engine.batch import ModelAdapter, extract_logits, split_batch, to_device
 from trainguard.engine.data import Batch, DataStream
 from trainguard.engine.events import Event, Hook, hook_method
+from trainguard.engine.grads import total_norm
 from trainguard.engine.precision import autocast
 from trainguard.engine.state import OutOfMemory, RunState
+from trainguard.engine.strategy import SingleProcess, Strategy
 from trainguard.engine import watchdog
-from trainguard.errors import RunFailed, first_line
-from trainguard.guards import consensus
-from trainguard.guards.localize import preserved_state
+from trainguard.errors import first_line
 
 
 def handlers(hooks: list[Hook]) -> dict[Event, list]:
     """Per event, the bound methods of the hooks that override it, in hook order."""
     return {e: [m for m in (getattr(h, hook_method(e)) for h in hooks)
                 if getattr(m, "__func__", None) is not getattr(Hook, hook_method(e))] for e in Event}
-
-
-def total_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all gradients together, as a device tensor (what ``clip_grad_norm_`` returns)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    if len({(g.device, g.dtype) for g in grads}) > 1:
-        return torch.nn.utils.clip_grad_norm_(params, float("inf"))
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 @dataclass
@@ -60,19 +48,20 @@ class Trainer:
     cfg: TrainConfig
     hooks: list[Hook] = field(default_factory=list)
     memory: Any = None  # a trainguard.memory.meter.DeviceMemory when memory is measured (CUDA, or a budget)
-    world: distributed.World = field(default_factory=distributed.World)  # this process's place in the job
+    strategy: Strategy = field(default_factory=SingleProcess)  # how the step runs over the job's processes
     state: RunState = field(default_factory=RunState)
     batch: Batch | None = None
     at_boundary: bool = False  # True once fit() left the loop between steps (safe to checkpoint)
-    _spare: Any = None  # sharded: one sample of this rank's latest batch, for stand-in forwards
     _handlers: tuple = (None, 0, {})  # (the hooks list they came from, its length, event -> bound methods)
 
     def __post_init__(self) -> None:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]  # what the optimizer updates
-        self.buffers = list(self.model.buffers())
-        # in a process group the gradients live in flat buckets, averaged over ranks without a copy
-        self.sharded = distributed.is_sharded(self.model)  # FSDP2: gradients reduced in the backward
-        self.grad_views = distributed.GradViews(self.params) if self.world.size > 1 and not self.sharded else None
+        self.strategy.bind(self)
+
+    @property
+    def world(self):
+        """This process's place in the job (a :class:`trainguard.distributed.World`)."""
+        return self.strategy.world
 
     @property
     def grad_accum(self) -> int:
@@ -132,8 +121,7 @@ class Trainer:
         st.lr = opt.param_groups[0]["lr"]
         if not self.model.training:  # not every step: train() walks every module
             self.model.train()
-        if self.world.size > 1 and self.buffers:  # as DDP does: rank 0's buffers (BatchNorm statistics) everywhere
-            distributed.broadcast_tensors(self.buffers)
+        self.strategy.begin_step(self)  # in a group: rank 0's buffers (BatchNorm statistics) everywhere
         if not self.gradients(batch):
             return False
         self.fire(Event.AFTER_BACKWARD)
@@ -145,7 +133,7 @@ class Trainer:
         self.scaler.update()
         opt.zero_grad(set_to_none=True)
         st.step += 1
-        st.samples += (len(batch) + len(batch.bad)) * self.world.size  # every rank's share is the same size
+        st.samples += self.strategy.samples(batch)  # every rank's
         return True
 
     def gradients(self, batch: Batch) -> bool:
@@ -189,27 +177,22 @@ class Trainer:
         return True
 
     def forward_backward(self, batch: Batch) -> torch.Tensor | None:
-        """Forward and backward over the micro-batches; returns the sample-weighted mean loss.
+        """Forward and backward over the micro-batches (the strategy's :meth:`~Strategy.accumulate`);
+        returns the sample-weighted mean loss, the same gradient whatever the micro-batch size.
 
-        Each micro-batch's loss is scaled by its share of the samples present, so the summed
-        gradient equals that of one big batch whatever the micro-batch size. Out of device
-        memory, the attempt is undone (partial gradients dropped, RNG streams restored, the
-        exception and the activations its traceback holds released) and ``state.oom`` says so.
-        In a process group the ranks then agree (:meth:`_agree`): one rank's out-of-memory is
-        every rank's, and the gradients are averaged only once none ran out. Sharded, a rank that
-        ran out does not enter the exchange (OomRecovery takes it out of the job).
+        Out of device memory, the attempt is undone (partial gradients dropped, RNG streams restored,
+        the exception and the activations its traceback holds released) and ``state.oom`` says so. In
+        a process group the ranks then agree (:meth:`~Strategy.agree`): one rank's out-of-memory is
+        every rank's, and the gradients are reduced only once none ran out.
         """
         rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if self.device.type == "cuda" else None)
         oom = loss = None
-        if self.grad_views is not None:
-            self.grad_views.prepare()
         try:
-            loss = self._accumulate(batch)
+            loss = self.strategy.accumulate(self, batch)
         except torch.OutOfMemoryError as e:
             oom = OutOfMemory(self.state.step + 1, self.micro_batch_size, first_line(e, 300))
         # outside the except block: the exception and its frames are gone, so memory is free again
-        if self.world.size > 1 and not (self.sharded and oom is not None):  # sharded, a rank that ran out
-            loss, oom = self._agree(batch, loss, oom)  # may have left the others inside the forward's collectives
+        loss, oom = self.strategy.agree(self, batch, loss, oom)
         if oom is None:
             return loss
         self.optimizer.zero_grad(set_to_none=True)
@@ -221,79 +204,6 @@ class Trainer:
         self.state.oom = oom
         return None
 
-    def _agree(self, batch: Batch, loss: torch.Tensor | None, oom: OutOfMemory | None):
-        """In a process group: the step's one exchange (:func:`consensus.exchange`), then, unless
-        some rank ran out of memory, the gradients averaged over every sample of every rank.
-        Returns ``(loss, oom)``: the agreed mean loss, or every rank's out-of-memory."""
-        st = self.state
-        st.agreed = ag = consensus.exchange(loss, self.params, len(batch), len(batch.bad), oom is not None,
-                                            st.received_signal,
-                                            self.grad_views.present(self.params) if self.grad_views else None)
-        if ag.oom_ranks:  # every rank undoes the step and splits, not only those that ran out
-            if oom is None:
-                oom = OutOfMemory(st.step + 1, self.micro_batch_size, "out of device memory on another rank")
-            oom.ranks = ag.oom_ranks
-            return None, oom
-        if self.grad_views is not None:
-            self.grad_views.reduce(len(batch) / ag.samples if ag.samples else 0.0, ag.present, self.params)
-        elif self.sharded and ag.samples:  # FSDP's mean over ranks of per-sample sums -> the mean over samples
-            with torch.no_grad():
-                torch._foreach_mul_([p.grad.to_local() for p in self.params if p.grad is not None],
-                                    self.world.size / ag.samples)
-        return torch.tensor(ag.loss, device=self.device), None
-
-    def _accumulate(self, batch: Batch) -> torch.Tensor:
-        n = len(batch)
-        if self.sharded:
-            return self._accumulate_sharded(batch)
-        if n == 0:  # every sample failed to load: nothing to learn from (the Guard records it)
-            return torch.full((), float("nan"), device=self.device)
-        if n <= self.micro_batch_size:  # one micro-batch: its loss is the step's
-            micro = to_device(batch.data, self.device, non_blocking=True)
-            with autocast(self.device.type, self.precision):
-                _, loss, _ = self.adapter(micro)
-            self.scaler.scale(loss).backward()
-            return loss.detach().float()
-        total = torch.zeros((), device=self.device)
-        for micro, k in split_batch(batch.data, self.micro_batch_size):
-            micro = to_device(micro, self.device, non_blocking=True)
-            with autocast(self.device.type, self.precision):
-                _, loss, _ = self.adapter(micro)
-            share = k / n
-            self.scaler.scale(loss * share).backward()
-            total += loss.detach().float() * share
-        return total
-
-    def _accumulate_sharded(self, batch: Batch) -> torch.Tensor:
-        """FSDP2: each forward and backward is a sequence of collectives, so every rank runs as many
-        micro-batches as a full share of the batch needs, also when samples failed to load (or
-        were left out as culprits) on this rank only. The missing ones are stand-ins: one sample
-        of this rank's, weighted 0 (its RNG draws and buffer updates undone).
-
-        Each micro-batch's loss is weighted by its sample count, not its share: FSDP averages the
-        reduced gradients over ranks, and :meth:`_agree` then scales them by ranks / samples of all
-        ranks, so the gradient is the mean over every sample present, as under ddp and in one
-        process, also when ranks hold different numbers of samples."""
-        n = len(batch)
-        parts = split_batch(batch.data, self.micro_batch_size) if n else []
-        if n:
-            self._spare = slice_batch(batch.data, 0, 1)
-        need = self.grad_accum  # micro-batches of a full share
-        if len(parts) < need and self._spare is None:
-            raise RunFailed("train.strategy: fsdp: every sample of this rank's first batch failed to load, and a "
-                            "sharded step needs one to take part in the other ranks' forwards",
-                            "fix the data (events.jsonl names the samples), or use train.strategy: ddp")
-        parts += [(self._spare, 0)] * (need - len(parts))
-        total = torch.zeros((), device=self.device)
-        for micro, k in parts:
-            micro = to_device(micro, self.device, non_blocking=True)
-            with preserved_state(self.model) if k == 0 else contextlib.nullcontext(), \
-                    autocast(self.device.type, self.precision):
-                _, loss, _ = self.adapter(micro)
-            self.scaler.scale(loss * k).backward()
-            total += loss.detach().float() * (k / n if n else 0.0)
-        return total if n else torch.full((), float("nan"), device=self.device)
-
     @torch.no_grad()
     def evaluate(self, data: DataStream, max_batches: int = 0) -> dict[str, float]:
         """Loss (and accuracy, when the output has logits and the batch has labels) on ``data``.
@@ -302,8 +212,7 @@ class Trainer:
         each rank evaluates its share of every batch with rank 0's buffers, and the sums are
         reduced: every rank gets the metrics of the whole pass.
         """
-        if self.world.size > 1 and self.buffers:
-            distributed.broadcast_tensors(self.buffers)
+        self.strategy.begin_eval(self)
         was_training = self.model.training
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -332,13 +241,10 @@ class Trainer:
         finally:
             watchdog.begin(phase)
             self.model.train(was_training)
-            if self.sharded:  # forwards without a backward leave FSDP's root gathered whole
-                distributed.reshard(self.model)
+            self.strategy.end_forwards(self.model)
         sums = torch.stack([loss_sum, torch.tensor(float(n_samples), device=self.device, dtype=torch.float64),
                             correct.double(), counted.double()])
-        if self.world.size > 1:
-            torch.distributed.all_reduce(sums)
-        loss_total, n, right, judged = sums.tolist()
+        loss_total, n, right, judged = self.strategy.reduce_sums(sums).tolist()
         metrics = {"loss": loss_total / max(1.0, n)}
         if judged > 0:
             metrics["accuracy"] = right / judged

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+from torch import nn
 
 
 @dataclass
@@ -39,7 +43,7 @@ class RunState:
     grad_norm: Any = None
     lr: float = 0.0
     input_wait_s: float = 0.0          # seconds fit() has waited for batches from the loader (this process)
-    agreed: Any = None                 # in a process group: this step's guards.consensus.Agreed
+    agreed: Any = None                 # in a process group: this step's distributed.agree.Agreed (its strategy's exchange)
     received_signal: int | None = None  # SIGINT/SIGTERM received by this process (SignalHandler)
     # flags hooks set to change the run
     skip_step: bool = False            # skip this step's optimizer update
@@ -62,3 +66,17 @@ class RunState:
     def counters(self) -> dict[str, int]:
         """The counters that a checkpoint stores."""
         return {k: getattr(self, k) for k in ("step", "samples", "epoch", "position", "skipped_steps", "skipped_samples")}
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module):
+    """A forward that leaves no trace: the RNG streams and the model's buffers (BatchNorm statistics)
+    are as they were afterwards (diagnostics, and FSDP's stand-in micro-batches)."""
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, v in model.named_buffers():
+                    v.copy_(buffers[k])

@@ -166,7 +166,7 @@ class Guard(Hook):
             # gradients were reduced in the backward, so a rank is bad by its loss alone: when no
             # rank's loss is, every rank looks (at its own gradient shards, in the end)
             here = agreed is None or agreed.local_bad
-            if trainer.sharded:
+            if trainer.strategy.sharded:
                 mine = find_nonfinite_together(trainer, batch, here or not agreed.bad_ranks)
             else:
                 mine = find_nonfinite(trainer.model, trainer.adapter, batch, trainer.micro_batch_size, trainer.device,
@@ -258,7 +258,7 @@ class Guard(Hook):
         """``(culprits, the batch's ids, why they were not looked for or the step cannot go on without
         them)``, every rank's together, the same on every rank."""
         batch = trainer.batch
-        if trainer.sharded:  # a forward is a collective there: one sample alone on one rank cannot run
+        if trainer.strategy.sharded:  # a forward is a collective there: one sample alone on one rank cannot run
             mine, why = None, "not examined under train.strategy: fsdp"
         else:
             mine, why = sample_losses(trainer, batch)

@@ -21,6 +21,7 @@ from trainguard import distributed
 from trainguard.errors import RunFailed, first_line
 from trainguard.engine.batch import slice_batch, split_batch, to_device
 from trainguard.engine.precision import autocast
+from trainguard.engine.state import preserved_state
 
 
 @dataclass
@@ -65,19 +66,6 @@ def _bad_rows(t: torch.Tensor, n: int) -> list[int] | None:
 
 def module_name(name: str) -> str:
     return name or "(the model itself)"
-
-
-@contextlib.contextmanager
-def preserved_state(model: nn.Module):
-    """Run diagnostics without touching RNG streams or buffers (e.g. BatchNorm statistics)."""
-    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for k, v in model.named_buffers():
-                    v.copy_(buffers[k])
 
 
 def batchnorms(model: nn.Module) -> list[nn.Module]:
@@ -186,7 +174,7 @@ def find_nonfinite_together(trainer, batch, here: bool) -> Finding | None:
     step was non-finite; the others only take part in its forwards). A search forward that raises
     on one rank only (a part the model cannot run alone; BatchNorm on one sample is run on its
     running statistics, so not that) cannot be undone: that rank stops the job (:class:`Lockstep`)."""
-    data = batch.data if len(batch) else trainer._spare
+    data = batch.data if len(batch) else trainer.strategy.spare
     m = trainer.micro_batch_size
 
     def filler() -> None:

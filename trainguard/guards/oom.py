@@ -120,7 +120,7 @@ class OomRecovery(Hook):
         """Sharded: a restart after some rank left the job out of memory starts with the micro-batch it
         recorded (rank 0 reads the records; every rank takes the same decision from them). Called
         once the run is resumed, before the preflight's forward."""
-        if not trainer.sharded or self.run_dir is None:
+        if not trainer.strategy.sharded or self.run_dir is None:
             return
         from trainguard.guards import consensus
 
@@ -168,7 +168,7 @@ class OomRecovery(Hook):
 
     def on_out_of_memory(self, trainer) -> None:
         st, oom = trainer.state, trainer.state.oom
-        if trainer.sharded:  # the others may be inside the forward's collectives: leave the job
+        if trainer.strategy.sharded:  # the others may be inside the forward's collectives: leave the job
             m = trainer.micro_batch_size
             self._leave_job(trainer, divisor_at_most(self.batch_size, m // 2) if m > 1 else 0)
         ranks = {"ranks": oom.ranks} if oom.ranks else {}  # in a process group: who ran out

@@ -25,7 +25,8 @@ from trainguard import distributed
 from trainguard.engine.batch import slice_batch, to_device
 from trainguard.engine.precision import autocast
 from trainguard.errors import RunFailed, TrainguardError, first_line
-from trainguard.guards.localize import module_name, module_trace, preserved_state
+from trainguard.engine.state import preserved_state
+from trainguard.guards.localize import module_name, module_trace
 
 
 @dataclass
@@ -96,7 +97,7 @@ def preflight(trainer, coupling: bool = True) -> list[Check]:
                 trainer.optimizer.zero_grad(set_to_none=True)
             if not oom:
                 break
-            if trainer.sharded:  # the others may be inside the forward's collectives: this rank leaves the job
+            if trainer.strategy.sharded:  # the others may be inside the forward's collectives: this rank leaves the job
                 from trainguard.engine.events import Event  # (guards/oom.py; diagnose has no such hook)
                 from trainguard.engine.state import OutOfMemory
 
@@ -199,7 +200,7 @@ def batch_coupling(trainer, batch, n: int) -> Coupling:
     were. With one sample in the micro-batch but several per step, two samples are fetched for it.
     """
     name = "model.batch_coupling"
-    if trainer.sharded:  # every sharded forward is a collective: no forwards that ranks might not all run
+    if trainer.strategy.sharded:  # every sharded forward is a collective: no forwards that ranks might not all run
         return Coupling(name, "skip", "not checked under train.strategy: fsdp")
     if batch is None or batch.data is None:
         return Coupling(name, "skip", "not checked: no batch")

@@ -80,6 +80,8 @@ _DIST = os.path.join(_TORCH, "distributed")
 class StallWatchdog(Hook):
     """``guard.stall_timeout``: abandons hung fetches, stops a run that makes no progress (see the module)."""
 
+    after = ('Checkpointer',)  # its final save is watched too
+
     def __init__(self, setting, run_dir: Path, log=None, remember: bool = True):
         self.setting, self.run_dir, self.log, self.remember = setting, Path(run_dir), log, remember
         self.left_out: set[int] = set()   # samples whose fetch stalled: left out of later epochs (checkpointed)

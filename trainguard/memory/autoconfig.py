@@ -349,7 +349,7 @@ def autoconfigure(config_path, *, profile: str | None = None, overrides: list[st
     cfg, prof, why = resolve_config(config_path, profile=profile, overrides=overrides)
     info = probe()
     if processes > 1:
-        from trainguard.run import check_world_batch
+        from trainguard.build import check_world_batch
 
         check_world_batch(cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": "auto"})}),
                           processes)
@@ -395,12 +395,12 @@ def _measure_here(cfg, prof, info, memory_budget: int | None, on_trial, processe
                   sharded: bool = False) -> Tuning:
     """On the device in hand, for one process's share (``cfg.train.batch_size``); sharded, forecast."""
     from trainguard.memory.meter import SimulatedMemory, open_memory, prefer_expandable_segments
-    from trainguard.run import _device, _resolve_runtime, build_core
+    from trainguard.build import build_core, device_of, resolve_runtime
 
     prefer_expandable_segments()
     cfg.train.micro_batch_size = cfg.train.batch_size  # cfg holds one process's share; the search starts there
-    cfg, _ = _resolve_runtime(cfg, prof, info, processes)  # workers: the node's cores shared by the processes
-    device = _device(info)
+    cfg, _ = resolve_runtime(cfg, prof, info, processes)  # workers: the node's cores shared by the processes
+    device = device_of(info)
     memory = open_memory(device, memory_budget)
     if memory is None:  # a CPU without a budget: the RAM that is free is the limit, shared by the processes
         memory = SimulatedMemory(int(info.free_memory_gb * 2**30 / processes), name="free RAM")
