@@ -64,12 +64,12 @@ def test_python_api_and_yaml_hook(tmp_path):
 
 
 def test_waiting_for_data_is_measured_and_an_input_bound_run_says_so(cli, tmp_path, write_config):
-    """A dataset that takes 10 ms per item, loaded in the training process: the steps mostly wait."""
+    """A dataset that takes 25 ms per item, loaded in the training process: the steps mostly wait."""
     import json
 
     from tests.conftest import read_jsonl
 
-    slow = write_config("slow", data={"train": {"_target_": "tests.toys:SlowBlobs", "delay": 0.01}, "val": None, "num_workers": 0},
+    slow = write_config("slow", data={"train": {"_target_": "tests.toys:SlowBlobs", "delay": 0.025}, "val": None, "num_workers": 0},
                         train={"max_steps": 12, "batch_size": 8, "log_every": 4}, checkpoint={"every_steps": 0})
     code, out = cli("train", "--config", slow, "--run-dir", tmp_path / "slow")
     assert code == 0, out
