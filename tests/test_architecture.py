@@ -120,7 +120,7 @@ def test_arrows_point_down_the_layers():
 
 # modules still over the limit, at most as long as they are now (issue 23 splits them): none may grow,
 # and no other module may pass MAX_LINES
-NOT_YET_SPLIT = {"trainguard.engine.data": 705, "trainguard.memory.predict": 508, "trainguard.guards.guard": 432,
+NOT_YET_SPLIT = {"trainguard.engine.data": 705, "trainguard.guards.guard": 432,
                  "trainguard.guards.preflight": 420}
 
 
