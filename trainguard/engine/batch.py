@@ -131,6 +131,18 @@ class FieldFilter:
         return [{k: v for k, v in it.items() if k not in drop} if isinstance(it, Mapping) else it for it in items]
 
 
+def user_module(model: nn.Module) -> nn.Module:
+    """The user's module under the wrappers a strategy may put around it (torch.compile's ``_orig_mod``,
+    torch's ``DistributedDataParallel``/``DataParallel`` ``.module``): the one whose ``forward()`` names the fields."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 class ModelAdapter:
     """Calls the model on a batch of any supported form and returns ``(output, loss, labels)``.
 
@@ -142,7 +154,7 @@ class ModelAdapter:
 
     def __init__(self, model: nn.Module, loss_fn: Callable | None, fields: dict[str, str]):
         self.model, self.loss_fn, self.fields = model, loss_fn, fields
-        params = inspect.signature(getattr(model, "_orig_mod", model).forward).parameters.values()  # through torch.compile
+        params = inspect.signature(user_module(model).forward).parameters.values()  # through compile and DDP wrappers
         self.takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         self.accepted = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
         self.required = {p.name for p in params if p.default is inspect.Parameter.empty
@@ -163,7 +175,7 @@ class ModelAdapter:
         kwargs = {k: v for k, v in data.items() if k in self.accepted}
         if self.dropped is None:
             if self.unknown:
-                name = type(self.model).__name__
+                name = type(user_module(self.model)).__name__
                 raise RunFailed(f"data.fields passes {self.unknown} but {name}.forward() has no such argument "
                                 f"(it takes {sorted(self.accepted - set(self.unknown))})",
                                 "map each field to one of forward()'s arguments in data.fields, or remove the entry",

@@ -11,64 +11,37 @@
   later epochs then leave out without fetching it.
 * Iterable datasets (streams): split over ranks and loader workers, numbered, and resumed from
   their ``state_dict()`` or by replay (:mod:`trainguard.engine.stream`).
+
+The parts live in :mod:`~trainguard.engine.sampler`, :mod:`~trainguard.engine.fetch`,
+:mod:`~trainguard.engine.rng` and :mod:`~trainguard.engine.assemble` (fetched samples made into a
+:class:`Batch`); their names are re-exported here, where callers import them.
 """
 
 from __future__ import annotations
 
-import _random
 import contextlib
-import ctypes
-import functools
 import multiprocessing
 import os
-import pickle
 import random
 import signal
-import struct
-import sys
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from trainguard.engine.collate import MixedItems, StreamSample, UserCollate, collate_samples
+from trainguard.engine.assemble import Batch, collate_pairs, loader_collate
+from trainguard.engine.collate import StreamSample, UserCollate
+from trainguard.engine.fetch import IDLE, LEFT_OUT, STALLED, BadSample, SampleFetcher
+from trainguard.engine.rng import RngWatch, host_rng_kept  # noqa: F401 - importable from here
+from trainguard.engine.sampler import EpochBatchSampler
 from trainguard.engine.stream import StreamCollate, StreamPart, StreamPosition, for_rank, is_hf_stream
-from trainguard.engine.watchdog import PROGRESS, Stalled, StallStop
-from trainguard.engine import watchdog
-from trainguard.errors import ConfigError, RunFailed, first_line
+from trainguard.errors import RunFailed
 
-
-@dataclass
-class BadSample:
-    """A sample that could not be loaded: its id and why."""
-
-    sample_id: int
-    reason: str
-
-
-@dataclass
-class Batch:
-    """A collated batch and the ids of the samples in it."""
-
-    ids: list[int]
-    data: Any
-    bad: list[BadSample] = field(default_factory=list)
-    error: tuple[str, str | None] | None = None   # a collate error, raised in the training process
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def without(self, sample_ids: set[int]) -> "Batch":
-        """This batch less the given samples."""
-        from trainguard.engine.batch import select_rows
-
-        rows = [r for r, i in enumerate(self.ids) if i not in sample_ids]
-        data = select_rows(self.data, rows) if rows else None
-        return Batch(ids=[self.ids[r] for r in rows], data=data, bad=self.bad)
+__all__ = ["IDLE", "LEFT_OUT", "STALLED", "BadSample", "Batch", "DataStream", "EpochBatchSampler", "RngWatch",
+           "SampleFetcher", "Scan", "item_size"]
 
 
 def item_size(item: Any) -> int:
@@ -107,345 +80,6 @@ class Scan:
         """The largest sample; with a user's collator, a :class:`StreamSample` that carries it."""
         item = self.items[self._worst]
         return StreamSample(item, self.collate) if self.collate is not None else item
-
-
-class RngWatch:
-    """Tells whether anything drew from the python, numpy or torch-CPU global RNG between two
-    :meth:`mark` s, in about 5 us a mark (reading the three states the usual way takes 45 us:
-    numpy's ``get_state`` copies its 624 words one by one in Python, python's ``getstate`` makes
-    625 int objects).
-
-    Both Mersenne Twisters are read as raw bytes instead, 1 us each, with their cached second
-    gaussian (using it changes nothing else): numpy's words at its bit generator's
-    ``ctypes.state_address``; python's words, and numpy's ``has_gauss``/``gauss``, inside the
-    generator objects, at the place where known values were found once (searched only within the
-    object's size; numpy's on a private ``RandomState`` with a cached gaussian, drawn to check the
-    flag clears). Where a search fails, that generator is read the usual way.
-    """
-
-    _py_offset: int | None = None  # python: where `int index; uint32 state[624]` sits in its generator (-1: not found)
-    _np_offset: int | None = None  # numpy: where `int has_gauss; double gauss` sits in a RandomState (-1: not found)
-
-    @classmethod
-    def _python(cls) -> tuple:
-        gen = random.random.__self__  # the generator behind the module's functions
-        if cls._py_offset is None:
-            words = random.getstate()[1]
-            raw = struct.pack("=i624I", words[624], *words[:624])
-            ok = type(gen) in (random.Random, _random.Random)
-            cls._py_offset = ctypes.string_at(id(gen), type(gen).__basicsize__).find(raw) if ok else -1
-        if cls._py_offset < 0:
-            return "state", random.getstate()
-        return "mt", ctypes.string_at(id(gen) + cls._py_offset, 4 + 624 * 4), gen.gauss_next
-
-    @classmethod
-    def _find_gauss(cls) -> int:
-        rs = np.random.RandomState(12345)
-        rs.standard_normal()  # draws two gaussians and keeps the second
-        gauss = rs.get_state()[4]
-        at = ctypes.string_at(id(rs), type(rs).__basicsize__).find(struct.pack("=d", gauss))
-        if at < 8 or ctypes.c_int.from_address(id(rs) + at - 8).value != 1:  # aug_bitgen_t: {bitgen_t *; int has_gauss; double gauss}
-            return -1
-        rs.standard_normal()  # uses the kept one
-        return at if ctypes.c_int.from_address(id(rs) + at - 8).value == 0 else -1
-
-    @classmethod
-    def _numpy(cls) -> tuple:
-        rs = np.random.mtrand._rand
-        if cls._np_offset is None:
-            cls._np_offset = cls._find_gauss()
-        bg = rs._bit_generator
-        if type(bg) is not np.random.MT19937 or cls._np_offset < 0:  # another bit generator set globally, or not found
-            return "state", pickle.dumps(np.random.get_state(legacy=False))
-        words = ctypes.string_at(bg.ctypes.state_address, 624 * 4 + 4)  # uint32 key[624]; int pos
-        has_gauss = ctypes.c_int.from_address(id(rs) + cls._np_offset - 8).value
-        return "mt", words, ctypes.c_double.from_address(id(rs) + cls._np_offset).value if has_gauss else None
-
-    @classmethod
-    def mark(cls) -> tuple:
-        """The three streams' states, to compare with a later mark or to go back to."""
-        return cls._python(), cls._numpy(), torch.default_generator.get_state()
-
-    @staticmethod
-    def same(a: tuple, b: tuple) -> bool:
-        """Whether nothing drew from the RNGs between marks ``a`` and ``b``."""
-        return a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
-
-    @staticmethod
-    def restore(mark: tuple) -> None:
-        """Put the three streams back as they were at ``mark``."""
-        py, nps, tg = mark
-        if nps[0] == "state":
-            np.random.set_state(pickle.loads(nps[1]))
-        else:
-            _, raw, gauss = nps
-            key = np.frombuffer(raw[:-4], dtype=np.uint32).copy()
-            pos = int.from_bytes(raw[-4:], sys.byteorder, signed=True)
-            np.random.set_state(("MT19937", key, pos, int(gauss is not None), gauss or 0.0))
-        if py[0] == "state":
-            random.setstate(py[1])
-        else:
-            _, raw, gauss_next = py
-            index, *words = struct.unpack("=i624I", raw)
-            random.setstate((3, (*words, index), gauss_next))
-        torch.default_generator.set_state(tg)
-
-
-@contextlib.contextmanager
-def _host_rng_kept():
-    """Leave this process's python/numpy/torch-CPU RNG streams as they were (dropout, ...)."""
-    saved = RngWatch.mark()
-    try:
-        yield
-    finally:
-        RngWatch.restore(saved)
-
-
-IDLE = 2**32 - 1  # a loader worker's beat between batches
-STALLED = "fetch stalled"  # how the reason of a sample abandoned by the fetch alarm begins
-LEFT_OUT = "fetch stalled before: left out, not fetched again (guard.remember_bad_samples)"
-
-
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + index) % (2**31 - 1)
-
-
-class SampleFetcher(Dataset):
-    """Wraps a map-style dataset: fetches by ``(epoch, index)``, each item as if the python, numpy
-    and torch RNGs were seeded from ``(seed, epoch, index)`` just before it.
-
-    Seeding costs ~10 us per item (Python's ``random.seed`` most of it), which is most of a small
-    step's data time; most datasets never draw from those RNGs. So a batch is first fetched
-    without seeding, and the RNG states are compared before and after (~100 us per batch). If no
-    item drew from them, seeding would have changed nothing: the batch is exactly what the seeded
-    path gives. If one did, the batch is fetched again with per-item seeds (the RNGs first put
-    back), and this fetcher (this process or worker) seeds every item from then on. Either way
-    the items are those of the per-item-seeded path, so resume and 0-vs-N workers stay exact.
-    ``per_item=True`` seeds from the start (what the tests compare against).
-    """
-
-    def __init__(self, dataset: Dataset, seed: int, per_item: bool = False, fetch_timeout: float | None = None):
-        self.dataset, self.seed, self.per_item = dataset, seed, per_item
-        self.fetch_timeout = fetch_timeout  # abandon an item's fetch after this many seconds (None: never)
-        self.beats = None  # with loader workers: per worker, (items begun << 32) | the item (IDLE: between batches); then their pids
-        self.slot: int | None = None  # this worker's place in `beats` (-1: not a worker)
-        self.begun = 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def _get(self, index: int):
-        PROGRESS.item = index  # what the fetch alarm (and, with 0 workers, the watchdog) watches
-        if self.beats is not None:
-            self._beat(index)
-        try:
-            item = self.dataset[index]
-            PROGRESS.item = None  # inside the try: an alarm that comes as it returns still lands in it
-        except Stalled as e:  # abandoned by the fetch alarm: a hung sample is data too
-            return index, BadSample(index, e.reason)
-        except StallStop:
-            raise
-        except Exception as e:  # a broken sample is data, not a crash: recorded and budgeted
-            PROGRESS.item = None
-            return index, BadSample(index, f"{type(e).__name__}: {e}")
-        return index, (item if item is not None else BadSample(index, "the dataset returned None"))
-
-    def _unseeded(self, indices: list[int]) -> list:
-        """The items at ``indices``: in one call when the dataset has ``__getitems__`` (a Hugging
-        Face dataset, a ``Subset``), else one by one; a call that raises is redone item by item,
-        so that only the broken samples are dropped."""
-        many = getattr(self.dataset, "__getitems__", None)
-        if many is not None:
-            PROGRESS.item = -1  # the batch's call: if it hangs, it is abandoned and the items fetched one by one
-            try:
-                items = many(indices)
-                PROGRESS.item = None
-            except StallStop:
-                raise
-            except (Exception, Stalled):  # redone item by item below, each with its own verdict
-                items = None
-            if items is not None and len(items) == len(indices):
-                return [(i, x if x is not None else BadSample(i, "the dataset returned None")) for i, x in zip(indices, items)]
-        return [self._get(i) for i in indices]
-
-    def _fetch(self, epoch: int, index: int):
-        s = _sample_seed(self.seed, epoch, index)
-        random.seed(s)
-        np.random.seed(s)
-        torch.default_generator.manual_seed(s)  # not torch.manual_seed: that also seeds every accelerator (~250 us)
-        return self._get(index)
-
-    def _seeded(self, keys: list[tuple[int, int]]) -> list:
-        if get_worker_info() is not None:  # a worker's RNG streams are its own
-            return [self._fetch(*k) for k in keys]
-        with _host_rng_kept():  # keep the training process's RNG streams (dropout, ...) untouched
-            return [self._fetch(*k) for k in keys]
-
-    def _beat(self, index: int) -> None:
-        if self.slot is None:
-            info = get_worker_info()
-            self.slot = info.id if info is not None else -1
-            if self.slot >= 0:
-                self.beats[len(self.beats) // 2 + self.slot] = os.getpid()
-        if self.slot >= 0:
-            self.begun = (self.begun + 1) % 2**30
-            self.beats[self.slot] = self.begun << 32 | index
-
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
-        if not self.fetch_timeout:
-            return self._items(keys)
-        PROGRESS.fetches += 1
-        watchdog.arm(self.fetch_timeout)  # not in a thread other than the main one (then the watchdog stops the run)
-        try:
-            return self._items(keys)
-        finally:
-            PROGRESS.item = None
-            if self.beats is not None and self.slot is not None and self.slot >= 0:
-                self.beats[self.slot] = self.begun << 32 | IDLE
-
-    def _items(self, keys: list[tuple[int, int]]) -> list:
-        if self.per_item:
-            return self._seeded(keys)
-        before = RngWatch.mark()
-        items = self._unseeded([i for _, i in keys])
-        if RngWatch.same(before, RngWatch.mark()):
-            return items  # nothing drew from the RNGs: exactly the seeded path's items
-        RngWatch.restore(before)  # the training process's streams, as if nothing had been fetched
-        self.per_item = True
-        PROGRESS.fetches += 1  # the same items again: a fetch of its own for the fetch alarm
-        return self._seeded(keys)
-
-    def __getitem__(self, key: tuple[int, int]):
-        return self.__getitems__([key])[0]
-
-
-class EpochBatchSampler(Sampler):
-    """Yields lists of ``(epoch, index)``: a permutation per epoch from ``(seed, epoch)``, from
-    batch ``start``. With ``world`` > 1 ranks, batch ``b`` is the same global batch of
-    ``batch_size`` items on every rank, and rank ``r`` takes its ``r``-th equal slice: the data
-    order, and a position, mean the same whatever the number of ranks."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1):
-        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
-        self.rank, self.world = rank, world
-        self.epoch, self.start = 0, 0
-        self.leave_out: set[int] = set()  # samples whose fetch stalled before: not fetched again
-        self._order: tuple[int, list[int]] = (-1, [])
-
-    def __len__(self) -> int:
-        return max(1, self.n // self.batch_size)
-
-    def order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order, bs = self.order(self.epoch), min(self.batch_size, self.n)
-        share = bs // self.world
-        self._order, out = (self.epoch, order), self.leave_out
-        for b in range(self.start, len(self)):
-            first = b * bs + self.rank * share
-            yield [(self.epoch, i) for i in order[first:first + share] if not out or i not in out]
-
-    def batch_ids(self, epoch: int, b: int) -> list[int]:
-        """The ids of batch ``b`` of ``epoch`` on this rank (the epoch being iterated, or any: recomputed)."""
-        order = self._order[1] if self._order[0] == epoch else self.order(epoch)
-        bs = min(self.batch_size, self.n)
-        share = bs // self.world
-        first = b * bs + self.rank * share
-        return order[first:first + share]
-
-
-def _collate(pairs: list, user: UserCollate | None = None) -> Batch:
-    ids, items = (list(c) for c in zip(*pairs)) if pairs else ([], [])
-    bad = [x for x in items if type(x) is BadSample]
-    if bad:
-        ids = [i for i, x in zip(ids, items) if type(x) is not BadSample]
-        items = [x for x in items if type(x) is not BadSample]
-    if user is not None:
-        return _user_collate(user, ids, items, bad)
-    try:
-        try:
-            data = collate_samples(items) if items else None
-        except MixedItems as e:  # the odd ones out (a 3-tuple among pairs) are bad samples, skipped and recorded
-            bad = bad + [BadSample(ids[r], f"an item of another form than its batch's ({e.kinds[r]} among {e.usual})") for r in e.rows]
-            ids, items = [i for r, i in enumerate(ids) if r not in e.rows], [x for r, x in enumerate(items) if r not in e.rows]
-            data = collate_samples(items)
-    except RunFailed as e:  # carried to the main process whole (a worker would re-raise it with its traceback)
-        return Batch(ids=ids, data=None, bad=bad, error=(e.message, e.hint))
-    return Batch(ids=ids, data=data, bad=bad)
-
-
-def _call(user: UserCollate, items: list, ids: list[int]) -> Any:
-    """The user's collator, as if the python/numpy/torch RNGs were seeded from (seed, the batch's ids)
-    just before it (~20 us): a collator that draws (DataCollatorForLanguageModeling's masks) gives
-    the same batch with 0 or N workers and after a resume, and the caller's streams (dropout, a
-    worker's) are left as they were."""
-    s = _sample_seed(user.seed, len(ids), zlib.crc32(struct.pack(f"{len(ids)}q", *ids)))
-    with _host_rng_kept():
-        random.seed(s)
-        np.random.seed(s)
-        torch.default_generator.manual_seed(s)
-        return user(items)
-
-
-def _collates(user: UserCollate, items: list, ids: list[int]) -> bool:
-    try:
-        _call(user, items, ids)
-        return True
-    except Exception:  # only asking which samples it fails on; the failure itself is reported by the caller
-        return False
-
-
-def _user_collate(user: UserCollate, ids: list[int], items: list, bad: list[BadSample]) -> Batch:
-    """The user's collator on the samples that loaded. If it raises, the samples it fails on alone
-    (else the one whose absence lets it through) become bad samples and the rest is collated; if
-    no such sample exists, the batch carries an error naming the collator."""
-    if not items:
-        return Batch(ids=ids, data=None, bad=bad)
-    try:
-        return Batch(ids=ids, data=_call(user, items, ids), bad=bad)
-    except Exception as e:  # named below: a bad sample (skipped, recorded) or the collator's own error
-        err = e
-    n = len(items)
-    culprits = [r for r in range(n) if not _collates(user, [items[r]], [ids[r]])]
-    if n > 1 and len(culprits) == n:  # it fails on every sample alone: the collator, not the data
-        culprits = []
-    if not culprits:
-        culprits = next(([r] for r in range(n) if n > 1 and _collates(user, items[:r] + items[r + 1:], ids[:r] + ids[r + 1:])), [])
-    rest = [r for r in range(n) if r not in culprits]
-    if culprits:
-        try:
-            data = _call(user, [items[r] for r in rest], [ids[r] for r in rest]) if rest else None
-        except Exception:  # a second bad sample that only shows together with others: reported as the collator's error
-            culprits = []
-        else:
-            why = f"data.collate_fn `{user.name}` raised {type(err).__name__}: {first_line(err, 160)}"
-            return Batch(ids=[ids[r] for r in rest], data=data, bad=bad + [BadSample(ids[r], why) for r in culprits])
-    return Batch(ids=ids, data=None, bad=bad, error=(
-        f"data.collate_fn `{user.name}` raised {type(err).__name__} on a batch of {n} samples (ids {ids[:8]}"
-        f"{'...' if n > 8 else ''}), and still does without any one of them: {first_line(err, 200)}",
-        "the collator fails on this data as a whole: call it by hand on a few samples (`collate([ds[0], ds[1]])`) "
-        "to see the error, and check its arguments (a tokenizer's padding side, pad token, max length)"))
-
-
-def _loader_collate(user: UserCollate | None, num_workers: int, name: str):
-    """The DataLoader's collate function: the built-in one, or the user's behind the same guards.
-    Workers that are spawned (not forked) receive it pickled: an unpicklable one is refused here."""
-    if user is None:
-        return _collate
-    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_context().get_start_method()
-    if num_workers > 0 and method != "fork":  # (allow_none: asking must not fix the process's start method)
-        try:
-            pickle.dumps(user)
-        except Exception as e:  # a lambda, a local function, an open handle: said with the fix
-            raise ConfigError(f"data.collate_fn `{user.name}` cannot be sent to the {num_workers} loader workers of "
-                              f"data.{name}: it is not picklable ({type(e).__name__}: {first_line(e, 160)})",
-                              "make it a module-level function or class instance (not a lambda or a local function), "
-                              "or set data.num_workers: 0") from None
-    return functools.partial(_collate, user=user)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -487,7 +121,7 @@ class DataStream:
         self.fetch_timeout = fetch_timeout  # a sample's fetch that hangs this long is abandoned (guard.stall_timeout)
         self.epoch, self.position = 0, 0
         self.collate_fn = collate_fn
-        common: dict[str, Any] = dict(collate_fn=_loader_collate(collate_fn, num_workers, name), pin_memory=pin_memory)
+        common: dict[str, Any] = dict(collate_fn=loader_collate(collate_fn, num_workers, name), pin_memory=pin_memory)
         self.name = name
         if self.iterable:  # batched in its parts (workers), each batch with its part's position and state
             self.dataset = dataset = for_rank(dataset, rank, world)  # a `datasets` stream: split_dataset_by_node
@@ -626,11 +260,11 @@ class DataStream:
             pairs = SampleFetcher(self.dataset, self.seed, fetch_timeout=self.fetch_timeout).__getitems__(
                 [(0, i) for i in self.sampler.order(0)[:n]])
             self._early_stalls(pairs)
-        return _collate(pairs, self.collate_fn)
+        return collate_pairs(pairs, self.collate_fn)
 
     def collate(self, items: list) -> Any:
         """Samples (e.g. copies of the scan's worst one) collated as the stream collates them."""
-        batch = _collate(list(enumerate(items)), self.collate_fn)
+        batch = collate_pairs(list(enumerate(items)), self.collate_fn)
         if batch.error is not None:
             raise RunFailed(*batch.error)
         if batch.bad:
@@ -642,7 +276,7 @@ class DataStream:
         """Up to ``limit`` samples spread over the dataset (the first ones of a stream), fetched in
         this process with the RNG streams untouched; the stream's position is not moved."""
         if self.iterable:
-            with _host_rng_kept():
+            with host_rng_kept():
                 pairs = self._source.first(limit)
         else:
             n = self.sampler.n

@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from trainguard.engine.events import Hook
+from trainguard.engine.state import preserved_state
 from trainguard.errors import RunFailed
-from trainguard.guards.localize import preserved_state
 from trainguard.memory.search import divisor_at_most
 from trainguard.memory.sizes import fmt_bytes, one_sample_does_not_fit
 

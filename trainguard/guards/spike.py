@@ -147,7 +147,8 @@ def sample_losses(trainer, batch, limit: int = 1024) -> tuple[list[float] | None
     """Each sample's own loss (a forward of one sample, no gradient; RNG streams, buffers and
     BatchNorm statistics left as they were), only after a spike: ``(losses, None)``, or
     ``(None, why not)`` when the batch is larger than ``limit`` or the model cannot run one sample alone."""
-    from trainguard.guards.localize import _batchnorm_alone, _norm_statistics_frozen, preserved_state
+    from trainguard.engine.state import preserved_state
+    from trainguard.guards.localize import _batchnorm_alone, _norm_statistics_frozen
 
     if not len(batch):
         return [], None

@@ -18,6 +18,7 @@ logs) is a hook, and reads the strategy's result (``state.agreed``) or its two f
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -62,6 +63,11 @@ class Strategy:
     def accumulate(self, trainer, batch) -> torch.Tensor:
         """Forward and backward over ``batch``'s micro-batches; the sample-weighted mean loss (a device tensor)."""
         raise NotImplementedError
+
+    def micro_context(self, trainer, last: bool):
+        """Around each micro-batch's forward and backward in :func:`micro_batches` (``last``: the batch's
+        final one); a wrapper that reduces in the backward would skip its reduction on all but the last."""
+        return contextlib.nullcontext()
 
     def agree(self, trainer, batch, loss: torch.Tensor | None, oom: OutOfMemory | None):
         """After this rank's backward: the ranks agree on the step and the gradients are reduced.
@@ -114,19 +120,23 @@ def micro_batches(trainer, batch) -> torch.Tensor:
     n, device = len(batch), trainer.device
     if n == 0:  # every sample failed to load: nothing to learn from (the Guard records it)
         return torch.full((), float("nan"), device=device)
+    strategy = trainer.strategy
     if n <= trainer.micro_batch_size:  # one micro-batch: its loss is the step's
         micro = to_device(batch.data, device, non_blocking=True)
-        with autocast(device.type, trainer.precision):
-            _, loss, _ = trainer.adapter(micro)
-        trainer.scaler.scale(loss).backward()
+        with strategy.micro_context(trainer, last=True):
+            with autocast(device.type, trainer.precision):
+                _, loss, _ = trainer.adapter(micro)
+            trainer.scaler.scale(loss).backward()
         return loss.detach().float()
     total = torch.zeros((), device=device)
-    for micro, k in split_batch(batch.data, trainer.micro_batch_size):
+    parts = split_batch(batch.data, trainer.micro_batch_size)
+    for i, (micro, k) in enumerate(parts):
         micro = to_device(micro, device, non_blocking=True)
-        with autocast(device.type, trainer.precision):
-            _, loss, _ = trainer.adapter(micro)
         share = k / n
-        trainer.scaler.scale(loss * share).backward()
+        with strategy.micro_context(trainer, last=i == len(parts) - 1):
+            with autocast(device.type, trainer.precision):
+                _, loss, _ = trainer.adapter(micro)
+            trainer.scaler.scale(loss * share).backward()
         total += loss.detach().float() * share
     return total
 
