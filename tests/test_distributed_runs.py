@@ -47,11 +47,11 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def test_two_processes_follow_the_loss_curve_of_one(tmp_path):
-    """The same global batch over 2 ranks (each with 2 micro-batches) trains as one process does:
-    the same losses and weights up to float rounding. Only rank 0 writes the run directory."""
+    """The same global batch over 2 ranks (each share of 8 in 3 micro-batches: 3, 3, 2) trains as one
+    process does: the same losses and weights up to float rounding. Only rank 0 writes the run directory."""
     cfg = write(tmp_path, "toy", data={"shuffle": True, "num_workers": 0},
                 train={"max_steps": 30, "batch_size": 16, "log_every": 1, "eval_every": 10})
-    one, two = train(cfg, tmp_path / "one", None), train(cfg, tmp_path / "two", 2, "--set", "train.micro_batch_size=4")
+    one, two = train(cfg, tmp_path / "one", None), train(cfg, tmp_path / "two", 2, "--set", "train.micro_batch_size=3")
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -60,7 +60,7 @@ def test_two_processes_follow_the_loss_curve_of_one(tmp_path):
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
     summary = yaml.safe_load((tmp_path / "two" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["micro_batch_size"] == 4 and summary["grad_accum"] == 2
+    assert summary["world_size"] == 2 and summary["micro_batch_size"] == 3 and summary["grad_accum"] == 3
     assert summary["samples"] == 30 * 16
     assert two.stdout.count("done:") == 1  # one report
     events = read_jsonl(tmp_path / "two" / "events.jsonl")

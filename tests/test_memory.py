@@ -156,18 +156,21 @@ def test_autoconfig_under_a_budget_finds_the_largest_micro_batch(cli, tmp_path):
     assert code == 0, out
     r = json.loads(out[out.index("{"):])
     m, largest = r["micro_batch_size"], r["max_micro_batch_size"]
-    assert r["method"] == "measured" and r["trials"] <= 12 and 1 < m < 720 and 720 % m == 0 and m <= largest
-    assert r["grad_accum"] * m == 720 and r["memory_limit_bytes"] == 400_000 and r["predicted_peak_bytes"] <= 400_000
-    # m trains under the budget without an OOM; the next larger valid micro-batch (and 2m) does not fit
+    accum = r["grad_accum"]
+    assert r["method"] == "measured" and r["trials"] <= 12 and 1 < m < 720 and m <= largest and accum > 1
+    # the fewest micro-batches of at most the largest that fits, within one sample of each other
+    assert accum == math.ceil(720 / largest) and m == math.ceil(720 / accum)
+    assert r["memory_limit_bytes"] == 400_000 and r["predicted_peak_bytes"] <= 400_000
+    # m trains under the budget without an OOM; one micro-batch fewer (accum - 1 of them) does not fit
     code, out, summary, events, _ = train(cli, tmp_path, "at_m", "--memory-budget", "400KB",
                                           **{**AUTO, "train": {**AUTO["train"], "micro_batch_size": m}})
     assert code == 0 and not [e for e in events if e["type"] == "oom"], out
-    bigger = min(d for d in range(m + 1, 721) if 720 % d == 0)
-    assert bigger <= 2 * m
-    code, out, summary, events, _ = train(cli, tmp_path, "at_bigger", "--memory-budget", "400KB",
-                                          **{**AUTO, "train": {**AUTO["train"], "micro_batch_size": bigger}})
-    assert [e for e in events if e["type"] == "oom"], "the next valid micro-batch fits: the search stopped short"
-    # the true largest (divisor or not) is within 10% of what the search measured
+    assert summary["grad_accum"] == accum
+    fewer = math.ceil(720 / (accum - 1))
+    code, out, summary, events, _ = train(cli, tmp_path, "one_fewer", "--memory-budget", "400KB",
+                                          **{**AUTO, "train": {**AUTO["train"], "micro_batch_size": fewer}})
+    assert [e for e in events if e["type"] == "oom"], "one micro-batch fewer fits: the search stopped short"
+    # the true largest is within 10% of what the search measured
     from trainguard.memory import trial
     from trainguard.memory.meter import SimulatedMemory
     from trainguard.config.load import resolve_config
@@ -188,11 +191,11 @@ def test_autoconfig_under_a_budget_finds_the_largest_micro_batch(cli, tmp_path):
     assert code == 0, out
 
 
-def test_the_whole_batch_is_chosen_when_it_fits_without_accumulation():
+def test_the_fewest_is_chosen_when_it_fits_without_accumulation():
     """Below train.batch_size a micro-batch accumulates: the previous gradients are held beside the
     new ones. At batch_size itself they are not, so it can fit where batch_size - 1 does not; the
     search (which assumes memory grows with the micro-batch) misses that, and one more step checks it."""
-    from trainguard.memory.autoconfig import _choose, _whole_batch
+    from trainguard.memory.autoconfig import _choose, _fewest
     from trainguard.memory.search import search
     from trainguard.memory.trial import Trial
 
@@ -205,12 +208,62 @@ def test_the_whole_batch_is_chosen_when_it_fits_without_accumulation():
     res = search(step, usable, bs)
     assert res.largest < bs and _choose(res, bs)[0] == 4  # without the check: 4 x 2 accumulation
     seen = []
-    _whole_batch(res, step, bs, seen.append)
+    _fewest(res, step, bs, seen.append)
     assert res.largest == bs and _choose(res, bs)[0] == bs and [t.m for t in seen] == [bs]
 
     res = search(step, usable - 1, bs)  # one byte less: the whole batch does not fit either
-    _whole_batch(res, step, bs, None)
+    _fewest(res, step, bs, None)
     assert res.largest < bs and res.trials[-1].m == bs and not res.trials[-1].fits(usable - 1)
+
+
+def test_the_fewest_micro_batches_that_fit_are_checked():
+    """The search stops within 5% of the largest size; the split with one micro-batch fewer is then
+    measured, and taken when it fits: 720 samples where 103 fit are 7 micro-batches (103 or 102), not 8."""
+    from trainguard.memory.autoconfig import _choose, _fewest
+    from trainguard.memory.search import search
+    from trainguard.memory.trial import Trial
+
+    bs, usable = 720, 1000 + 10 * 103
+
+    def step(m: int) -> Trial:
+        return Trial(m, False, {"backward": 1000 + 10 * m})
+
+    res = search(step, usable, bs)
+    _fewest(res, step, bs, None)
+    m = _choose(res, bs)[0]
+    assert m == 103 and math.ceil(bs / m) == 7 and not step(math.ceil(bs / 6)).fits(usable)
+
+
+def test_micro_batches_are_the_fewest_within_one_sample_of_each_other():
+    from trainguard.engine.batch import micro_sizes, split_batch
+    from trainguard.memory.search import fewest_micro_batches
+
+    assert micro_sizes(10, 4) == [4, 3, 3] and micro_sizes(256, 86) == [86, 85, 85] and micro_sizes(8, 4) == [4, 4]
+    assert micro_sizes(5, 8) == [5] and micro_sizes(0, 4) == []
+    for n in range(1, 70):
+        for cap in range(1, 40):
+            sizes = micro_sizes(n, cap)
+            assert sum(sizes) == n and len(sizes) == math.ceil(n / cap) and max(sizes) - min(sizes) <= 1
+            assert max(sizes) == fewest_micro_batches(n, cap) <= cap
+    x = torch.arange(10)
+    assert [k for _, k in split_batch(x, 4)] == [4, 3, 3]
+    assert torch.equal(torch.cat([part for part, _ in split_batch(x, 4)]), x)
+
+
+def test_an_uneven_split_trains_as_one_micro_batch_of_the_whole_batch(cli, tmp_path):
+    """batch_size 32, micro_batch_size 11: micro-batches of 11, 11 and 10, each weighted by its samples;
+    the loss curve is that of the whole batch in one micro-batch (float rounding)."""
+    sections = dict(train={"max_steps": 12, "batch_size": 32, "micro_batch_size": 11, "log_every": 1},
+                    data={"train": {"_target_": "tests.toys:Blobs", "n": 256}, "val": None, "num_workers": 0})
+    code, out, summary, _, metrics = train(cli, tmp_path, "uneven", **sections)
+    assert code == 0, out
+    assert summary["micro_batch_size"] == 11 and summary["grad_accum"] == 3
+    code, out, _, _, whole = train(cli, tmp_path, "whole", **{**sections, "train": {**sections["train"], "micro_batch_size": 32}})
+    assert code == 0, out
+    a = [(r["step"], r["loss"]) for r in metrics if r["split"] == "train"]
+    b = [(r["step"], r["loss"]) for r in whole if r["split"] == "train"]
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 13))
+    assert all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7) for (_, x), (_, y) in zip(a, b))
 
 
 def test_auto_micro_batch_in_train_searches_once_then_uses_the_cache(cli, tmp_path):

@@ -44,23 +44,14 @@ def device_of(info) -> torch.device:
 
 
 def check_world_batch(cfg: Config, world: int) -> None:
-    """micro-batch x accumulation x processes = ``train.batch_size``, exactly (a config error otherwise)."""
-    from trainguard.memory.search import divisor_at_most
-
-    batch, micro = cfg.train.batch_size, cfg.train.micro_batch_size
+    """Every process takes an equal share of ``train.batch_size`` (a config error otherwise); a share
+    is then split into the fewest micro-batches of at most ``train.micro_batch_size``."""
+    batch = cfg.train.batch_size
     if batch % world:
         lower, upper = batch // world * world, (batch // world + 1) * world
         raise ConfigError(f"train.batch_size {batch} does not split evenly over {world} processes "
                           "(micro-batch x accumulation x processes = batch_size)",
                           f"set train.batch_size to " + (f"{lower} or {upper}" if lower else f"{upper}"))
-    share = batch // world
-    if micro != "auto" and share % micro:
-        below = divisor_at_most(share, micro)
-        above = next((k for k in range(micro, share + 1) if share % k == 0), None)
-        raise ConfigError(f"train.micro_batch_size {micro} does not divide the {share} samples each of the {world} "
-                          f"processes takes per step (batch_size {batch} / {world})",
-                          f"set train.micro_batch_size to {below}" + (f" or {above}" if above and above != below else "")
-                          + f", or train.batch_size to {world * micro * max(1, round(share / micro))}")
 
 
 def resolve_runtime(cfg: Config, prof, info, world: int = 1) -> tuple[Config, list[str]]:

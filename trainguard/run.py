@@ -97,8 +97,7 @@ def _tune_micro_batch(trainer: Trainer, cfg: Config, prof, info) -> int:
     how = ("from the cache (same model, config and device)" if cached else
            f"forecast for one of {world} ranks in {tuning.trials} fake-tensor steps" if trainer.strategy.sharded else
            f"measured in {tuning.trials} trial steps")
-    console.print(f"[bold]autoconfig[/bold]: micro-batch {tuning.micro_batch_size} x {tuning.grad_accum} accumulation "
-                  f"= batch {tuning.batch_size}, peak {fmt_bytes(tuning.predicted_peak_bytes)} of "
+    console.print(f"[bold]autoconfig[/bold]: {tuning.split()} = batch {tuning.batch_size}, peak {fmt_bytes(tuning.predicted_peak_bytes)} of "
                   f"{fmt_bytes(tuning.usable_bytes)} usable ({how})")
     for n in tuning.notes:
         console.print(f"[yellow]note[/yellow]: {n}")

@@ -49,7 +49,7 @@ def autoconfig_command(
                                           processes=nproc_per_node)
         if out is not None:
             header = (f"# trainguard train --config {out}\n# tuned by `trainguard autoconfig` for {tuning.profile} "
-                      f"({tuning.method}): micro-batch {tuning.micro_batch_size} x {tuning.grad_accum} accumulation\n")
+                      f"({tuning.method}): {tuning.split()}\n")
             out.write_text(header + yaml.safe_dump(tuned, sort_keys=False))
         if json_:
             print(json.dumps(tuning.as_json(), indent=2))
@@ -58,7 +58,7 @@ def autoconfig_command(
 
         t = Table(title=f"autoconfig: {tuning.profile} ({tuning.method})", show_header=False, box=None, padding=(0, 2))
         rows = [("micro_batch_size", tuning.micro_batch_size),
-                ("grad_accum", f"{tuning.grad_accum}  (x micro" + (f" x {tuning.processes} processes" if tuning.processes > 1 else "")
+                ("grad_accum", f"{tuning.grad_accum}  ({tuning.split()}" + (f" x {tuning.processes} processes" if tuning.processes > 1 else "")
                  + f" = batch_size {tuning.batch_size})"),
                 ("precision", tuning.precision), ("num_workers", tuning.num_workers),
                 ("peak memory", f"{fmt_bytes(tuning.predicted_peak_bytes)} of {fmt_bytes(tuning.usable_bytes)} usable"),

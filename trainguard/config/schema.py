@@ -149,7 +149,7 @@ class TrainConfig(Section):
     max_steps: int = Field(1000, gt=0, description="Number of optimizer steps to train for.")
     epochs: float | None = Field(None, gt=0, description="Train for this many passes over `data.train` instead of naming `max_steps`: max_steps = ceil(epochs x batches per epoch), where an epoch is the dataset length // batch_size batches (the last partial batch is not used). Map-style datasets only.")
     batch_size: int = Field(32, gt=0, description="Effective samples per optimizer step, all ranks together.")
-    micro_batch_size: Union[int, Literal["auto"]] = Field("auto", description="Samples per forward/backward; `auto` = the largest that fits on a CUDA device or under --memory-budget (searched once, then cached; under `train.strategy: fsdp` forecast on fake tensors instead), else the whole batch (with N processes, each one's share of it). Accumulation = batch_size / (micro_batch_size * N processes).")
+    micro_batch_size: Union[int, Literal["auto"]] = Field("auto", description="Samples per forward/backward; `auto` = the largest that fits on a CUDA device or under --memory-budget (searched once, then cached; under `train.strategy: fsdp` forecast on fake tensors instead), else the whole batch (with N processes, each one's share of it). Each process's share (batch_size / N processes) is split into the fewest micro-batches of at most this many samples, within one sample of each other (batch_size 32, micro_batch_size 11: 11, 11, 10); the gradient is that of the whole batch (each micro-batch weighted by its samples).")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="Autocast precision; `auto` takes the hardware profile's default, falling back to what the device supports.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the total gradient norm to this value; 0 disables clipping.")
     log_every: int = Field(10, gt=0, description="Write a metrics.jsonl line every N optimizer steps (and at the first and last step).")
@@ -166,15 +166,6 @@ class TrainConfig(Section):
         if isinstance(v, int) and v <= 0:
             raise ValueError("micro_batch_size must be > 0 or `auto`")
         return v
-
-    @model_validator(mode="after")
-    def _divides(self):
-        if isinstance(self.micro_batch_size, int) and self.batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
-                f"{self.micro_batch_size}; accumulation must be a whole number of micro-batches"
-            )
-        return self
 
 
 class GuardConfig(Section):

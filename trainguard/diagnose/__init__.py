@@ -185,8 +185,9 @@ def torch_backend() -> str:
 
 def batch_check(cfg) -> Check:
     from trainguard import distributed
-    from trainguard.errors import ConfigError
     from trainguard.build import check_world_batch
+    from trainguard.engine.batch import describe_split
+    from trainguard.errors import ConfigError
 
     world = distributed.current().size
     if world > 1:
@@ -197,9 +198,9 @@ def batch_check(cfg) -> Check:
         bs, m = cfg.train.batch_size, cfg.train.micro_batch_size
         share = bs // world
         return Check("config.batch", "pass", f"batch_size {bs} = {world} processes x {share}"
-                     + (f" (micro-batch {m} x {share // m} accumulation)" if m != "auto" else "; micro_batch_size auto"))
+                     + (f" ({describe_split(share, m)})" if m != "auto" else "; micro_batch_size auto"))
     bs, m = cfg.train.batch_size, cfg.train.micro_batch_size
     if m == "auto":
         return Check("config.batch", "pass", f"batch_size {bs}; micro_batch_size auto (see memory.fit): accumulation "
                      f"makes up the rest, the effective batch stays {bs}")
-    return Check("config.batch", "pass", f"batch_size {bs} = micro-batch {m} x {bs // m} accumulation")
+    return Check("config.batch", "pass", f"batch_size {bs} = {describe_split(bs, m)}")

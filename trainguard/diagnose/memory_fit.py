@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from trainguard.engine.batch import describe_split
 from trainguard.errors import TrainguardError
 from trainguard.guards.preflight import Check
 from trainguard.memory.autoconfig import card_here
@@ -76,10 +77,10 @@ def memory_check(trainer, cfg, rcfg, prof, info, budget: int | None, tuning, sca
         return Check("memory.fit", "skip", e.message, e.hint)
     except TrainguardError as e:
         return Check("memory.fit", "fail", e.message, e.hint)
-    head = f"micro-batch {m} x {bs // m} accumulation peaks at {fmt_bytes(peak) if peak else 'more than the limit'} ({how}) of {fmt_bytes(usable)} usable on {where}"
+    head = f"{describe_split(bs, m)} peaks at {fmt_bytes(peak) if peak else 'more than the limit'} ({how}) of {fmt_bytes(usable)} usable on {where}"
     choice = ""
     if isinstance(tuning, Tuning):
-        choice = (f"; autoconfig picks micro-batch {tuning.micro_batch_size} (the largest that fits is {tuning.max_micro_batch_size}"
+        choice = (f"; autoconfig picks {tuning.split()} (the largest that fits is {tuning.max_micro_batch_size}"
                   + (", searched up to the batch size" if tuning.forecast == "measured" else "") + ")")
     choice += aside
     if peak is not None and peak <= usable:

@@ -1,9 +1,9 @@
 """Out of device memory mid-run: redo the step with smaller micro-batches (``guard.on_oom: split``).
 
 The loop undoes the failed attempt (gradients, RNG draws, the exception and the activations it
-held) and fires OUT_OF_MEMORY. This hook halves the micro-batch (to the largest divisor of the
-batch size at most half of it, so micro x accumulation = batch_size exactly and the gradient is
-that of the same batch) and the loop redoes the step on the same samples. The new size is kept
+held) and fires OUT_OF_MEMORY. This hook halves the micro-batch (the batch is then split into the
+fewest micro-batches of at most half as many samples, within one sample of each other; each is
+weighted by its samples, so the gradient is that of the same batch) and the loop redoes the step on the same samples. The new size is kept
 for the rest of the run, saved in checkpoints, and reported. When one sample does not fit, or
 with ``on_oom: stop``, the run stops before the step, saying how much memory one sample needs.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from trainguard.engine.events import Hook
 from trainguard.engine.state import preserved_state
 from trainguard.errors import RunFailed
-from trainguard.memory.search import divisor_at_most
+from trainguard.memory.search import fewest_micro_batches
 from trainguard.memory.sizes import fmt_bytes, one_sample_does_not_fit
 
 
@@ -170,7 +170,7 @@ class OomRecovery(Hook):
         st, oom = trainer.state, trainer.state.oom
         if trainer.strategy.sharded:  # the others may be inside the forward's collectives: leave the job
             m = trainer.micro_batch_size
-            self._leave_job(trainer, divisor_at_most(self.batch_size, m // 2) if m > 1 else 0)
+            self._leave_job(trainer, fewest_micro_batches(self.batch_size, m // 2) if m > 1 else 0)
         ranks = {"ranks": oom.ranks} if oom.ranks else {}  # in a process group: who ran out
         if self.on_oom == "stop":
             self.log.event(st.step + 1, "oom", oom.message, micro_batch_size=oom.micro_batch_size, action="stop",
@@ -180,7 +180,7 @@ class OomRecovery(Hook):
                                  "re-running resumes from the last checkpoint")
             return
         m = trainer.micro_batch_size
-        smaller = divisor_at_most(self.batch_size, m // 2) if m > 1 else 0
+        smaller = fewest_micro_batches(self.batch_size, m // 2) if m > 1 else 0
         if smaller < 1:
             need = one_sample_need(trainer, trainer.batch)
             self.log.event(st.step + 1, "oom", oom.message, micro_batch_size=1, action="stop", one_sample_bytes=need,

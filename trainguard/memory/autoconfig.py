@@ -18,7 +18,7 @@ from trainguard.memory.profile_forecast import (  # noqa: F401 - importable from
     NoForecast, ProfileForecast, forecast, predict_for_profile, sharded_forecast)
 from trainguard.memory.sizes import fmt_bytes
 from trainguard.memory.tune import (  # noqa: F401 - importable from here
-    Tuning, _choose, _whole_batch, cache_key, cache_path, cached_tune, too_small, tune, usable_bytes)
+    Tuning, _choose, _fewest, cache_key, cache_path, cached_tune, too_small, tune, usable_bytes)
 
 __all__ = ["NoForecast", "ProfileForecast", "Tuning", "autoconfigure", "cache_key", "cache_path", "cached_tune", "card_here",
            "forecast", "predict_for_profile", "sharded_forecast", "too_small", "tune", "usable_bytes"]
@@ -39,8 +39,7 @@ def autoconfigure(config_path, *, profile: str | None = None, overrides: list[st
     if processes > 1:
         from trainguard.build import check_world_batch
 
-        check_world_batch(cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": "auto"})}),
-                          processes)
+        check_world_batch(cfg, processes)
     sharded = processes > 1 and cfg.train.strategy == "fsdp"
     share = cfg.model_copy(deep=True)
     share.train.batch_size //= processes
@@ -60,7 +59,7 @@ def autoconfigure(config_path, *, profile: str | None = None, overrides: list[st
         tuning.notes.insert(0, f"predicted for {prof.name}: this machine has {info.name}")
     if processes > 1:
         tuning.processes, tuning.batch_size = processes, cfg.train.batch_size
-        tuning.notes.insert(0, f"per process: micro-batch {tuning.micro_batch_size} x {tuning.grad_accum} accumulation x "
+        tuning.notes.insert(0, f"per process: {tuning.split()} x "
                                f"{processes} processes = batch_size {cfg.train.batch_size}"
                                + (" (fsdp: one rank's step, the model sharded over them)" if sharded else ""))
     user = load_yaml_with_extends(config_path)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from trainguard.errors import RunFailed, TrainguardError, first_line
 from trainguard.memory.search import search
 from trainguard.memory.sizes import fmt_bytes
-from trainguard.memory.tune import Tuning, _batch, _choose, _whole_batch, too_small, usable_bytes
+from trainguard.memory.tune import Tuning, _batch, _choose, _fewest, too_small, usable_bytes
 
 
 class NoForecast(RunFailed):
@@ -161,7 +161,7 @@ def predict_for_profile(cfg, prof, on_trial=None, fc: ProfileForecast | None = N
     res = search(lambda m: first.pop(m, None) or fc.step(m), fc.usable, bs if fc.measured else 4096 * bs, on_trial=on_trial)
     if res.largest == 0:
         raise too_small(res.trials[0].peak, fc.usable, fc.limit, cfg.memory.headroom, f" on {prof.name}")
-    _whole_batch(res, fc.step, bs, on_trial)
+    _fewest(res, fc.step, bs, on_trial)
     m, notes = _choose(res, bs, processes)
     if res.largest > bs:
         notes = [f"the card fits up to {res.largest} samples per micro-batch: {_batch(bs, processes)} "
@@ -173,7 +173,7 @@ def predict_for_profile(cfg, prof, on_trial=None, fc: ProfileForecast | None = N
         notes.insert(0, f"fake tensors cannot run this model ({fc.measured}): measured instead, real steps of the "
                         f"worst-case batch on this CPU under a simulated {fmt_bytes(fc.usable)} budget, with the card's "
                         f"autocast and fused attention mirrored; searched up to {_batch(bs, processes)}")
-    return Tuning(m, bs // m, bs, fc.precision, int(cfg.data.num_workers)
+    return Tuning(m, -(-bs // m), bs, fc.precision, int(cfg.data.num_workers)
                   if cfg.data.num_workers != "auto" else prof.num_workers, fc.limit, fc.usable, peak, "predicted",
                   res.largest, len(res.trials), device=prof.description, profile=prof.name, notes=notes,
                   forecast="measured" if fc.measured else "fake")

@@ -105,6 +105,9 @@ def search(measure: Callable[[int], Trial], usable: int, upper: int, max_trials:
     return res
 
 
-def divisor_at_most(batch_size: int, m: int) -> int:
-    """The largest divisor of ``batch_size`` that is at most ``m`` (accumulation must be whole)."""
-    return max(d for d in range(1, max(1, min(m, batch_size)) + 1) if batch_size % d == 0)
+def fewest_micro_batches(share: int, m: int) -> int:
+    """The micro-batch size that splits ``share`` samples into the fewest micro-batches of at most
+    ``m``: ``ceil(share / ceil(share / m))``. :func:`trainguard.engine.batch.split_batch` then makes
+    ``ceil(share / m)`` micro-batches within one sample of each other (256 at most 86: 86, 85, 85)."""
+    m = max(1, min(m, share))
+    return -(-share // -(-share // m))

@@ -2,13 +2,14 @@
 
 * :func:`tune`: real trial steps on the worst-case batch (CUDA, or a simulated
   ``--memory-budget``) find the largest micro-batch that fits ``(1 - headroom)`` of the memory;
-  the micro-batch is then the largest divisor of ``train.batch_size`` at most that, so the
+  a batch is then split into the fewest micro-batches of at most that
+  (:func:`~trainguard.memory.search.fewest_micro_batches`: 256 at most 86 is 86, 85, 85), and the
   effective batch is unchanged.
 * :func:`cached_tune`: the same, remembered per (model, data, optimizer, batch, precision, device),
   so the next run on that hardware starts tuned. A stale entry is harmless: an OOM splits.
 
 :class:`Tuning` is the answer of both, and of the forecast for a card that is not here
-(:mod:`~trainguard.memory.profile_forecast`), which shares the search's choice of a divisor.
+(:mod:`~trainguard.memory.profile_forecast`), which shares the search's choice of a split.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from trainguard.errors import RunFailed
-from trainguard.memory.search import SearchResult, divisor_at_most, search
+from trainguard.memory.search import SearchResult, fewest_micro_batches, search
 from trainguard.memory.sizes import fmt_bytes, one_sample_does_not_fit
 from trainguard.memory.trial import Trial
 
@@ -40,7 +41,7 @@ class Tuning:
     usable_bytes: int | None             # less the headroom (and, predicted, a card's fixed costs)
     predicted_peak_bytes: int | None     # the peak at micro_batch_size (measured or predicted, see `method`)
     method: str                          # measured | predicted | cached | none
-    max_micro_batch_size: int            # the largest micro-batch that fits, divisor of batch_size or not
+    max_micro_batch_size: int            # the largest micro-batch that fits (micro_batch_size: the fewest micro-batches of at most it)
     trials: int = 0
     device: str = ""
     profile: str = ""
@@ -50,6 +51,13 @@ class Tuning:
 
     def as_json(self) -> dict:
         return asdict(self)
+
+    def split(self) -> str:
+        """How one process's share is split: ``micro-batch 64 x 4 accumulation``, or, where the share is
+        not a multiple, ``3 micro-batches of 86 or 85`` (the fewest that fit, within one sample)."""
+        from trainguard.engine.batch import describe_split
+
+        return describe_split(self.batch_size // max(1, self.processes), self.micro_batch_size)
 
 
 def usable_bytes(memory, headroom: float) -> int:
@@ -65,20 +73,32 @@ def usable_bytes(memory, headroom: float) -> int:
     return usable
 
 
-def _whole_batch(res: SearchResult, measure: Callable[[int], Trial], batch_size: int,
-                 on_trial: Callable[[Trial], None] | None) -> None:
-    """The search assumes memory grows with the micro-batch, but at ``batch_size`` itself there is
-    no accumulation, so no gradient is held from an earlier micro-batch: the whole batch can fit
-    where one sample less, accumulating, does not. Measured once when the search stopped short of
-    it by at most half (the most that holding no gradients can make up for a model whose gradients
-    are a sizable part of its step)."""
-    if res.largest < batch_size <= 2 * res.largest and all(t.m != batch_size for t in res.trials):
-        t = measure(batch_size)
+def _fewest(res: SearchResult, measure: Callable[[int], Trial], batch_size: int,
+                 on_trial: Callable[[Trial], None] | None, extra: int = 3) -> None:
+    """The fewest micro-batches that fit, checked: the search stops within 5% of the largest size,
+    so the split with one micro-batch fewer (``ceil(batch_size / (k - 1))`` samples each, for ``k``
+    micro-batches of at most ``res.largest``) may still fit. It is measured unless a smaller size
+    already did not fit, at most ``extra`` times.
+
+    The whole batch is the one exception to "memory grows with the micro-batch": with no
+    accumulation no gradient is held from an earlier micro-batch, so it can fit where one sample
+    less, accumulating, does not. It is measured when one micro-batch fewer means the whole batch
+    (the search stopped short of it by at most half), whatever smaller sizes did."""
+    for _ in range(extra):
+        k = -(-batch_size // res.largest) if res.largest else 0
+        if k < 2:
+            return
+        fewer = -(-batch_size // (k - 1))
+        if any(t.m == fewer for t in res.trials) or (
+                fewer < batch_size and any(t.m <= fewer and not t.fits(res.usable) for t in res.trials)):
+            return
+        t = measure(fewer)
         res.trials.append(t)
         if on_trial:
             on_trial(t)
-        if t.fits(res.usable):
-            res.largest = batch_size
+        if not t.fits(res.usable):
+            return
+        res.largest = fewer
 
 
 def _batch(batch_size: int, processes: int) -> str:
@@ -88,12 +108,13 @@ def _batch(batch_size: int, processes: int) -> str:
 
 
 def _choose(res: SearchResult, batch_size: int, processes: int = 1) -> tuple[int, list[str]]:
-    m = divisor_at_most(batch_size, res.largest)
+    from trainguard.engine.batch import describe_split
+
+    m = fewest_micro_batches(batch_size, res.largest)
     notes = []
-    if m < res.largest:
-        notes.append(f"up to {res.largest} samples fit per micro-batch; {m} is the largest that divides "
-                     + _batch(batch_size, processes) + ("" if m * 4 >= res.largest * 3 else
-                                                        " (a batch_size with more divisors would use the memory better)"))
+    if batch_size % m:
+        notes.append(f"up to {res.largest} samples fit per micro-batch: {_batch(batch_size, processes)} in "
+                     + describe_split(batch_size, m))
     return m, notes
 
 
@@ -113,18 +134,18 @@ def tune(trainer, batch_size: int, headroom: float, on_trial: Callable[[Trial], 
     mem = trainer.memory
     usable = usable_bytes(mem, headroom)
     item = trainer.data.scan().worst_item
+    def measure(m: int):
+        return trial.measure(trainer, item, m, enforce=False, accumulate=m < batch_size, batch_size=batch_size)
+
     with trial.preserved(trainer):
-        res = search(lambda m: trial.measure(trainer, item, m, enforce=False, accumulate=m < batch_size,
-                                                         batch_size=batch_size),
-                     usable, batch_size, on_trial=on_trial)
+        res = search(measure, usable, batch_size, on_trial=on_trial)
         if res.largest == 0:
             need = res.trials[0].peak if not res.trials[0].oom else None
             raise too_small(need, usable, mem.limit, headroom)
-        _whole_batch(res, lambda m: trial.measure(trainer, item, m, enforce=False, accumulate=False, batch_size=batch_size),
-                     batch_size, on_trial)
+        _fewest(res, measure, batch_size, on_trial)
     m, notes = _choose(res, batch_size, processes)
     peak = next((t.peak for t in res.trials if t.m == m and not t.oom), None) or (round(res.lines.predict(m)) if res.lines else None)
-    return Tuning(m, batch_size // m, batch_size, trainer.precision, 0, mem.limit, usable, peak, "measured",
+    return Tuning(m, -(-batch_size // m), batch_size, trainer.precision, 0, mem.limit, usable, peak, "measured",
                   res.largest, len(res.trials), notes=notes)
 
 
