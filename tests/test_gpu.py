@@ -72,9 +72,10 @@ def test_diagnose_on_the_gpu_measures_memory_and_agrees_with_train(cli, tmp_path
 
 
 def test_healthy_steps_sync_the_host_once_at_most(tmp_path):
-    """Host syncs on healthy steps between log lines, counted with torch.cuda.set_sync_debug_mode:
-    today one per optimizer step (the guards' fused finite check of loss and gradient norm; the
-    fused optimizer takes fp16's skip decision on the device). Issue 9's goal is none."""
+    """Host syncs on healthy fp16 steps between log lines, counted with torch.cuda.set_sync_debug_mode:
+    one per optimizer step at most (under fp16 the guards' verdict is read at once: the GradScaler
+    decides its own skips; the fused optimizer takes them on the device). bf16 and fp32 steps make
+    none: test_a_healthy_step_makes_no_cuda_sync."""
     import warnings
 
     import trainguard
@@ -166,3 +167,17 @@ def test_a_real_cuda_oom_splits_the_micro_batch_and_matches_the_smaller_one(cli,
     for a, b in zip(metrics, ref_metrics):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(b["loss"])), (a, b)
     print(f"split 4096 -> {m} after {len(ooms)} CUDA OOM(s); peak {summary['peak_memory_bytes'] / 2**30:.2f} GiB under 1.5 GB")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_healthy_step_makes_no_cuda_sync(cli, tmp_path, workers):
+    """Under torch.cuda.set_sync_debug_mode("warn"), counted by a user hook from each step's start to its
+    end: no synchronizing operation on a step between log lines (the verdict is read one step later,
+    engine/defer.py); the log lines (steps 1, 10, 20, 30) read the loss."""
+    path = tmp_path / f"syncs{workers}.json"
+    code, out, summary = _run(cli, tmp_path, f"syncs{workers}", data={"val": None, "num_workers": workers},
+                              train={"max_steps": 30, "batch_size": 64, "log_every": 10, "precision": "bf16"},
+                              checkpoint={"every_steps": 0}, hooks=[{"_target_": "tests.toys:CudaSyncs", "path": str(path)}])
+    assert code == 0, out
+    syncs = {int(k): v for k, v in json.loads(path.read_text()).items()}
+    assert {s: n for s, n in syncs.items() if s not in (1, 10, 20, 30)} == {}, syncs

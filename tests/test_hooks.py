@@ -28,8 +28,9 @@ def test_docstring_pseudocode_lists_every_event_in_loop_order():
 def test_loop_source_fires_events_in_the_docstring_order():
     src = _fires(inspect.getsource(loop.Trainer.fit))
     step_src = inspect.getsource(loop.Trainer.train_step)
-    assert step_src.count("self.gradients(") == 1
-    step = _fires(step_src.replace("self.gradients(", inspect.getsource(loop.Trainer.gradients)))
+    assert step_src.count("self.gradients(") == 1 and step_src.count("self.settle(") == 1
+    step_src = step_src.replace("self.gradients(", inspect.getsource(loop.Trainer.gradients))
+    step = _fires(step_src.replace("self.settle(", inspect.getsource(loop.Trainer.settle)))
     expected = [e for e in _fires(events.__doc__) if e not in ("EVAL_END", "CHECKPOINT_SAVED")]
     at = src.index("STEP_START")
     assert src[:at + 1] + step + src[at + 1:] == expected
@@ -43,9 +44,10 @@ def test_yaml_hook_receives_events_in_order(cli, write_config, tmp_path):
     code, out = cli("train", "--config", cfg, "--run-dir", tmp_path / "run")
     assert code == 0, out
     got = [line.split()[0] for line in rec.read_text().splitlines()]
-    pre = ["step_start", "after_backward", "before_optimizer_step"]
+    pre = ["step_start", "after_backward", "before_optimizer_step", "verdict"]
     # EVAL_END and CHECKPOINT_SAVED fire from inside STEP_END (the Evaluator and Checkpointer run
-    # before user hooks), and the final checkpoint from inside FIT_END.
+    # before user hooks), and the final checkpoint from inside FIT_END. The hook reads every step's
+    # values at its end (needs_verdict, by default), so each step's deferred verdict is read there.
     assert got == (["fit_start"] + pre + ["step_end"]
                    + pre + ["eval_end", "checkpoint_saved", "step_end"]
                    + pre + ["step_end"]

@@ -191,7 +191,7 @@ def test_autoconfig_under_a_budget_finds_the_largest_micro_batch(cli, tmp_path):
     assert code == 0, out
 
 
-def test_the_fewest_is_chosen_when_it_fits_without_accumulation():
+def test_the_whole_batch_is_chosen_when_it_fits_without_accumulation():
     """Below train.batch_size a micro-batch accumulates: the previous gradients are held beside the
     new ones. At batch_size itself they are not, so it can fit where batch_size - 1 does not; the
     search (which assumes memory grows with the micro-batch) misses that, and one more step checks it."""

@@ -65,6 +65,19 @@ class Sleep(Hook):
         time.sleep(self.seconds)
 
 
+class SleepAtStart(Hook):
+    """Sleep at each step's start: slows a run down for a kill without reading any step's values
+    (a hook at STEP_END would make every step's verdict be read at once)."""
+
+    def __init__(self, seconds: float = 0.05):
+        self.seconds = seconds
+
+    def on_step_start(self, trainer) -> None:
+        import time
+
+        time.sleep(self.seconds)
+
+
 class BusyC(Hook):
     """Slows each step down inside one long C call (no Python bytecode runs, so signals that arrive
     meanwhile are all handled together when it returns), as a heavy backward does."""
@@ -617,3 +630,100 @@ class PairsOnly(NormBlocks):
         if x.shape[0] % 2:
             raise ValueError("this model takes samples in pairs")
         return super().forward(x, label)
+
+
+class HostReads(Hook):
+    """Counts host reads of tensor values per step (dispatch-level ``aten._local_scalar_dense``: ``.item()``,
+    ``float()``, ``bool()``; plus ``Tensor.tolist``), from its STEP_START to the end of its STEP_END (hooks
+    before this one included; the next batch's loading, where a dataset may read its own tensors, not), and writes
+    ``{"reads": {step: n}, "lag": [...]}`` to ``path`` at the end. ``lag``: per step, the step whose
+    verdict the host had read when this step's backward was done, and whether this step's own was
+    still unread at its STEP_END. It reads no value itself (``needs_verdict`` False)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.reads: dict[int, int] = {}
+        self.lag: list = []
+
+    def needs_verdict(self, trainer) -> bool:
+        return False
+
+    def on_fit_start(self, trainer) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        hook = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    hook._count()
+                return func(*args, **(kwargs or {}))
+
+        self._tolist = torch.Tensor.tolist
+
+        def tolist(t, *a, **k):
+            hook._count()
+            return hook._tolist(t, *a, **k)
+
+        torch.Tensor.tolist = tolist
+        self.step, self.on = trainer.state.step + 1, False
+        self.mode = Mode()
+        self.mode.__enter__()
+
+    def _count(self) -> None:
+        if self.on:
+            self.reads[self.step] = self.reads.get(self.step, 0) + 1
+
+    def on_step_start(self, trainer) -> None:
+        self.step, self.on = trainer.state.step + 1, True
+
+    def on_after_backward(self, trainer) -> None:
+        v = trainer.state.verdict
+        self.lag.append([trainer.state.step + 1, v.step if v is not None else None])
+
+    def on_step_end(self, trainer) -> None:
+        self.lag[-1].append(getattr(trainer, "pending", None) is not None)
+        self.on = False
+
+    def on_fit_end(self, trainer) -> None:
+        import json
+
+        self.mode.__exit__(None, None, None)
+        torch.Tensor.tolist = self._tolist
+        with open(self.path, "w") as f:
+            json.dump({"reads": self.reads, "lag": self.lag}, f)
+
+
+class CudaSyncs(Hook):
+    """Counts the synchronizing CUDA operations of each step, from its STEP_START to the end of its
+    STEP_END, under ``torch.cuda.set_sync_debug_mode("warn")``, and writes ``{step: n}`` to ``path`` at
+    the end (steps without one left out). Reads no value itself (``needs_verdict`` False)."""
+
+    def __init__(self, path: str):
+        self.path, self.syncs = path, {}
+        self._catch = None
+
+    def needs_verdict(self, trainer) -> bool:
+        return False
+
+    def on_step_start(self, trainer) -> None:
+        import warnings
+
+        self._catch = warnings.catch_warnings(record=True)
+        self._seen = self._catch.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_step_end(self, trainer) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(None, None, None)
+        n = sum("synchroniz" in str(w.message) for w in self._seen)
+        if n:
+            self.syncs[trainer.state.step] = n
+
+    def on_fit_end(self, trainer) -> None:
+        import json
+
+        torch.cuda.set_sync_debug_mode("default")
+        with open(self.path, "w") as f:
+            json.dump(self.syncs, f)

@@ -20,7 +20,10 @@ class Evaluator(Hook):
         self.last_step = trainer.state.step
         trainer.fire(Event.EVAL_END)
 
-    def on_step_end(self, trainer) -> None:
+    def needs_verdict(self, trainer) -> bool:
         st = trainer.state
-        if self.every and (st.step % self.every == 0 or st.step >= trainer.cfg.max_steps):
+        return bool(self.every) and (st.step % self.every == 0 or st.step >= trainer.cfg.max_steps)
+
+    def on_step_end(self, trainer) -> None:
+        if self.needs_verdict(trainer):
             self._run(trainer)

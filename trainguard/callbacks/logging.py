@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -19,10 +20,12 @@ class MetricsLogger(Hook):
     and a val line after every evaluation; ``sinks`` (TensorBoard, W&B, MLflow) get the same
     scalars on those steps only.
 
-    The loss is averaged over the steps since the last line. It is summed on the device,
-    so steps between log lines cost no host sync. The window's sum and count go into every
-    checkpoint (:meth:`state_dict`, read only then), so the first line after a resume averages
-    over the same steps as in an uninterrupted run: the logged curve does not change.
+    The loss is averaged over the steps since the last line, summed in float32 from the values the
+    host has anyway: the guard's verdict (read at once, ``state.loss_value``, or one step later,
+    VERDICT, for a deferred step: engine/defer.py; a deferred step found bad is redone, and counted
+    then). Without a guard it is summed on the device. Either way steps between log lines cost no host
+    sync. The window's sum and count go into every checkpoint (:meth:`state_dict`), so the first line
+    after a resume averages over the same steps as in an uninterrupted run: the logged curve does not change.
     """
 
     after = ('Timing',)  # the step's times, measured at its start
@@ -36,13 +39,26 @@ class MetricsLogger(Hook):
         self.last: dict = {}
         self.logged_step = -1
         self._saved: dict | None = None  # the window of the checkpoint resumed from
-        self.loss_sum, self.n = None, 0  # from fit start
+        self.loss_sum, self.n = None, 0  # from fit start: summed on the device (no guard read the loss)
+        self.host_sum = np.float32(0.0)  # summed on the host, in float32 as the device would
+        self.on_device = False  # some of the window's losses were summed on the device
 
     def state_dict(self) -> dict:
-        """The logging window so far: its loss sum (read from the device now, at a checkpoint) and count."""
+        """The logging window so far: its loss sum (from the device now, at a checkpoint) and count."""
         if self.loss_sum is None:  # before fit start
             return dict(self._saved or {"loss_sum": torch.zeros(()), "n": 0})
-        return {"loss_sum": self.loss_sum.detach().cpu().clone(), "n": self.n}
+        return {"loss_sum": self._sum().detach().cpu().clone(), "n": self.n}
+
+    def _sum(self) -> torch.Tensor:
+        return self.loss_sum + float(self.host_sum) if self.on_device else torch.tensor(float(self.host_sum))
+
+    def _mean(self) -> float:
+        """The window's mean loss: on the host when only guard-read values went in (no read), else one read."""
+        if not self.n:
+            return float("nan")
+        if not self.on_device:
+            return float(self.host_sum / np.float32(self.n))
+        return (self._sum() / self.n).item()
 
     def load_state_dict(self, d: dict) -> None:
         self._saved = d
@@ -50,24 +66,43 @@ class MetricsLogger(Hook):
     def on_fit_start(self, trainer) -> None:
         self._reset(trainer)
         if self._saved is not None:  # the window goes on from the checkpoint's steps
-            self.loss_sum = self._saved["loss_sum"].to(device=trainer.device, dtype=self.loss_sum.dtype)
+            self.host_sum = np.float32(self._saved["loss_sum"].float().numpy())
             self.n = int(self._saved["n"])
 
     def _reset(self, trainer) -> None:
         self.loss_sum = torch.zeros((), device=trainer.device)
+        self.host_sum, self.on_device = np.float32(0.0), False
         self.n, self.t0, self.samples0 = 0, time.perf_counter(), trainer.state.samples
         self.steps0 = trainer.state.step  # the rates are over this process's own steps (n may go back further)
         self.wait0 = trainer.state.input_wait_s
 
+    def needs_verdict(self, trainer) -> bool:
+        st = trainer.state
+        return st.step == 1 or st.step % self.every == 0 or st.step >= self.max_steps or st.stop
+
+    def on_verdict(self, trainer) -> None:
+        self._add(trainer.state.verdict.loss)  # a deferred step, healthy
+
+    def _add(self, loss: float) -> None:
+        self.host_sum = np.float32(self.host_sum + np.float32(loss))
+        self.n += 1
+
     def on_step_end(self, trainer) -> None:
         st = trainer.state
-        if not st.skip_step:
+        if st.found_inf is not None:
+            pass  # deferred: counted at VERDICT (healthy), or at the redone step's STEP_END
+        elif st.skip_step:
+            pass
+        elif st.loss_value is not None:  # read by the guard at once
+            self._add(st.loss_value)
+        else:
             self.loss_sum += st.loss
             self.n += 1
-        if not (st.step == 1 or st.step % self.every == 0 or st.step >= self.max_steps or st.stop):
+            self.on_device = True
+        if not self.needs_verdict(trainer):
             return
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        loss = (self.loss_sum / self.n).item() if self.n else float("nan")
+        loss = self._mean()
         sps = (st.samples - self.samples0) / dt
         lr = float(st.lr) if st.lr is not None else float("nan")  # a user's optimizer may keep a tensor (Adafactor)
         self.last = {"loss": loss, "lr": lr, "samples_per_s": round(sps, 2),
@@ -123,6 +158,9 @@ class ConsoleProgress(Hook):
     def _info(self) -> str:
         m = self.metrics.last
         return f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['samples_per_s']:.0f} samples/s" if m else ""
+
+    def needs_verdict(self, trainer) -> bool:
+        return False  # it shows the logger's last line
 
     def on_step_end(self, trainer) -> None:
         st = trainer.state

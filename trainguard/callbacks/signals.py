@@ -97,6 +97,9 @@ class SignalHandler(Hook):
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 
+    def needs_verdict(self, trainer) -> bool:
+        return self.received is not None  # it stops the run here (a checkpoint follows)
+
     def on_step_end(self, trainer) -> None:
         agreed = trainer.state.agreed
         received = agreed.signal if agreed is not None else self.received  # a process group: any rank's

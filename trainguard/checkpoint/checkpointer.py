@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -113,6 +114,7 @@ class Checkpointer(Hook):
         self._best_pending = False
         self.every_s = cfg.every_minutes * 60
         self._deadline = math.inf  # time.monotonic() when the next save on time is due
+        self._decided: tuple = (None, None, None)  # (step, its batch, why it is saved or None): see _due
         self._next_check = 0  # a process group: the step at which rank 0's clock is asked next
         self._last_check = (0, 0.0)  # (step, time) of that last question
         self.write_failed: store.CheckpointWriteFailed | None = None
@@ -140,13 +142,28 @@ class Checkpointer(Hook):
         if self.best_value is None or sign * value > sign * self.best_value:
             self.best_value, self.best_step, self._best_pending = value, trainer.state.step, True
 
-    def on_step_end(self, trainer) -> None:
+    def _due(self, trainer) -> str | None:
+        """Why this step is saved (steps, time, best), or None; decided once per step (a deferred step
+        found bad and redone fires STEP_END again, and is saved or not as decided the first time)."""
         step = trainer.state.step
+        if self._decided[0] == step and self._decided[1] is not None and self._decided[1]() is trainer.batch:
+            return self._decided[2]
         on_steps = bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
         on_time = not on_steps and bool(self.every_s) and (
             time.monotonic() >= self._deadline if trainer.world.size == 1 else self._due_in_group(trainer, step))
+        due = None
         if (on_steps or on_time or self._best_pending) and step < trainer.cfg.max_steps and step != self.last_saved:
-            self.save(trainer, trigger="steps" if on_steps else "time" if on_time else "best")
+            due = "steps" if on_steps else "time" if on_time else "best"
+        self._decided = (step, weakref.ref(trainer.batch) if trainer.batch is not None else None, due)  # not kept alive
+        return due
+
+    def needs_verdict(self, trainer) -> bool:
+        return self._due(trainer) is not None
+
+    def on_step_end(self, trainer) -> None:
+        due = self._due(trainer)
+        if due is not None:
+            self.save(trainer, trigger=due)
 
     def on_fit_end(self, trainer) -> None:
         # a guard stop (failed) also ends at a step boundary: keep that work too (save() refuses

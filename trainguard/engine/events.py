@@ -14,13 +14,18 @@ build time: one process, ddp or fsdp, :mod:`trainguard.engine.strategy`)::
         while out of memory:                 # the attempt is undone (gradients, RNG)
             fire(OUT_OF_MEMORY)              # OomRecovery: halve micro_batch_size, or stop
             accumulate and agree again       # nobody recovered: the run ends before this step
+        settle()                             # the previous step's deferred verdict, read now that this step's
+                                             # work is queued: healthy, fire(VERDICT); bad, that step is
+                                             # redone at once (replay) and this one starts again
         fire(AFTER_BACKWARD)                 # grads summed over micro-batches (and ranks), still scaled
         unscale; clip
-        fire(BEFORE_OPTIMIZER_STEP)          # guards read the verdict: state.skip_step, state.stop, or
-                                             # retry_step(fewer samples): accumulate, agree, unscale, clip again
-        optimizer.step(); scheduler.step()   # unless skipped
+        fire(BEFORE_OPTIMIZER_STEP)          # guards: the verdict now (state.skip_step, state.stop, or
+                                             # retry_step(fewer samples): accumulate, agree, unscale, clip
+                                             # again), or deferred: state.found_inf, a device flag
+        optimizer.step(); scheduler.step()   # unless skipped; a set found_inf skips the update on the device
         zero_grad; step += 1
         samples += strategy.samples(batch)   # every rank's
+        settle() if a hook reads this step's values at its end (needs_verdict: log line, checkpoint, ...)
         fire(STEP_END)                       # logging, evaluation, checkpoints (own cadence)
             evaluate:                        # the Evaluator
                 strategy.begin_eval()        # rank 0's buffers
@@ -31,7 +36,14 @@ build time: one process, ddp or fsdp, :mod:`trainguard.engine.strategy`)::
             save                             # the Checkpointer: the strategy's model state and optimizer
                                              # state (or shards), gathered or written by every rank
             fire(CHECKPOINT_SAVED)           # after each committed checkpoint
+    settle()                                 # a step still deferred
     fire(FIT_END)                            # at every end: completed, failed, interrupted
+
+A deferred step (engine/defer.py: one process, a fused optimizer, no fp16 scaler) costs no host sync:
+its verdict is read one step later from a pinned copy. A bad one is then redone from its start (RNG,
+BatchNorm statistics, scheduler and counters put back; its masked update changed nothing else), as
+an undeferred step: its AFTER_BACKWARD, BEFORE_OPTIMIZER_STEP and STEP_END fire again, and so does
+the next step's STEP_START, since that step starts again after it.
 
 Hooks run in list order, each at the events it overrides. The order is declared where it matters:
 a hook's ``after`` names the hooks it must run after (``"*"``: after every hook that does not say
@@ -55,6 +67,7 @@ class Event(str, Enum):
     FIT_START = "fit_start"
     STEP_START = "step_start"
     OUT_OF_MEMORY = "out_of_memory"
+    VERDICT = "verdict"
     AFTER_BACKWARD = "after_backward"
     BEFORE_OPTIMIZER_STEP = "before_optimizer_step"
     STEP_END = "step_end"
@@ -88,6 +101,10 @@ class Hook:
         gradients and RNG draws are undone. Lower ``trainer.micro_batch_size`` and set
         ``state.oom = None`` to redo it; otherwise the run ends before this step."""
 
+    def on_verdict(self, trainer) -> None:
+        """A deferred step's verdict reached the host, healthy: ``trainer.state.verdict`` holds its step,
+        loss and gradient norm (one step late, or at its own STEP_END; see engine/defer.py)."""
+
     def on_after_backward(self, trainer) -> None:
         """Gradients of all micro-batches are accumulated (still loss-scaled under fp16)."""
 
@@ -96,6 +113,15 @@ class Hook:
 
     def on_step_end(self, trainer) -> None:
         """The optimizer step is done (or skipped) and ``state.step`` counts it."""
+
+    def needs_verdict(self, trainer) -> bool:
+        """Whether this step's ``on_step_end`` reads the step's values (``state.loss``, ``skip_step``):
+        asked before STEP_END of a deferred step. True (the default, for a hook that overrides
+        ``on_step_end``) makes the host read the step's verdict first, one host sync; a hook that reads
+        values only on some steps (a log line) says so, and the others stay free of syncs. A hook
+        told False sees ``skip_step`` unset and the loss still on the device: a bad step is redone
+        later, and its STEP_END fires again."""
+        return True
 
     def on_eval_end(self, trainer) -> None:
         """An evaluation finished; ``trainer.state.eval_metrics`` holds its results."""

@@ -17,10 +17,11 @@ from torch import nn
 from trainguard.config.schema import TrainConfig
 from trainguard.engine.batch import ModelAdapter, extract_logits, split_batch, to_device
 from trainguard.engine.data import Batch, DataStream
+from trainguard.engine.defer import DEFER, KeptBuffers, Pending, StepStart, takes_found_inf
 from trainguard.engine.events import Event, Hook, hook_method
 from trainguard.engine.grads import total_norm
 from trainguard.engine.precision import autocast
-from trainguard.engine.state import OutOfMemory, RunState
+from trainguard.engine.state import OutOfMemory, RunState, Verdict
 from trainguard.engine.strategy import SingleProcess, Strategy
 from trainguard.engine import watchdog
 from trainguard.errors import first_line
@@ -52,11 +53,22 @@ class Trainer:
     state: RunState = field(default_factory=RunState)
     batch: Batch | None = None
     at_boundary: bool = False  # True once fit() left the loop between steps (safe to checkpoint)
-    _handlers: tuple = (None, 0, {})  # (the hooks list they came from, its length, event -> bound methods)
+    pending: Pending | None = None  # the step whose verdict the host has not read yet (engine/defer.py)
+    replaying: bool = False  # a deferred step found bad is being done again
+    _handlers: tuple = (None, 0, {}, [])  # (the hooks list they came from, its length, event -> bound methods,
+                                          # the hooks at STEP_END)
 
     def __post_init__(self) -> None:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]  # what the optimizer updates
         self.strategy.bind(self)
+        self.kept = KeptBuffers(self.model)  # BatchNorm statistics as at each step's start
+
+    @property
+    def defers(self) -> bool:
+        """Whether the guards may defer this step's verdict (engine/defer.py): one process, an optimizer
+        that takes ``found_inf``, no fp16 GradScaler, no simulated memory budget, not a bad step being redone."""
+        return (DEFER and self.strategy.defers and not self.replaying and not self.scaler.is_enabled()
+                and getattr(self.memory, "kind", None) != "simulated" and takes_found_inf(self.optimizer))
 
     @property
     def world(self):
@@ -71,7 +83,9 @@ class Trainer:
     def fire(self, event: Event) -> None:
         """Call every hook's method for ``event``, in order (those a hook overrides; the rest are no-ops)."""
         if self._handlers[0] is not self.hooks or self._handlers[1] != len(self.hooks):  # hooks set or added since
-            self._handlers = (self.hooks, len(self.hooks), handlers(self.hooks))
+            by_event = handlers(self.hooks)
+            self._handlers = (self.hooks, len(self.hooks), by_event,
+                              [getattr(m, "__self__", None) for m in by_event[Event.STEP_END]])
         for method in self._handlers[2][event]:
             method(self)
 
@@ -91,7 +105,9 @@ class Trainer:
                 if not self.train_step(self.batch):
                     break  # the step could not be computed: the run ends before it (state as after the last step)
                 st.epoch, st.position = self.data.epoch, self.data.position
-                self.fire(Event.STEP_END)
+                if not (self.pending is not None and self.needs_verdict() and self.settle(begun=False)):
+                    self.fire(Event.STEP_END)  # (a deferred step found bad was redone, its STEP_END with it)
+            self.settle(begun=False)  # a step still deferred
             self.at_boundary = True
             if st.status == "running":
                 st.status = "completed"
@@ -117,24 +133,89 @@ class Trainer:
         recovered): nothing of the step was applied.
         """
         st, opt = self.state, self.optimizer
-        st.skip_step = False
-        st.lr = opt.param_groups[0]["lr"]
         if not self.model.training:  # not every step: train() walks every module
             self.model.train()
         self.strategy.begin_step(self)  # in a group: rank 0's buffers (BatchNorm statistics) everywhere
-        if not self.gradients(batch):
-            return False
+        while True:
+            st.skip_step, st.found_inf, st.loss_value = False, None, None
+            st.lr = opt.param_groups[0]["lr"]
+            buffers = self.kept.capture()  # BatchNorm statistics before the forward (a bad step puts them back)
+            start = StepStart.take(self, buffers) if self.defers else None
+            if not self.gradients(batch):
+                return False
+            if not self.settle(begun=True):  # the previous step's verdict, now that this step is queued
+                break
+            if st.stop:  # that step was bad, redone, and the run ends after it
+                return False
+            batch = self.batch  # it was bad and redone, and this step started again (known-bad samples dropped)
         self.fire(Event.AFTER_BACKWARD)
         self.unscale_and_clip()
         self.fire(Event.BEFORE_OPTIMIZER_STEP)
         if not st.skip_step:
-            self.scaler.step(opt)
+            self.optimizer_step()
             self.scheduler.step()
         self.scaler.update()
         opt.zero_grad(set_to_none=True)
+        if st.found_inf is not None and start is not None:  # deferred: its verdict is read later
+            self.pending = Pending(start, st.loss, st.grad_norm, st.found_inf)
         st.step += 1
         st.samples += self.strategy.samples(batch)  # every rank's
         return True
+
+    def optimizer_step(self) -> None:
+        """The update; with ``state.found_inf`` set (a deferred verdict), skipped on the device when the flag is."""
+        opt, flag = self.optimizer, self.state.found_inf
+        if flag is None:
+            self.scaler.step(opt)
+            return
+        opt.found_inf, opt.grad_scale = flag.float(), None  # what GradScaler hands a fused optimizer
+        try:
+            self.scaler.step(opt)
+        finally:
+            del opt.found_inf, opt.grad_scale
+
+    def needs_verdict(self) -> bool:
+        """Whether STEP_END must see this step's verdict: the run ends here, or a hook reads values now."""
+        st = self.state
+        return (st.stop or st.step >= self.cfg.max_steps
+                or any((getattr(h, "needs_verdict", None) or (lambda trainer: True))(self) for h in self._handlers[3]))
+
+    def settle(self, begun: bool) -> bool:
+        """Read the deferred step's verdict (:mod:`~trainguard.engine.defer`). Healthy: VERDICT fires.
+        Bad: the step is redone at once (:meth:`replay`); ``begun``: the next step had begun, and
+        starts again. Returns True when a step was redone."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return False
+        loss, norm, bad = p.read()
+        if not bad:
+            self.state.verdict = Verdict(p.step, loss, norm)
+            self.fire(Event.VERDICT)
+            return False
+        self.replay(p, begun)
+        return True
+
+    def replay(self, p: Pending, begun: bool) -> None:
+        """A deferred step found bad, done again as an undeferred one from its start (its masked update
+        changed no weights and no optimizer state; RNG, BatchNorm statistics, scheduler and counters are
+        put back): the same gradients, and the guards decide on it at once. Then its STEP_END, and the
+        next step's STEP_START again if it had begun (its gradients are dropped: it runs again)."""
+        st, nxt = self.state, self.batch
+        self.optimizer.zero_grad(set_to_none=True)
+        after = (st.epoch, st.position)
+        p.restore(self)
+        self.replaying = True
+        try:
+            done = self.train_step(p.start.batch)
+        finally:
+            self.replaying = False
+        if not done:  # out of memory and nobody recovered: the run ends before that step
+            return
+        st.epoch, st.position = after
+        self.fire(Event.STEP_END)
+        if begun and not st.stop:
+            self.batch, st.batch_ids = nxt, nxt.ids
+            self.fire(Event.STEP_START)
 
     def gradients(self, batch: Batch) -> bool:
         """``forward_backward`` into ``state.loss``, redone while an OUT_OF_MEMORY hook recovers.

@@ -28,6 +28,15 @@ class OutOfMemory:
 
 
 @dataclass
+class Verdict:
+    """A deferred step's verdict, read on the host one step later (VERDICT fires for a healthy one)."""
+
+    step: int
+    loss: float
+    grad_norm: float
+
+
+@dataclass
 class RunState:
     """Everything that changes while training; the counters go into every checkpoint."""
 
@@ -40,13 +49,16 @@ class RunState:
     # per-step scratch, set by the loop
     batch_ids: list[int] = field(default_factory=list)
     loss: Any = None                   # this step's loss (a 0-dim tensor on the device; no host sync)
+    loss_value: float | None = None    # the same on the host, where a guard read it at once (None: not read)
     grad_norm: Any = None
     lr: float = 0.0
     input_wait_s: float = 0.0          # seconds fit() has waited for batches from the loader (this process)
     agreed: Any = None                 # in a process group: this step's distributed.agree.Agreed (its strategy's exchange)
     received_signal: int | None = None  # SIGINT/SIGTERM received by this process (SignalHandler)
+    verdict: Verdict | None = None     # the last deferred step whose verdict the host read (engine/defer.py)
     # flags hooks set to change the run
     skip_step: bool = False            # skip this step's optimizer update
+    found_inf: Any = None              # a device flag: set, the update is skipped on the device (deferred verdict)
     stop: bool = False                 # stop after this step
     oom: OutOfMemory | None = None     # set when this step's forward/backward ran out of memory
     status: str = "running"            # running | completed | failed | interrupted

@@ -20,8 +20,9 @@ def from_rank0(decision):
 
 
 def verdict(trainer) -> tuple[bool, float]:
-    """``(bad, loss)`` of the step just computed, the same on every rank."""
+    """``(bad, loss)`` of the step just computed, the same on every rank (the loss also in
+    ``state.loss_value``, for the logger)."""
     agreed = trainer.state.agreed
-    if agreed is not None:
-        return agreed.bad, agreed.loss
-    return step_signals(trainer.state.loss, trainer.state.grad_norm)
+    bad, loss = (agreed.bad, agreed.loss) if agreed is not None else step_signals(trainer.state.loss, trainer.state.grad_norm)
+    trainer.state.loss_value = loss
+    return bad, loss

@@ -1,6 +1,10 @@
 """The Guard hook: bad samples, non-finite steps, loss spikes, budgets and rollback.
 
-Healthy steps cost one host sync (the fused finite check of loss and gradient norm, through
+Where the step's verdict can be deferred (one process, a fused optimizer: engine/defer.py), a healthy
+step costs no host sync: the Guard gives it a device flag (non-finite loss or gradient norm, or a loss
+above the spike bound) that skips its update on the device, and learns the values one step later
+(VERDICT). A flagged step is redone at once, undeferred, and judged as below. Otherwise the step costs
+one host read (the fused finite check of loss and gradient norm, through
 :func:`~trainguard.guards.consensus.agree`); everything else runs only when something is wrong.
 What a bad step does (culprits dropped, the step skipped and counted, a stop or a rollback) is in
 :mod:`trainguard.guards.bad_steps`.
@@ -9,18 +13,21 @@ What a bad step does (culprits dropped, the step skipped and counted, a stop or 
 from __future__ import annotations
 
 import math
+import weakref
 from collections import Counter
 
+import numpy as np
 import torch
 
 from trainguard import distributed
 from trainguard.checkpoint import store
 from trainguard.config.schema import GuardConfig
 from trainguard.engine.data import BadSample
+from trainguard.engine.defer import DEFER
 from trainguard.engine.events import Hook
 from trainguard.guards.bad_steps import BadSteps
 from trainguard.guards.consensus import verdict
-from trainguard.guards.localize import Finding, batchnorms, find_nonfinite, find_nonfinite_together
+from trainguard.guards.localize import Finding, find_nonfinite, find_nonfinite_together
 from trainguard.guards.spike import Spike, SpikeRule, culprits, sample_losses
 
 KNOWN_BAD = "non-finite loss, sample known from an earlier step"
@@ -30,10 +37,11 @@ SPIKE_HINT = ("the sample ids are in events.jsonl: look at those samples; if the
 SPIKE_LINES = 10  # console lines for spikes (warn); the rest are in events.jsonl only
 
 
-def norm_statistics(model) -> list:
-    """The running statistics of every BatchNorm that keeps them (mean, var, batches seen)."""
-    return [t for m in batchnorms(model) if m.track_running_stats
-            for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
+def _below(bound: float) -> float:
+    """The largest finite float32 at most ``bound``: a float32 loss is above ``bound`` exactly when it is
+    above this (and every finite loss is at most it when the bound is infinite)."""
+    b = np.float32(min(bound, float(np.finfo(np.float32).max)))
+    return float(b if b <= bound else np.nextafter(b, np.float32(-np.inf)))
 
 
 class Guard(BadSteps, Hook):
@@ -43,8 +51,9 @@ class Guard(BadSteps, Hook):
         self.cfg, self.planned, self.log, self.checkpointer = cfg, planned_samples, log, checkpointer
         self.consecutive = 0
         self.rollbacks = 0
-        self.norm_stats: list = []   # BatchNorm running statistics, and their copy from before this step
-        self._stats_before: list = []
+        self._step_batch = lambda: None  # this step's batch (a weakref), and its failed samples already recorded (STEP_START
+        self._logged_bad: list = []  # fires again when the step before it is redone)
+        self._bound: tuple = (None,) * 5  # the spike bound: (bound, as float32, on the device, 0, 1), made at the first use
         self.lr_scale = 1.0
         self.overflow_steps = 0
         self.spike_on = cfg.on_spike != "off"
@@ -79,8 +88,16 @@ class Guard(BadSteps, Hook):
 
     # ---- events --------------------------------------------------------------------------
     def on_fit_start(self, trainer) -> None:
-        self.norm_stats = norm_statistics(trainer.model)
-        self._stats_before = [t.clone() for t in self.norm_stats]
+        if trainer.device.type == "cuda" and trainer.world.is_main and trainer.strategy.defers and DEFER \
+                and not trainer.defers:  # said once: each step then waits for the device before the next is queued
+            from rich.console import Console
+
+            why = ("under fp16 the GradScaler decides its own skips; bf16 (train.precision) avoids it"
+                   if trainer.scaler.is_enabled() else
+                   f"{type(trainer.optimizer).__name__} takes no found_inf (torch's fused AdamW, Adam, SGD and Adagrad "
+                   "do: optim.fused: auto or true)")
+            Console(stderr=True, soft_wrap=True, highlight=False).print(
+                f"note: the guards read each step's verdict at once (one host sync a step): {why}")
         for note in self.cfg._notes:  # deprecated spellings in the config
             self.log.event(trainer.state.step, "deprecated", note)
             if trainer.world.is_main:
@@ -92,12 +109,37 @@ class Guard(BadSteps, Hook):
             self.checkpointer.save(trainer)  # something to roll back to before step 1 (rank 0 decides)
 
     def on_step_start(self, trainer) -> None:
-        if self.norm_stats:  # a few KB, in one multi-tensor copy: what a bad step's forward must not leave in them
-            torch._foreach_copy_(self._stats_before, self.norm_stats)
+        again = self._step_batch() is trainer.batch  # the step starts again (the one before it was redone)
         if self.known_bad:
             self._drop_known_bad(trainer)
         if trainer.world.size == 1:
-            self._load_failures(trainer, trainer.batch.bad, trainer.state.step + 1)
+            bad = trainer.batch.bad
+            self._load_failures(trainer, bad[len(self._logged_bad):] if again else bad, trainer.state.step + 1)
+            self._logged_bad = list(bad)
+        self._step_batch = weakref.ref(trainer.batch)  # not kept alive: a budget counts it
+
+    def needs_verdict(self, trainer) -> bool:
+        return False  # its STEP_END reads counters only
+
+    def on_verdict(self, trainer) -> None:
+        """A deferred step was healthy: its loss joins the spike window, as on a healthy step below."""
+        if self.spike_on:
+            self.spike.add(trainer.state.verdict.loss)
+            self.spike_streak = 0
+        self.consecutive = 0
+
+    def _defer(self, trainer) -> None:
+        """The verdict as a device flag (1.0: the update is skipped on the device): the loss or the
+        gradient norm is not finite, or the loss is above the spike bound; judged in full when the step
+        is redone, so a flag too many costs a redo, never a result. Five small ops, no host read."""
+        st = trainer.state
+        bound = self.spike.bound if self.spike_on else math.inf
+        if self._bound[0] != bound or self._bound[2] is None or self._bound[2].device != st.loss.device:
+            ones = torch.ones(3, device=st.loss.device)
+            self._bound = (bound, _below(bound), ones[0] * _below(bound), ones[1] * 0, ones[2])
+        _, _, thr, zero, one = self._bound
+        x = st.loss + (st.loss + st.grad_norm) * 0  # NaN where the loss or the norm is not finite
+        st.found_inf = torch.where(x <= thr, zero, one)  # NaN compares False
 
     def _drop_known_bad(self, trainer) -> None:
         """Samples a step was already healed of (guard.remember_bad_samples) leave the batch before
@@ -137,6 +179,8 @@ class Guard(BadSteps, Hook):
         st, batch, agreed = trainer.state, trainer.batch, trainer.state.agreed
         if (agreed.samples if agreed is not None else len(batch)) == 0:
             return self._bad_step(trainer, "every sample of the batch failed to load", None)
+        if trainer.defers:
+            return self._defer(trainer)
         bad, loss = verdict(trainer)
         if bad and trainer.scaler.is_enabled() and math.isfinite(loss):
             # fp16 overflow in the backward: the GradScaler skips the step and lowers its scale
@@ -150,8 +194,7 @@ class Guard(BadSteps, Hook):
         if bad:
             # the forward's inf/NaN went into BatchNorm's running statistics too (and from there into
             # every later evaluation): they are put back before the search and the retry or skip
-            if self.norm_stats:
-                torch._foreach_copy_(self.norm_stats, self._stats_before)
+            trainer.kept.put_back(trainer.kept.before)
             # a rank whose own step was finite has nothing to find. Sharded (FSDP2), a forward is a
             # collective, so every rank takes part in the forwards of those that search; and the
             # gradients were reduced in the backward, so a rank is bad by its loss alone: when no
@@ -235,12 +278,10 @@ class Guard(BadSteps, Hook):
                                f"to a new level; the spike window starts again ({self.cfg.spike_warmup} steps to warm up)",
                                action="restart")
             return
-        if self.norm_stats:  # the spiking forward's BatchNorm statistics go, as for a non-finite step
-            torch._foreach_copy_(self.norm_stats, self._stats_before)
+        trainer.kept.put_back(trainer.kept.before)  # the spiking forward's BatchNorm statistics go, as for a non-finite step
         if ids and not why and self._spike_retry(trainer, spike, ids, batch_ids, named):
             return
-        if self.norm_stats:
-            torch._foreach_copy_(self.norm_stats, self._stats_before)
+        trainer.kept.put_back(trainer.kept.before)
         self._say(trainer, f"step {step}: {spike.describe()}{named}: the step is skipped (guard.on_spike={self.cfg.on_spike})")
         self._bad_step(trainer, SPIKE, None, policy=self.cfg.on_spike, detail=": " + spike.describe().removeprefix(SPIKE + ": ") + named,
                        hint=SPIKE_HINT, culprits=ids, batch_ids=batch_ids, action="skip", **spike.fields())

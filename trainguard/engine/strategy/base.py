@@ -37,6 +37,7 @@ class Strategy:
     name = "single"
     sharded = False  # every forward is a collective over the ranks (FSDP2): no rank may run one alone
     spare: Any = None  # sharded: one sample of this rank's latest batch, for stand-in forwards
+    defers = False  # a step's verdict may be read one step later (engine/defer.py): one process only, for now
 
     def __init__(self, world: distributed.World = distributed.World()):
         self.world = world
