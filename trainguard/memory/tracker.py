@@ -20,9 +20,10 @@ FSDP2 frees each block's gathered parameters that way after its forward and back
 them again before the next all-gather. While a tracker is entered, ``resize_`` is wrapped (as
 torch's own ``MemTracker`` does) so the live bytes follow it, and a growth past the limit raises.
 
-``torch.utils._python_dispatch.TorchDispatchMode`` and ``torch.utils.weak`` are the documented way
-to write a dispatch mode, though their modules are underscored or internal; both are used only
-here, and tests/test_memory.py checks the counts against torch's own MemTracker.
+``torch.utils._python_dispatch.TorchDispatchMode`` is the documented way to write a dispatch mode,
+though its module is underscored; it is used only here, and tests/test_memory.py checks the counts
+against torch's own MemTracker. Storages are kept by ``id`` in a plain dict, each entry removed by a
+weakref finaliser when its storage's Python object dies (torch keeps one per live storage).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
-from torch.utils.weak import WeakIdKeyDictionary
 
 from trainguard.memory.sizes import fmt_bytes
 
@@ -92,14 +92,19 @@ class TensorMemory(TorchDispatchMode):
         self.limit, self.name = limit, name
         self.live = 0
         self.peak = 0
-        self._sizes: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        # id(storage) -> [its counted bytes]; the entry goes when the storage's Python object dies (a
+        # weakref finaliser, which runs before the id can be reused): a plain dict, as a lookup per operator
+        # argument made WeakIdKeyDictionary's weak-reference objects a third of a small model's step
+        self._sizes: dict[int, list[int]] = {}
         self._pid = os.getpid()
         self.enforce = True   # False: count, but never raise (measuring past the limit)
         self.paused = False   # True: neither count nor raise (host-side copies made by the search)
 
     # ---- counting ---------------------------------------------------------------------------
-    def _free(self, cell: list[int]) -> None:
+    def _free(self, key: int, cell: list[int]) -> None:
         self.live -= cell[0]
+        if self._sizes.get(key) is cell:
+            del self._sizes[key]
 
     def _add(self, t: torch.Tensor) -> int:
         if is_traceable_wrapper_subclass(t):  # a DTensor's storage holds no data: its local tensor's does
@@ -112,11 +117,12 @@ class TensorMemory(TorchDispatchMode):
         return self._add_storage(st)
 
     def _add_storage(self, st: torch.UntypedStorage) -> int:
-        if st in self._sizes:
+        key = id(st)
+        if key in self._sizes:
             return 0
         cell = [_rounded(st.nbytes())]  # the storage's current size: resize_ changes it
-        self._sizes[st] = cell
-        weakref.finalize(st, self._free, cell)
+        self._sizes[key] = cell
+        weakref.finalize(st, self._free, key, cell)
         return self._grow(cell[0])
 
     def _grow(self, n: int) -> int:
@@ -129,7 +135,7 @@ class TensorMemory(TorchDispatchMode):
         """Before ``st.resize_(nbytes)``: past the limit, raise as the allocation would."""
         if self.paused or not self.enforce or self.limit is None or os.getpid() != self._pid:
             return
-        cell = self._sizes.get(st)
+        cell = self._sizes.get(id(st))
         grow = _rounded(nbytes) - (cell[0] if cell is not None else 0)
         if grow > 0 and self.live + grow > self.limit:
             raise torch.OutOfMemoryError(
@@ -140,7 +146,7 @@ class TensorMemory(TorchDispatchMode):
         """After ``st.resize_``: the live bytes follow the storage's new size."""
         if self.paused or os.getpid() != self._pid:
             return
-        cell = self._sizes.get(st)
+        cell = self._sizes.get(id(st))
         if cell is None:
             self._add_storage(st)
             return
