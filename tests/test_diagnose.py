@@ -107,8 +107,8 @@ def test_memory_that_does_not_fit_warns_with_split_and_fails_with_stop(tmp_path)
     big = dict(model={"_target_": "tests.toys:MLP", "hidden": 256}, train={"batch_size": 64, "micro_batch_size": 64})
     code, checks, _ = diagnose(tmp_path, "--memory-budget", "120KB", **big)
     mem = checks["memory.fit"]
-    assert code == 0 and mem["status"] == "warn" and "split" in mem["message"] and "autoconfig picks 10 micro-batches of 7 or 6" in mem["message"], mem
-    assert "train.micro_batch_size: 7" in mem["hint"]  # the fewest that fit: 10 (a divisor of 64 needed 16 of 4)
+    assert code == 0 and mem["status"] == "warn" and "split" in mem["message"] and "autoconfig picks 6 micro-batches of 11 or 10" in mem["message"], mem
+    assert "train.micro_batch_size: 11" in mem["hint"]  # the fewest that fit: 6 (a divisor of 64 needed 8 of 8)
     assert checks["memory.first_step"]["status"] == "warn"  # the shared preflight ran out too, as train's would
     code, checks, _ = diagnose(tmp_path, "--memory-budget", "120KB", **big, guard={"on_oom": "stop"})
     assert code == 1 and checks["memory.fit"]["status"] == "fail"

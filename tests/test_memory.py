@@ -128,7 +128,7 @@ def test_split_run_killed_and_resumed_is_exact(tmp_path):
 
 
 def test_one_sample_that_does_not_fit_stops_with_what_it_needs(cli, tmp_path):
-    code, out, summary, events, _ = train(cli, tmp_path, "tiny", "--memory-budget", "80KB")
+    code, out, summary, events, _ = train(cli, tmp_path, "tiny", "--memory-budget", "64KB")
     assert code == 1 and "Traceback" not in out
     assert "one sample does not fit" in out and "needs about" in out and "available" in out and "hint:" in out
     assert summary["status"] == "failed" and summary["steps"] == 0

@@ -96,6 +96,7 @@ class TensorMemory(TorchDispatchMode):
         # weakref finaliser, which runs before the id can be reused): a plain dict, as a lookup per operator
         # argument made WeakIdKeyDictionary's weak-reference objects a third of a small model's step
         self._sizes: dict[int, list[int]] = {}
+        self._host: set[int] = set()  # storages made while paused (host side: a dataset's tensors): never counted
         self._pid = os.getpid()
         self.enforce = True   # False: count, but never raise (measuring past the limit)
         self.paused = False   # True: neither count nor raise (host-side copies made by the search)
@@ -118,12 +119,22 @@ class TensorMemory(TorchDispatchMode):
 
     def _add_storage(self, st: torch.UntypedStorage) -> int:
         key = id(st)
-        if key in self._sizes:
+        if key in self._sizes or key in self._host:
             return 0
         cell = [_rounded(st.nbytes())]  # the storage's current size: resize_ changes it
         self._sizes[key] = cell
         weakref.finalize(st, self._free, key, cell)
         return self._grow(cell[0])
+
+    def _mark_host(self, t: torch.Tensor) -> None:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = id(st)
+        if key not in self._sizes and key not in self._host:
+            self._host.add(key)
+            weakref.finalize(st, self._host.discard, key)
 
     def _grow(self, n: int) -> int:
         self.live += n
@@ -187,7 +198,11 @@ class TensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if self.paused or os.getpid() != self._pid:
+        if os.getpid() != self._pid:
+            return out
+        if self.paused:  # made on the host (a dataset built, items loaded): its views later count nothing either
+            for t in _tensors(out):
+                self._mark_host(t)
             return out
         for t in _tensors(args):
             self._add(t)
