@@ -178,7 +178,7 @@ class Trainer:
         """Whether STEP_END must see this step's verdict: the run ends here, or a hook reads values now."""
         st = self.state
         return (st.stop or st.step >= self.cfg.max_steps
-                or any((getattr(h, "needs_verdict", None) or (lambda trainer: True))(self) for h in self._handlers[3]))
+                or any(not hasattr(h, "needs_verdict") or h.needs_verdict(self) for h in self._handlers[3]))
 
     def settle(self, begun: bool) -> bool:
         """Read the deferred step's verdict (:mod:`~trainguard.engine.defer`). Healthy: VERDICT fires.

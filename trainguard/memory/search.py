@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from trainguard.engine.batch import micro_sizes
 from trainguard.memory.trial import Trial
 
 MAX_TRIALS = 12
@@ -107,7 +108,6 @@ def search(measure: Callable[[int], Trial], usable: int, upper: int, max_trials:
 
 def fewest_micro_batches(share: int, m: int) -> int:
     """The micro-batch size that splits ``share`` samples into the fewest micro-batches of at most
-    ``m``: ``ceil(share / ceil(share / m))``. :func:`trainguard.engine.batch.split_batch` then makes
-    ``ceil(share / m)`` micro-batches within one sample of each other (256 at most 86: 86, 85, 85)."""
-    m = max(1, min(m, share))
-    return -(-share // -(-share // m))
+    ``m``: the largest of :func:`trainguard.engine.batch.micro_sizes`, the split the loop makes
+    (256 at most 86: 86, 85, 85)."""
+    return micro_sizes(share, m)[0] if share > 0 else max(1, m)
