@@ -50,7 +50,7 @@ def check_world_batch(cfg: Config, world: int) -> None:
     if batch % world:
         lower, upper = batch // world * world, (batch // world + 1) * world
         raise ConfigError(f"train.batch_size {batch} does not split evenly over {world} processes "
-                          "(micro-batch x accumulation x processes = batch_size)",
+                          "(every process takes an equal share of it)",
                           f"set train.batch_size to " + (f"{lower} or {upper}" if lower else f"{upper}"))
 
 
