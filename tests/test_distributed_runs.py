@@ -450,3 +450,43 @@ def test_fsdp_rolls_back_to_a_checkpoint_and_recovers(tmp_path):
     assert summary["status"] == "completed" and summary["steps"] == 40
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert a[-1][1] < 1.0 and abs(a[-1][1] - b[-1][1]) < 1e-5
+
+
+def test_ddp_defers_the_verdict_and_both_ranks_redo_a_bad_step_together(tmp_path):
+    """Under ddp the step's exchange sums the losses and norms on the device: a healthy step between log
+    lines reads no tensor value on the host on either rank (a user hook counts them), and the steps with
+    NaN samples, found one step late, are redone by both ranks together: the same events, losses and
+    weights, bit for bit, as with every verdict read at once (``TRAINGUARD_VERDICT=sync``)."""
+    from tests.test_defer import SCENARIOS, _outcome
+
+    hook = {"_target_": "tests.toys:HostReads", "path": str(tmp_path / "reads.json")}
+    sections = SCENARIOS["culprits"]
+    cfg = write(tmp_path, "toy", **sections | {"data": sections["data"] | {"num_workers": 0}}, hooks=[hook],
+                log={"progress": False})
+    deferred = train(cfg, tmp_path / "deferred")
+    assert deferred.returncode == 0, deferred.stderr
+    outcome = _outcome(tmp_path / "deferred")
+    bad = {e[1] for e in outcome[0] if e[0] == "skip"}
+    assert len(bad) >= 3, outcome[0]
+    logged = {1, *range(7, 31, 7), 10, 20, 30}  # a log line or a checkpoint
+    for path in (tmp_path / "reads.json", tmp_path / "reads.json.rank1"):  # each rank's count
+        reads = {int(k): v for k, v in yaml.safe_load(path.read_text())["reads"].items()}
+        # reads only where a line is logged, at a skip (samples named across ranks), and in the step after
+        # a bad one (which redoes it)
+        assert {s: n for s, n in reads.items() if s not in logged | bad and s - 1 not in bad} == {}, (path, reads, bad)
+        assert len(reads) < 20  # of 30 steps
+        found = {e[1] for e in outcome[0] if e[0] == "skip" and "first non-finite" in e[2]}
+        # found and redone in the next step, or at once where the step's own values are read at its end
+        assert all(reads.get(s if s in logged else s + 1, 0) >= 1 for s in found)
+
+    old = os.environ.get("TRAINGUARD_VERDICT")
+    os.environ["TRAINGUARD_VERDICT"] = "sync"
+    try:
+        sync = train(cfg, tmp_path / "sync")
+    finally:
+        os.environ.pop("TRAINGUARD_VERDICT") if old is None else os.environ.update(TRAINGUARD_VERDICT=old)
+    assert sync.returncode == 0, sync.stderr
+    (ev, loss, summary, w), (ev_s, loss_s, summary_s, w_s) = outcome, _outcome(tmp_path / "sync")
+    assert ev == ev_s and loss == loss_s
+    assert all(summary.get(k) == summary_s.get(k) for k in ("steps", "samples", "skipped_steps", "skipped_samples", "status"))
+    assert w.keys() == w_s.keys() and all(torch.equal(w[k], w_s[k]) for k in w)

@@ -690,7 +690,8 @@ class HostReads(Hook):
 
         self.mode.__exit__(None, None, None)
         torch.Tensor.tolist = self._tolist
-        with open(self.path, "w") as f:
+        path = self.path if trainer.world.rank == 0 else f"{self.path}.rank{trainer.world.rank}"
+        with open(path, "w") as f:
             json.dump({"reads": self.reads, "lag": self.lag}, f)
 
 

@@ -11,7 +11,8 @@ This package is the layer below the engine that knows collectives:
 * :mod:`.buckets`: gradients as views into flat buckets, averaged over ranks without a copy;
 * :mod:`.fsdp`: FSDP2 sharding, compiling block by block, the fake group of the memory forecast, and
   whole state dicts of a sharded model;
-* :mod:`.agree`: the step's one exchange of flags, from which every rank takes the same decision.
+* :mod:`.agree`: the step's exchange of flags (on the host) and losses (on the device), from which
+  every rank takes the same decision.
 
 How a step uses them is a strategy's business (:mod:`trainguard.engine.strategy`). See docs/distributed.md.
 """
@@ -73,7 +74,25 @@ def init(device_type: str, timeout_s: float | None = None) -> World:
         timeout = TIMEOUT if timeout_s is None or "TRAINGUARD_DIST_TIMEOUT" in os.environ else \
             datetime.timedelta(seconds=timeout_s)
         torch.distributed.init_process_group(backend=backend, timeout=timeout, **kwargs)
+        host_group()  # made now, with the job's timeout, rather than in the first step
     return w
+
+
+_HOST_GROUP: tuple = (None, None)  # (the job's group, a gloo group beside it)
+
+
+def host_group():
+    """The group for values held in host memory (the step's flags and counts: :mod:`.agree`), so that
+    exchanging them waits for nothing on the device: a gloo group beside an NCCL one (made at the first
+    call, which every rank makes at the same point), else the job's own (None)."""
+    global _HOST_GROUP
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    world = torch.distributed.group.WORLD
+    if _HOST_GROUP[0] is not world:
+        other = torch.distributed.get_backend() != "gloo"
+        _HOST_GROUP = (world, torch.distributed.new_group(backend="gloo") if other else None)
+    return _HOST_GROUP[1]
 
 
 def progress_store():
@@ -121,6 +140,8 @@ def shutdown(together: bool = False) -> None:
         # checkpoints before this, 0 in 12 after)
         gc.collect()
         torch.distributed.destroy_process_group()
+    global _HOST_GROUP
+    _HOST_GROUP = (None, None)  # destroyed with the job's
     fsdp.forget_fake_group()  # destroyed with the job's
 
 
@@ -170,5 +191,5 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["CompiledBlocks", "GradViews", "World", "blocks", "broadcast_object", "broadcast_tensors", "current", "fake_group",
-           "fake_mesh", "gather_objects", "init", "is_sharded", "load_model_state", "load_optimizer_state", "local",
+           "fake_mesh", "gather_objects", "host_group", "init", "is_sharded", "load_model_state", "load_optimizer_state", "local",
            "model_state", "progress_store", "rank", "reshard", "set_sharded_optimizer_state", "shard", "shutdown", "size"]

@@ -13,7 +13,10 @@ A healthy verdict then fires VERDICT (the guard adds the loss to its spike windo
 done again at once, undeferred, from where it started: :class:`Pending` holds what the step changed
 that its masked update did not undo (the RNG streams, the BatchNorm statistics, the scheduler and the
 optimizer's hyperparameters, the counters and the batch), so the redone step computes the same gradients and the
-guard decides on it as if it had never been deferred. Deferral needs one process, an optimizer
+guard decides on it as if it had never been deferred. Under several processes (``ddp``) the step's
+exchange sums the ranks' losses and norms on the device (:mod:`trainguard.distributed.agree`), so every
+rank computes the same flag, reads the same sums at the same point of the next step, and redoes a
+bad step with the others. Deferral needs one process or ``ddp`` (not ``fsdp``), an optimizer
 that takes ``found_inf`` (:func:`takes_found_inf`) and no fp16 GradScaler; ``TRAINGUARD_VERDICT=sync``
 turns it off (every verdict read at once, as before 2026-12). Not under a simulated memory budget
 (``--memory-budget`` on a CPU): the deferred step keeps its batch until its verdict is read, host

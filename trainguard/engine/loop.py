@@ -65,8 +65,9 @@ class Trainer:
 
     @property
     def defers(self) -> bool:
-        """Whether the guards may defer this step's verdict (engine/defer.py): one process, an optimizer
-        that takes ``found_inf``, no fp16 GradScaler, no simulated memory budget, not a bad step being redone."""
+        """Whether the guards may defer this step's verdict (engine/defer.py): a strategy that allows it
+        (one process, ddp), an optimizer that takes ``found_inf``, no fp16 GradScaler, no simulated
+        memory budget, not a bad step being redone."""
         return (DEFER and self.strategy.defers and not self.replaying and not self.scaler.is_enabled()
                 and getattr(self.memory, "kind", None) != "simulated" and takes_found_inf(self.optimizer))
 

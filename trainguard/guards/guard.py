@@ -53,6 +53,7 @@ class Guard(BadSteps, Hook):
         self.rollbacks = 0
         self._step_batch = lambda: None  # this step's batch (a weakref), and its failed samples already recorded (STEP_START
         self._logged_bad: list = []  # fires again when the step before it is redone)
+        self._failures_at = -1  # the step whose samples that failed to load (every rank's) are recorded
         self._bound: tuple = (None,) * 5  # the spike bound: (bound, as float32, on the device, 0, 1), made at the first use
         self.lr_scale = 1.0
         self.overflow_steps = 0
@@ -138,7 +139,8 @@ class Guard(BadSteps, Hook):
             ones = torch.ones(3, device=st.loss.device)
             self._bound = (bound, _below(bound), ones[0] * _below(bound), ones[1] * 0, ones[2])
         _, _, thr, zero, one = self._bound
-        x = st.loss + (st.loss + st.grad_norm) * 0  # NaN where the loss or the norm is not finite
+        norm = st.grad_norm if st.agreed is None else st.grad_norm + st.agreed.norms  # and any rank's own norm
+        x = st.loss + (st.loss + norm) * 0  # NaN where the loss or the norm is not finite
         st.found_inf = torch.where(x <= thr, zero, one)  # NaN compares False
 
     def _drop_known_bad(self, trainer) -> None:
@@ -218,8 +220,10 @@ class Guard(BadSteps, Hook):
 
     def on_step_end(self, trainer) -> None:
         agreed = trainer.state.agreed
-        if agreed is not None and agreed.failed_to_load:  # every rank's, named in rank 0's events
-            # at the step's end: the step that held them has just been counted
+        if agreed is not None and agreed.failed_to_load and self._failures_at != trainer.state.step:
+            # every rank's, named in rank 0's events, at the step's end: the step that held them has just
+            # been counted (once: a deferred step found bad and redone comes to its end again)
+            self._failures_at = trainer.state.step
             self._load_failures(trainer, [b for bad in distributed.gather_objects(trainer.batch.bad) for b in bad],
                                 trainer.state.step)
         if self._rollback_pending is not None:

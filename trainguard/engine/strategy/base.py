@@ -37,7 +37,7 @@ class Strategy:
     name = "single"
     sharded = False  # every forward is a collective over the ranks (FSDP2): no rank may run one alone
     spare: Any = None  # sharded: one sample of this rank's latest batch, for stand-in forwards
-    defers = False  # a step's verdict may be read one step later (engine/defer.py): one process only, for now
+    defers = False  # a step's verdict may be read one step later (engine/defer.py)
 
     def __init__(self, world: distributed.World = distributed.World()):
         self.world = world
@@ -178,8 +178,9 @@ class InGroup(Strategy):
     by_loss_only = False  # a rank is bad by its loss alone (its gradients were already reduced)
 
     def agree(self, trainer, batch, loss, oom):
-        """The step's one exchange, then, unless some rank ran out of memory, the gradients reduced
-        to the mean over every sample of every rank. One rank's out-of-memory is every rank's."""
+        """The step's exchange, then, unless some rank ran out of memory, the gradients reduced
+        to the mean over every sample of every rank. One rank's out-of-memory is every rank's. Reads no
+        device value: the loss returned is the mean over ranks as a device scalar."""
         st = trainer.state
         healthy = oom is None and loss is not None and len(batch) > 0
         st.agreed = ag = exchange(loss, self.local_norm(trainer) if healthy else None, len(batch), len(batch.bad),
@@ -191,4 +192,4 @@ class InGroup(Strategy):
             oom.ranks = ag.oom_ranks
             return None, oom
         self.reduce_gradients(trainer, batch, ag)
-        return torch.tensor(ag.loss, device=trainer.device), None
+        return ag.mean_loss, None  # a device scalar: read with the verdict, not here

@@ -18,6 +18,7 @@ from trainguard.engine.strategy.base import InGroup, micro_batches
 
 class Replicated(InGroup):
     name = "ddp"
+    defers = True  # every rank reads the same sums at the same point, and redoes a bad step with the others
 
     def prepare(self, model, device) -> None:
         distributed.broadcast_tensors([t.detach() for t in (*model.parameters(), *model.buffers())])  # rank 0's weights
