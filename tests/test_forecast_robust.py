@@ -116,3 +116,81 @@ def test_shape_mismatch_gets_no_forecast_and_no_torch_traceback(cli, write_confi
     assert code == 1, out
     assert "error: no memory forecast" in out and "mat1 and mat2 shapes cannot be multiplied" in out
     assert "hint: run `trainguard diagnose`" in out and "Traceback" not in out
+
+
+EXAMPLES = {  # config, overrides: small data, fp32 (a CPU's counter), no compile
+    "quickstart": ("configs/quickstart.yaml", []),
+    "captioning": ("examples/captioning/config_gtx1650.yaml", ["data.train.n=32"]),
+    "ctc_swipe": ("examples/ctc_swipe/config_gtx1650.yaml", ["data.train.n=32"]),
+    "image_size": ("examples/image_size/config_gtx1650.yaml", ["data.train.n=32"]),
+    "video_deblur": ("examples/video_deblur/config_gtx1650.yaml", ["data.train.n=8", "data.train.size=64"]),
+}
+FAKE_ZOO = ["bert", "gpt2", "llama", "opt", "t5", "bart", "vit", "convnext", "segformer", "nanogpt", "clip"]  # the
+# rest read tensor values (wav2vec2's labels.max(), mixtral's nonzero) or take bf16 only (olmoe): measured, not faked
+
+
+def _counted_and_forecast(cfg, sizes=(1, 3)) -> list[tuple[int, dict, dict]]:
+    """For each micro-batch: the simulated counter's phases on a real CPU step of the worst-case
+    batch (``trial.measure``, as autoconfig under ``--memory-budget`` measures) and the fake-tensor
+    forecast's for the same built trainer (``predict_trainer``)."""
+    import torch
+
+    from trainguard.build import build_core
+    from trainguard.memory import trial
+    from trainguard.memory.meter import host_side, open_memory
+    from trainguard.memory.predict import predict_trainer
+
+    cfg.train.precision, cfg.train.compile, cfg.train.batch_size = "fp32", False, max(sizes)
+    cfg.train.micro_batch_size, cfg.data.num_workers, cfg.data.pin_memory = max(sizes), 0, False
+    mem = open_memory(torch.device("cpu"), 1 << 40)
+    mem.start()
+    try:
+        trainer = build_core(cfg, torch.device("cpu"), mem)
+        with host_side(mem):
+            item = trainer.data.scan().worst_item
+        out = []
+        for m in sizes:
+            with trial.preserved(trainer):
+                counted = trial.measure(trainer, item, m, enforce=False, batch_size=m)
+            with mem.paused():  # the fake step's own counter only
+                forecast = predict_trainer(trainer, item, m)
+            out.append((m, counted.phases, forecast.phases))
+        return out
+    finally:
+        mem.stop()
+
+
+def _within(counted: dict, forecast: dict, tolerance: float) -> bool:
+    """Forward and backward (the step's peak is one of them) within ``tolerance`` of the counter;
+    the forecast's optimizer phase may be higher (it keeps the fake batch alive), never lower."""
+    return (all(abs(forecast[p] / counted[p] - 1) <= tolerance for p in ("forward", "backward"))
+            and forecast["optimizer"] >= counted["optimizer"])
+
+
+@pytest.mark.parametrize("name", list(EXAMPLES))
+def test_the_forecast_counts_what_the_simulated_counter_counts_for_the_examples(name, tmp_path, monkeypatch):
+    """Issue 24 asks for 2% on the CPU; the examples agree to the byte in the forward and backward
+    (torch 2.13), so any drift fails here: a BatchNorm model's copies of its statistics (the engine's
+    KeptBuffers, 27 KB for image_size) were the last bytes the fake step missed."""
+    from pathlib import Path
+
+    from trainguard.config.load import resolve_config
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)  # the examples make their data under ./data
+    path, overrides = EXAMPLES[name]
+    cfg, _, _ = resolve_config(repo / path, overrides=overrides + ["train.device=cpu"])
+    for m, counted, forecast in _counted_and_forecast(cfg):
+        assert _within(counted, forecast, 0.0), (name, m, counted, forecast)
+
+
+@pytest.mark.parametrize("name", FAKE_ZOO)
+def test_the_forecast_counts_what_the_simulated_counter_counts_for_the_zoo(name):
+    """Issue 24: within 2% on the CPU for the zoo's models that fake tensors can run (BART is the
+    furthest today, 0.5-1.1% high; ConvNeXt and Segformer, 7-8% low before 2026-12-02, are exact)."""
+    from tests.zoo import zoo_config
+    from trainguard.config.load import resolve_config
+
+    cfg, _, _ = resolve_config(raw=zoo_config(name))
+    for m, counted, forecast in _counted_and_forecast(cfg):
+        assert _within(counted, forecast, 0.02), (name, m, counted, forecast)

@@ -39,7 +39,7 @@ from trainguard.guards.oom import JobRestart, OomRecovery, restart_pending
 from trainguard.guards.preflight import batch_coupling, preflight, require
 from trainguard.guards.stall import StallWatchdog, group_timeout
 from trainguard.hardware.probe import probe
-from trainguard.memory.meter import open_memory, prefer_expandable_segments
+from trainguard.memory.meter import host_side, open_memory, prefer_expandable_segments
 from trainguard.memory.sizes import fmt_bytes, parse_size
 from trainguard.run_dir import PREVIOUS_RUN_FILES, completed_run, config_diff, default_run_dir, find_resume, set_aside
 
@@ -88,7 +88,9 @@ def _tune_micro_batch(trainer: Trainer, cfg: Config, prof, info) -> int:
         if trainer.strategy.sharded:
             share = cfg.model_copy(deep=True)
             share.train.batch_size //= world
-            fc = sharded_forecast(share, prof, trainer.memory, trainer.data.scan().worst_item, world)
+            with host_side(trainer.memory):
+                item = trainer.data.scan().worst_item
+            fc = sharded_forecast(share, prof, trainer.memory, item, world)
             tuning, cached = predict_for_profile(share, prof, fc=fc, processes=world), False
         else:
             tuning, cached = cached_tune(trainer, cfg, info.name, world=world)

@@ -50,11 +50,14 @@ def norm_statistics(model: nn.Module) -> list[torch.Tensor]:
 
 class KeptBuffers:
     """Copies of the buffers a forward changes (:func:`norm_statistics`), taken at each step's start
-    into one of two sets in turn, so a deferred step's copy outlives the next step's."""
+    into one of two sets in turn, so a deferred step's copy outlives the next step's. They are device
+    memory the whole run: the memory forecast counts them (:func:`trainguard.memory.predict.fake_step`)."""
+
+    COPIES = 2
 
     def __init__(self, model: nn.Module):
         self.live = norm_statistics(model)
-        self.sets = [[t.clone() for t in self.live] for _ in range(2)] if self.live else []
+        self.sets = [[t.clone() for t in self.live] for _ in range(self.COPIES)] if self.live else []
         self.turn = 0
         self.before: list[torch.Tensor] = self.sets[0] if self.sets else []
 

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from trainguard.engine.batch import ModelAdapter
+from trainguard.engine.defer import KeptBuffers, norm_statistics
 from trainguard.engine.optim import materialize_state
 from trainguard.memory.cuda_mirror import CudaAttention, CudaAutocast, ShapeOnlyKernels  # noqa: F401 - importable from here
 from trainguard.memory.cuda_mirror import cuda_modes, modes_in_recompute
-from trainguard.memory.tracker import TensorMemory
+from trainguard.memory.tracker import TensorMemory, rounded
 from trainguard.memory.trial import Trial, worst_case_batch
 
 MiB = 2**20
@@ -73,7 +74,10 @@ class _Call(nn.Module):
 def _step_phases(adapter: ModelAdapter, tracker: TensorMemory, phases: dict, extra: int, low, cuda: bool,
                  around: Callable[[Callable[[Any], None], Any], None], data: Any, opt: torch.optim.Optimizer) -> None:
     """Forward, backward and optimizer step on ``data``, each phase's peak into ``phases``.
-    ``around(step, data)`` runs the forward and backward (inside a parameter swap, or directly)."""
+    ``around(step, data)`` runs the forward and backward (inside a parameter swap, or directly).
+    The engine's copies of the BatchNorm statistics (:class:`~trainguard.engine.defer.KeptBuffers`)
+    are added to ``extra``: the real step holds them beside the model."""
+    extra += KeptBuffers.COPIES * sum(rounded(t.nbytes) for t in norm_statistics(adapter.model))
 
     def forward_backward(data) -> None:
         modes = cuda_modes(cuda, low)

@@ -39,7 +39,7 @@ from trainguard.memory.sizes import fmt_bytes
 BLOCK = 512  # the CUDA caching allocator's rounding
 
 
-def _rounded(nbytes: int) -> int:
+def rounded(nbytes: int) -> int:
     return -(-nbytes // BLOCK) * BLOCK
 
 
@@ -121,7 +121,7 @@ class TensorMemory(TorchDispatchMode):
         key = id(st)
         if key in self._sizes or key in self._host:
             return 0
-        cell = [_rounded(st.nbytes())]  # the storage's current size: resize_ changes it
+        cell = [rounded(st.nbytes())]  # the storage's current size: resize_ changes it
         self._sizes[key] = cell
         weakref.finalize(st, self._free, key, cell)
         return self._grow(cell[0])
@@ -147,7 +147,7 @@ class TensorMemory(TorchDispatchMode):
         if self.paused or not self.enforce or self.limit is None or os.getpid() != self._pid:
             return
         cell = self._sizes.get(id(st))
-        grow = _rounded(nbytes) - (cell[0] if cell is not None else 0)
+        grow = rounded(nbytes) - (cell[0] if cell is not None else 0)
         if grow > 0 and self.live + grow > self.limit:
             raise torch.OutOfMemoryError(
                 f"out of memory under the {self.name} of {fmt_bytes(self.limit)} (simulated on the CPU): "
@@ -161,7 +161,7 @@ class TensorMemory(TorchDispatchMode):
         if cell is None:
             self._add_storage(st)
             return
-        new = _rounded(st.nbytes())
+        new = rounded(st.nbytes())
         self.live -= cell[0]
         cell[0] = new
         self._grow(new)

@@ -130,10 +130,12 @@ def tune(trainer, batch_size: int, headroom: float, on_trial: Callable[[Trial], 
     Must run before the first step (see :func:`trainguard.memory.trial.preserved`).
     """
     from trainguard.memory import trial
+    from trainguard.memory.meter import host_side
 
     mem = trainer.memory
     usable = usable_bytes(mem, headroom)
-    item = trainer.data.scan().worst_item
+    with host_side(mem):  # items are read on the host: not counted (live) in the trial steps
+        item = trainer.data.scan().worst_item
     def measure(m: int):
         return trial.measure(trainer, item, m, enforce=False, accumulate=m < batch_size, batch_size=batch_size)
 
