@@ -2,7 +2,7 @@
 
 For each zoo model (tests/zoo.py, tiny transformers configs; needs the dev extra) and the
 quickstart: the same steps run untracked and under a budget that is never reached (the tracker
-counts every tensor all the same), interleaved round by round; per-step time from two run lengths
+counts all the same: every step it must, memory/sampled.py), interleaved round by round; per-step time from two run lengths
 ((t(long) - t(short)) / (long - short) steps, so start-up cancels). Prints both and their ratio.
 
     python scripts/bench_tracker.py [--rounds 3] [--only t5,gpt2] [--profile t5]
@@ -61,8 +61,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", default=None, help="comma-separated names (zoo models, quickstart)")
-    ap.add_argument("--short", type=int, default=4)
-    ap.add_argument("--long", type=int, default=24)
+    ap.add_argument("--short", type=int, default=8)
+    ap.add_argument("--long", type=int, default=88)  # past one refresh (memory/sampled.py)
     ap.add_argument("--profile", default=None, help="a name: cProfile one tracked run of it, top functions")
     args = ap.parse_args()
     import torch

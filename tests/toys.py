@@ -728,3 +728,49 @@ class CudaSyncs(Hook):
         torch.cuda.set_sync_debug_mode("default")
         with open(self.path, "w") as f:
             json.dump(self.syncs, f)
+
+
+class Keeps(MLP):
+    """The MLP, but each training forward keeps a copy of its hidden activations (a leak: the
+    memory grows step by step)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.kept: list[torch.Tensor] = []
+
+    def forward(self, x, label=None):
+        if self.training:
+            self.kept.append(self.body[0](x).detach().clone())
+        return super().forward(x, label)
+
+
+class Routed(MLP):
+    """The MLP, but only the rows whose first feature is positive go through a second layer (a
+    boolean mask: a shape made from the data's values, as a mixture of experts routes tokens)."""
+
+    def __init__(self, dim: int = 8, classes: int = 4, hidden: int = 32):
+        super().__init__(dim, classes, hidden)
+        self.extra = nn.Linear(dim, dim)
+
+    def forward(self, x, label=None):
+        keep = x[:, 0] > 0
+        x = x.clone()
+        x[keep] = self.extra(x[keep])
+        return super().forward(x, label)
+
+
+class Counted(Hook):
+    """Writes, per step, whether the simulated budget counted its operators (``trainer.memory.suspended``
+    at AFTER_BACKWARD: False) to a JSON file at the run's end."""
+
+    def __init__(self, path: str):
+        self.path, self.steps = path, []
+
+    def on_after_backward(self, trainer) -> None:
+        self.steps.append(not trainer.memory.suspended)
+
+    def on_fit_end(self, trainer) -> None:
+        import json
+
+        with open(self.path, "w") as f:
+            json.dump(self.steps, f)

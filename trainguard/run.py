@@ -40,6 +40,7 @@ from trainguard.guards.preflight import batch_coupling, preflight, require
 from trainguard.guards.stall import StallWatchdog, group_timeout
 from trainguard.hardware.probe import probe
 from trainguard.memory.meter import host_side, open_memory, prefer_expandable_segments
+from trainguard.memory.sampled import SampledTracking
 from trainguard.memory.sizes import fmt_bytes, parse_size
 from trainguard.run_dir import PREVIOUS_RUN_FILES, completed_run, config_diff, default_run_dir, find_resume, set_aside
 
@@ -209,6 +210,8 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
         metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, sinks, memory=trainer.memory)
         checkpointer = Checkpointer(ckpt_root, cfg.checkpoint, config_yaml, log)
         hooks: list[Hook] = [Timing(started), metrics]  # the built-in hooks, then the user's, then the record's
+        if SampledTracking.enabled(trainer):  # first: its step spans every other hook's STEP_START and STEP_END
+            hooks.insert(0, SampledTracking(trainer.memory, log))
         if writer:  # one progress display: rank 0's
             hooks.append(ConsoleProgress(metrics, cfg.train.max_steps, cfg.log.progress))
         oom = OomRecovery(cfg.guard.on_oom, cfg.train.batch_size // world.size, log, mbs, run_dir)

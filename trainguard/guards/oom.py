@@ -168,6 +168,8 @@ class OomRecovery(Hook):
 
     def on_out_of_memory(self, trainer) -> None:
         st, oom = trainer.state, trainer.state.oom
+        if oom is None:  # an earlier hook recovered (memory.sampled: an uncounted step redone counted)
+            return
         if trainer.strategy.sharded:  # the others may be inside the forward's collectives: leave the job
             m = trainer.micro_batch_size
             self._leave_job(trainer, fewest_micro_batches(self.batch_size, m // 2) if m > 1 else 0)

@@ -112,6 +112,7 @@ class SimulatedMemory(DeviceMemory):
         super().__init__(budget, budget)
         self.tracker = TensorMemory(budget, name=name)
         self._active = False
+        self.suspended = False
 
     def start(self) -> "SimulatedMemory":
         if not self._active:
@@ -120,9 +121,26 @@ class SimulatedMemory(DeviceMemory):
         return self
 
     def stop(self) -> None:
-        if self._active:
+        if self._active and not self.suspended:
             self.tracker.__exit__(None, None, None)
-            self._active = False
+        self._active = self.suspended = False
+
+    def can_suspend(self) -> bool:
+        """Whether the tracker is the innermost dispatch mode (it can leave the stack and come back)."""
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        return self._active and not self.suspended and _get_current_dispatch_mode() is self.tracker
+
+    def suspend(self) -> None:
+        """Stop counting operators (a step whose peak is known: :mod:`trainguard.memory.sampled`)."""
+        if self.can_suspend():
+            self.tracker.__exit__(None, None, None)
+            self.suspended = True
+
+    def resume(self) -> None:
+        if self.suspended:
+            self.suspended = False
+            self.tracker.__enter__()
 
     def in_use(self) -> int:
         return self.tracker.live

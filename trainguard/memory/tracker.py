@@ -65,6 +65,22 @@ def _watch_resizes(tracker: "TensorMemory", on: bool) -> None:
     torch.UntypedStorage.resize_ = _resize if _ACTIVE else _ORIGINAL_RESIZE
 
 
+_READ, _SHAPE = torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape
+_FROM_VALUES: dict = {}  # operator -> None, "read" (gives Python a value) or "shape" (a shape made from values)
+
+
+def from_values(func, args) -> str | None:
+    """Whether ``func``'s result comes from tensor values: ``"read"``, a value for Python (``item``,
+    ``bool(t)``), or ``"shape"``, a shape that depends on values (``nonzero``, a boolean mask); torch's
+    own tags, as fake tensors use them. Indexing by integer tensors keeps its index's shape."""
+    kind = _FROM_VALUES.get(func, 0)
+    if kind == 0:
+        kind = _FROM_VALUES[func] = "read" if _READ in func.tags else "shape" if _SHAPE in func.tags else None
+    if kind == "shape" and func is torch.ops.aten.index.Tensor:
+        return "shape" if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]) else None
+    return kind
+
+
 def _tensors(x):
     if isinstance(x, torch.Tensor):
         yield x
@@ -100,6 +116,9 @@ class TensorMemory(TorchDispatchMode):
         self._pid = os.getpid()
         self.enforce = True   # False: count, but never raise (measuring past the limit)
         self.paused = False   # True: neither count nor raise (host-side copies made by the search)
+        self.watching = False  # True: note the operators whose results come from tensor values (memory.sampled)
+        self.value_reads = 0   # operators seen while watching that gave Python a tensor's value
+        self.shape_from_values: str | None = None  # the first one seen that made a shape from values
 
     # ---- counting ---------------------------------------------------------------------------
     def _free(self, key: int, cell: list[int]) -> None:
@@ -200,6 +219,12 @@ class TensorMemory(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if os.getpid() != self._pid:
             return out
+        if self.watching:
+            kind = from_values(func, args)
+            if kind == "read":
+                self.value_reads += 1
+            elif kind == "shape" and self.shape_from_values is None:
+                self.shape_from_values = str(func)
         if self.paused:  # made on the host (a dataset built, items loaded): its views later count nothing either
             for t in _tensors(out):
                 self._mark_host(t)
