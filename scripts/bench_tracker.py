@@ -81,7 +81,9 @@ def main() -> None:
             continue
         u, t = statistics.median(per["untracked"]), statistics.median(per["tracked"])
         ratio = statistics.median(a / b for a, b in zip(per["tracked"], per["untracked"]))
+        fastest = min(per["tracked"]) / min(per["untracked"])  # the quietest round of each: the least noise
         print(f"{name:<11} untracked {u * 1e3:8.2f} ms/step  tracked {t * 1e3:8.2f} ms/step  ratio {ratio:.2f}"
+              f"  fastest {fastest:.2f}"
               f"  (rounds {', '.join(f'{a / b:.2f}' for a, b in zip(per['tracked'], per['untracked']))})")
     if args.profile:
         import cProfile

@@ -15,7 +15,7 @@ BASE = dict(data={"train": {"_target_": "tests.toys:Blobs", "n": 1024}, "val": N
             train={"max_steps": 40, "batch_size": 16, "log_every": 1}, checkpoint={"every_steps": 0}, log={"progress": False})
 
 CASES = {
-    # steps of one shape and one path: counted at step 1, then only at the refresh (step 1 + REFRESH + 1)
+    # steps of one shape and one path: counted at step 1, then only at each refresh
     "healthy": (dict(train={"max_steps": 70}), "32MB"),
     # a marked sample at step 30 makes the model allocate 64 MiB more: the uncounted step reads a new value
     # (bool of its marker test), is redone counted, runs out of the budget there and is split
@@ -28,12 +28,19 @@ CASES = {
 }
 
 
+REFRESH = 30  # a known peak checked again after this many uncounted steps (128 in a run): within these runs
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Each case trained twice, sampled and counting every step; the same run dirs serve every assertion."""
     from typer.testing import CliRunner
 
     from trainguard.cli import app
+    from trainguard.memory import sampled
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sampled, "REFRESH", REFRESH)
 
     root = tmp_path_factory.mktemp("sampled")
     out = {}
@@ -62,6 +69,7 @@ def runs(tmp_path_factory):
                 counted=json.loads(counted.read_text()),
                 weights=torch.load(run / "checkpoints" / f"step_{cfg['train']['max_steps']:07d}" / "model.pt", weights_only=True),
                 summary=json.loads((run / "summary.json").read_text()))
+    mp.undo()
     return out
 
 
@@ -80,10 +88,8 @@ def test_a_sampled_run_is_the_run_that_counts_every_step(runs, name):
 
 def test_steps_of_a_known_shape_and_path_are_not_counted(runs):
     counted = runs["healthy", "sampled"]["counted"]
-    from trainguard.memory.sampled import REFRESH
-
-    assert len(counted) == 70 and counted[0] and counted[REFRESH + 1] and sum(counted) == 2, counted  # (the optimizer's
-    # state is made before step 1, which leaves as much live as it found)
+    # step 1 (the optimizer's state is made before it: it leaves as much live as it found), then each refresh
+    assert [i + 1 for i, c in enumerate(counted) if c] == [1, REFRESH + 2, 2 * REFRESH + 3] and len(counted) == 70, counted
     assert not [e for e in runs["healthy", "sampled"]["events"] if e["type"] == "note" and "memory budget" in e["reason"]]
 
 

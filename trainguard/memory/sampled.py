@@ -33,6 +33,7 @@ follows) and on an eager model (``torch.compile`` would trace the patched reader
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 from dataclasses import dataclass, field
@@ -42,11 +43,12 @@ import torch
 from trainguard.engine.events import Hook
 from trainguard.memory.meter import SimulatedMemory
 
-REFRESH = 64    # a signature's known peak is checked again after this many uncounted steps
+REFRESH = 128   # a signature's known peak is checked again after this many uncounted steps
 MARGIN = 0.02   # a known peak within this fraction of the budget: the step is counted
 SAME = 4096     # bytes: a step that leaves at most this much more live than it found left nothing
 NEW_PATHS = 3   # new paths found in uncounted steps before every step is counted
 _READERS = ("__bool__", "item", "__int__", "__float__", "__index__", "tolist", "numpy")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _DISPATCHED = {"__bool__", "item", "__int__", "__float__", "__index__"}  # one aten._local_scalar_dense each
 
 
@@ -68,33 +70,44 @@ class Signature:
 
 
 class _Reads:
-    """The values a step's forward and backward give Python, through the Tensor methods that give them
-    (patched over the window only). Uncounted, each is checked against the known paths."""
+    """The values a step's forward and backward give Python, through the Tensor methods that give them:
+    wrapped for the run (``install``, ``remove``: a class attribute set invalidates torch's type caches,
+    too dear per step), recorded inside a step's window only (``start``, ``stop``). Uncounted, each is
+    checked against the known paths as it comes."""
 
     def __init__(self):
-        self.originals = {n: getattr(torch.Tensor, n) for n in _READERS}
+        self.originals: dict = {}
         self.values: list = []
         self.paths: list[list] | None = None  # uncounted: the known paths that agree so far
         self.dispatched = 0
         self.new_path = False
+        self.on = False  # recording
         self.thread = threading.get_ident()  # the loop's: a loader's or a logger's thread reads apart
+
+    def install(self) -> None:
+        if not self.originals:
+            self.originals = {n: getattr(torch.Tensor, n) for n in _READERS}
+            for n, f in self.originals.items():
+                setattr(torch.Tensor, n, self._reader(n, f))
+
+    def remove(self) -> None:
+        for n, f in self.originals.items():
+            setattr(torch.Tensor, n, f)
+        self.originals, self.on = {}, False
 
     def start(self, paths: list[list] | None) -> None:
         self.values, self.paths, self.dispatched, self.new_path = [], paths, 0, False
-        self.thread = threading.get_ident()
-        for n, f in self.originals.items():
-            setattr(torch.Tensor, n, self._reader(n, f))
+        self.thread, self.on = threading.get_ident(), True
 
     def stop(self) -> None:
-        for n, f in self.originals.items():
-            setattr(torch.Tensor, n, f)
+        self.on = False
 
     def _reader(self, name: str, original):
         reads = self
 
         def read(t, *args, **kwargs):
             value = original(t, *args, **kwargs)
-            if threading.get_ident() == reads.thread:
+            if reads.on and threading.get_ident() == reads.thread:
                 reads.saw(name, value)
             return value
 
@@ -138,7 +151,7 @@ class SampledTracking(Hook):
     def signature(self, trainer) -> tuple:
         shapes: list = []
         _shapes(trainer.batch.data if trainer.batch is not None else None, shapes)
-        return (tuple(shapes), trainer.micro_batch_size, sum(p.requires_grad for p in trainer.params),
+        return (tuple(shapes), trainer.micro_batch_size, sum(map(_REQUIRES_GRAD, trainer.params)),
                 len(trainer.optimizer.state))
 
     # ---- the step's window: STEP_START to AFTER_BACKWARD (its reads), to STEP_END (its peak) ----------
@@ -227,8 +240,11 @@ class SampledTracking(Hook):
                 self.log.event(trainer.state.step, "note", f"memory budget: every step's operators are counted from "
                                f"step {trainer.state.step + 1} on: {why}")
 
+    def on_fit_start(self, trainer) -> None:
+        self.reads.install()
+
     def on_fit_end(self, trainer) -> None:
-        self.reads.stop()
+        self.reads.remove()
         self.tracker.watching = False
         if self._step is not None:  # the run ended inside a step
             self._step = None
