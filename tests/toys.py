@@ -774,3 +774,26 @@ class Counted(Hook):
 
         with open(self.path, "w") as f:
             json.dump(self.steps, f)
+
+
+class NormBranch(nn.Module):
+    """BatchNorm, then a branch on a value (whether a sample marked by :class:`MarkedBlobs`'s ``heavy_ids``
+    is in the batch): a forward that takes one of two paths and moves its BatchNorm statistics."""
+
+    def __init__(self, dim: int = 8, classes: int = 4, hidden: int = 32):
+        super().__init__()
+        self.norm, self.body, self.extra = nn.BatchNorm1d(dim), MLP(dim, classes, hidden), nn.Linear(dim, dim)
+
+    def forward(self, x, label=None):
+        h = self.norm(x)
+        if bool((x[:, 1] > 500).any()):
+            h = h + self.extra(h)
+        return self.body(h, label)
+
+
+class ReadsAtStart(Hook):
+    """Reads the last step's loss at STEP_START (a value that changes every step), as a logging hook might."""
+
+    def on_step_start(self, trainer) -> None:
+        if trainer.state.loss is not None:
+            self.last = trainer.state.loss.item()

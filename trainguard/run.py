@@ -210,8 +210,9 @@ def _attach_run(trainer: Trainer, cfg: Config, prof, info, run_dir: Path, found:
         metrics = MetricsLogger(log, cfg.train.log_every, cfg.train.max_steps, sinks, memory=trainer.memory)
         checkpointer = Checkpointer(ckpt_root, cfg.checkpoint, config_yaml, log)
         hooks: list[Hook] = [Timing(started), metrics]  # the built-in hooks, then the user's, then the record's
-        if SampledTracking.enabled(trainer):  # first: its step spans every other hook's STEP_START and STEP_END
-            hooks.insert(0, SampledTracking(trainer.memory, log))
+        if SampledTracking.enabled(trainer):  # first at STEP_END (the logger reads its peak); its window opens last
+            sampling = SampledTracking(trainer.memory, log)  # at STEP_START
+            hooks[:0] = [sampling, sampling.companion()]
         if writer:  # one progress display: rank 0's
             hooks.append(ConsoleProgress(metrics, cfg.train.max_steps, cfg.log.progress))
         oom = OomRecovery(cfg.guard.on_oom, cfg.train.batch_size // world.size, log, mbs, run_dir)

@@ -45,7 +45,7 @@ from trainguard.memory.meter import SimulatedMemory
 
 REFRESH = 128   # a signature's known peak is checked again after this many uncounted steps
 MARGIN = 0.02   # a known peak within this fraction of the budget: the step is counted
-SAME = 4096     # bytes: a step that leaves at most this much more live than it found left nothing
+SAME = 4096     # bytes: a refresh whose peak differs by more found the known peak changed
 NEW_PATHS = 3   # new paths found in uncounted steps before every step is counted
 _READERS = ("__bool__", "item", "__int__", "__float__", "__index__", "tolist", "numpy")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
@@ -128,8 +128,9 @@ class _Reads:
 
 class SampledTracking(Hook):
     """Counts a step's operators under a simulated budget only while its peak is not known (see the
-    module's docstring). First at STEP_START, OUT_OF_MEMORY and STEP_END, so the step between them
-    is the whole step and the logger reads a peak that includes it."""
+    module's docstring). Its window opens last at STEP_START (:class:`StepOpens`, its companion); it is
+    first at OUT_OF_MEMORY (a new path's redo) and at STEP_END, so the logger reads a peak that includes
+    the step."""
 
     name = "memory_sampling"
 
@@ -154,12 +155,21 @@ class SampledTracking(Hook):
         return (tuple(shapes), trainer.micro_batch_size, sum(map(_REQUIRES_GRAD, trainer.params)),
                 len(trainer.optimizer.state))
 
-    # ---- the step's window: STEP_START to AFTER_BACKWARD (its reads), to STEP_END (its peak) ----------
-    def on_step_start(self, trainer) -> None:
+    def companion(self) -> "StepOpens":
+        """The hook that opens each step's window, last at STEP_START (after every hook that may read a
+        value or change the batch there): list it with this one."""
+        return StepOpens(self)
+
+    # ---- the step's window: the last STEP_START hook to AFTER_BACKWARD (its reads), to STEP_END (its peak)
+    def open_step(self, trainer) -> None:
         tr, sig = self.tracker, self.signature(trainer)
+        if self.every is not None:
+            self._step = [sig, tr.live, tr.peak, True]
+            self._count()
+            return
         known = self.known.setdefault(sig, Signature())
         settled = [k for k in known.paths if k.settled]
-        count = (self.every is not None or not settled or len(settled) < len(known.paths)
+        count = (not settled or len(settled) < len(known.paths)
                  or known.uncounted >= REFRESH or not self.memory.can_suspend()
                  or tr.live + max(k.peak for k in settled) > tr.limit * (1 - MARGIN))
         self._step = [sig, tr.live, tr.peak, count]
@@ -184,7 +194,8 @@ class SampledTracking(Hook):
             self._held = None  # a real one: the loop dropped the last step's loss, as it does counting every step
             return
         self.reads.stop()  # the uncounted attempt read a value no known path read: it is done again, counted
-        self.new_paths += 1
+        trainer.kept.put_back(trainer.kept.before)  # its forward moved the BatchNorm statistics (the loop put
+        self.new_paths += 1                          # back the RNG and dropped the gradients)
         self.memory.resume()
         self._step[1], self._step[3] = self.tracker.live, True
         self.known[self._step[0]].uncounted -= 1
@@ -220,15 +231,15 @@ class SampledTracking(Hook):
                else f"its forward or backward took {NEW_PATHS} new paths" if self.new_paths >= NEW_PATHS else None)
         if why:
             self._count_every(trainer, why + ", so its memory may follow the data")
-        if sig != self.signature(trainer):  # the micro-batch changed in the step (an out-of-memory split)
-            return
+        if self.every is not None or trainer.state.skip_step or sig != self.signature(trainer):
+            return  # (skipped: no optimizer step in its peak; another signature: an out-of-memory split, a retry)
         known = self.known.setdefault(sig, Signature())
         same = next((k for k in known.paths if k.path == reads.values), None)
         if same is not None and same.settled and known.uncounted and abs(peak - same.peak) > SAME:
             self._count_every(trainer, "its peak changed at the same batch shapes and path")
         if same is not None:
             known.paths.remove(same)
-        known.paths.append(Known(reads.values, peak, tr.live <= start + SAME))
+        known.paths.append(Known(reads.values, peak, tr.live <= start))  # settled: it kept nothing
         if known.uncounted:
             known.uncounted = 0
             tr.track(trainer.model, trainer.optimizer)  # what uncounted steps made and kept, if anything
@@ -246,8 +257,9 @@ class SampledTracking(Hook):
     def on_fit_end(self, trainer) -> None:
         self.reads.remove()
         self.tracker.watching = False
-        if self._step is not None:  # the run ended inside a step
-            self._step = None
+        if self._step is not None:  # the run ended inside a step: the peak before it is kept
+            self.tracker.peak = max(self.tracker.peak, self._step[2])
+            self._step = self._held = None
             self.memory.resume()
 
 
@@ -261,3 +273,22 @@ def _shapes(x, out: list) -> None:
     elif isinstance(x, (list, tuple)):
         for v in x:
             _shapes(v, out)
+    elif x is None or isinstance(x, (bool, int, float, str)):  # plain values in the batch (a count, a text)
+        out.append(x)
+    else:
+        out.append(type(x).__name__)
+
+
+class StepOpens(Hook):
+    """:class:`SampledTracking`'s window opener: last at STEP_START, so the reads it checks are the step's
+    own (a hook that reads a value at STEP_START is not part of a path) and the signature is of the batch
+    the step trains on (after the guard dropped known-bad samples)."""
+
+    name = "memory_sampling_opens"
+    after = ("*",)
+
+    def __init__(self, owner: SampledTracking):
+        self.owner = owner
+
+    def on_step_start(self, trainer) -> None:
+        self.owner.open_step(trainer)
