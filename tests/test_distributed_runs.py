@@ -461,8 +461,11 @@ def test_ddp_defers_the_verdict_and_both_ranks_redo_a_bad_step_together(tmp_path
 
     hook = {"_target_": "tests.toys:HostReads", "path": str(tmp_path / "reads.json")}
     sections = SCENARIOS["culprits"]
-    cfg = write(tmp_path, "toy", **sections | {"data": sections["data"] | {"num_workers": 0}}, hooks=[hook],
-                log={"progress": False})
+    # checkpoints by steps only: the time-based one asks rank 0's clock (a broadcast, which reads a size) at
+    # steps spaced by at most 15 s, which a slow, busy machine reaches within these 30 steps
+    cfg = write(tmp_path, "toy", **sections | {"data": sections["data"] | {"num_workers": 0},
+                                               "checkpoint": sections["checkpoint"] | {"every_minutes": 0}},
+                hooks=[hook], log={"progress": False})
     deferred = train(cfg, tmp_path / "deferred")
     assert deferred.returncode == 0, deferred.stderr
     outcome = _outcome(tmp_path / "deferred")
