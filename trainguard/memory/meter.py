@@ -127,9 +127,7 @@ class SimulatedMemory(DeviceMemory):
 
     def can_suspend(self) -> bool:
         """Whether the tracker is the innermost dispatch mode (it can leave the stack and come back)."""
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-        return self._active and not self.suspended and _get_current_dispatch_mode() is self.tracker
+        return self._active and not self.suspended and self.tracker.innermost()
 
     def suspend(self) -> None:
         """Stop counting operators (a step whose peak is known: :mod:`trainguard.memory.sampled`)."""

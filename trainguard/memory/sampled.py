@@ -11,8 +11,8 @@ micro-batch, how many parameters take gradients, how many have optimizer state) 
 step's operators when its peak is not known that way:
 
 * the first step of each signature and path, and the next one if that one left more live than it
-  found (the optimizer's state, made at step 1; a tensor kept from step to step: a leak is counted
-  on every step);
+  found (step 1 keeps its loss for step 2; a tensor kept from step to step: a leak is counted on
+  every step);
 * every step, for the rest of the run, once a counted forward or backward made a shape from values
   (``nonzero``, a boolean mask: torch's ``dynamic_output_shape`` tag), read a value that Python
   did not see (inside an operator: torch's ``data_dependent_output`` tag), called ``numpy()``, or
@@ -138,7 +138,7 @@ class SampledTracking(Hook):
         self.memory, self.tracker, self.log = memory, memory.tracker, log
         self.known: dict[tuple, Signature] = {}
         self.every: str | None = None  # why every step is counted now
-        self.counted = self.uncounted = self.new_paths = 0
+        self.new_paths = 0  # found in uncounted steps
         self.reads = _Reads()
         self._step: list | None = None  # [signature, live at start, peak before, counted]
         self._held = None  # the last step's loss, over an uncounted step (a failed attempt drops the loop's)
@@ -162,11 +162,12 @@ class SampledTracking(Hook):
 
     # ---- the step's window: the last STEP_START hook to AFTER_BACKWARD (its reads), to STEP_END (its peak)
     def open_step(self, trainer) -> None:
-        tr, sig = self.tracker, self.signature(trainer)
-        if self.every is not None:
-            self._step = [sig, tr.live, tr.peak, True]
+        tr = self.tracker
+        if self.every is not None:  # nothing is recorded any more: no signature either
+            self._step = [None, tr.live, tr.peak, True]
             self._count()
             return
+        sig = self.signature(trainer)
         known = self.known.setdefault(sig, Signature())
         settled = [k for k in known.paths if k.settled]
         count = (not settled or len(settled) < len(known.paths)
@@ -177,7 +178,6 @@ class SampledTracking(Hook):
             self._count()
         else:
             known.uncounted += 1
-            self.uncounted += 1
             self._held = trainer.state.loss  # live until an attempt counted as every step would be: redone, it is
             self.memory.suspend()
             self.reads.start([k.path for k in settled])
@@ -186,7 +186,6 @@ class SampledTracking(Hook):
         tr = self.tracker
         tr.peak = tr.live  # this step's own peak, merged back at its end
         tr.value_reads, tr.shape_from_values, tr.watching = 0, None, True
-        self.counted += 1
         self.reads.start(None)
 
     def on_out_of_memory(self, trainer) -> None:
@@ -199,7 +198,6 @@ class SampledTracking(Hook):
         self.memory.resume()
         self._step[1], self._step[3] = self.tracker.live, True
         self.known[self._step[0]].uncounted -= 1
-        self.uncounted -= 1
         self._count()
         trainer.state.oom = None
 

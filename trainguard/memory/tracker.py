@@ -32,7 +32,7 @@ import os
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, is_traceable_wrapper_subclass
 
 from trainguard.memory.sizes import fmt_bytes
 
@@ -201,6 +201,10 @@ class TensorMemory(TorchDispatchMode):
             else:
                 for t in _tensors(obj):
                     self._add(t)
+
+    def innermost(self) -> bool:
+        """Whether this is the dispatch mode operators reach first (entered last, none entered since)."""
+        return _get_current_dispatch_mode() is self
 
     def reset_peak(self) -> None:
         """Start a new peak from what is live now."""
